@@ -1,0 +1,68 @@
+"""The `lmcache` command.
+
+Flags are generated from `ServerSettings`, so a new setting appears on the
+command line, in the environment (``LMCACHE_<NAME>``) and in ``/status`` at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from lmcache import __version__
+from lmcache.settings import ServerSettings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = (
+            typing.get_args(field.annotation)
+            if typing.get_origin(field.annotation) is typing.Literal
+            else None
+        )
+        env = "LMCACHE_" + name.upper()
+        help_text = f"{field.description} (default: {field.default}; env: {env})"
+        if choices:
+            help_text += f"; one of {', '.join(map(str, choices))}"
+        # SUPPRESS: only flags the user typed reach the model, so env vars still apply.
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcache", description="LMCache KV-cache server")
+    parser.add_argument("--version", action="version", version=f"lmcache {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("server", help="run the cache server (ZMQ + HTTP)")
+    _add_settings_flags(server)
+    return parser
+
+
+def settings_from_args(values: dict[str, object]) -> ServerSettings:
+    """Build settings from parsed flags; errors name the offending flag."""
+    try:
+        return ServerSettings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"--{field.replace('_', '-')}: {err['msg']}")
+        raise SystemExit("lmcache: invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "server":
+        from lmcache.server.runtime import run_server
+
+        return run_server(settings_from_args(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""A small typed client for the engine-facing protocol.
+
+    client = LMCacheClient.connect("localhost", 5555)
+    pong = client.ping()                       # chunk size, server token
+    client.register(instance_id, ...)          # once per KV-cache rank
+    hit = client.lookup("req-1", model, ...)   # tokens, or None while pending
+    client.retrieve(...); client.store(...); client.end_session("req-1")
+
+Error replies are raised as the matching `lmcache.errors.ServerError` subclass;
+a server that does not answer raises `ServerUnavailableError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from lmcache.errors import ServerError, error_from_code
+from lmcache.protocol.messages import (
+    Clear,
+    EndSession,
+    ErrorReply,
+    FreeLookup,
+    KVLayout,
+    KVMemory,
+    Lookup,
+    LookupReply,
+    Ok,
+    Ping,
+    Pong,
+    QueryLookup,
+    RegisterKV,
+    Reply,
+    Request,
+    Retrieve,
+    RetrieveReply,
+    Store,
+    StoreReply,
+    UnregisterKV,
+    encode_tokens,
+)
+from lmcache.transport.base import Transport
+from lmcache.transport.zmq_client import ZmqTransport, next_request_id, normalize_endpoint
+
+R = TypeVar("R", bound=Reply)
+Tokens = Sequence[int] | np.ndarray | bytes
+
+
+def _token_bytes(tokens: Tokens) -> bytes:
+    return tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
+
+
+class LMCacheClient:
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    @classmethod
+    def connect(
+        cls, host: str = "localhost", port: int = 5555, timeout: float = 5.0
+    ) -> LMCacheClient:
+        return cls(ZmqTransport(normalize_endpoint(host, port), timeout))
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def _call(self, request: Request, expect: type[R], timeout: float | None = None) -> R:
+        reply = self.transport.call(request, timeout)
+        if isinstance(reply, ErrorReply):
+            raise error_from_code(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            raise ServerError(f"expected {expect.__name__}, got {type(reply).__name__}")
+        return reply
+
+    # ----- control ---------------------------------------------------------------------
+
+    def ping(self, instance_id: int | None = None, timeout: float | None = None) -> Pong:
+        return self._call(Ping(id=next_request_id(), instance_id=instance_id), Pong, timeout)
+
+    def register(
+        self,
+        instance_id: int,
+        *,
+        model_name: str,
+        world_size: int,
+        rank: int,
+        dtype: str,
+        layout: KVLayout,
+        memory: KVMemory,
+        kv_spec: str = "",
+    ) -> None:
+        self._call(
+            RegisterKV(
+                id=next_request_id(),
+                instance_id=instance_id,
+                model_name=model_name,
+                world_size=world_size,
+                rank=rank,
+                dtype=dtype,
+                layout=layout,
+                memory=memory,
+                kv_spec=kv_spec,
+            ),
+            Ok,
+        )
+
+    def unregister(self, instance_id: int) -> None:
+        self._call(UnregisterKV(id=next_request_id(), instance_id=instance_id), Ok)
+
+    def clear(self) -> None:
+        self._call(Clear(id=next_request_id()), Ok)
+
+    # ----- lookups ------------------------------------------------------------------------
+
+    def lookup(
+        self,
+        request_id: str,
+        tokens: Tokens,
+        *,
+        model_name: str,
+        world_size: int = 1,
+        dtype: str,
+        kv_spec: str = "",
+        cache_salt: str = "",
+    ) -> int | None:
+        """Start a lookup; returns hit tokens, or None while the server is still looking."""
+        req = Lookup(
+            id=next_request_id(),
+            request_id=request_id,
+            model_name=model_name,
+            world_size=world_size,
+            dtype=dtype,
+            tokens=_token_bytes(tokens),
+            kv_spec=kv_spec,
+            cache_salt=cache_salt,
+        )
+        return self._call(req, LookupReply).hit_tokens
+
+    def query_lookup(self, request_id: str) -> int | None:
+        req = QueryLookup(id=next_request_id(), request_id=request_id)
+        return self._call(req, LookupReply).hit_tokens
+
+    def free_lookup(self, request_id: str, start: int = 0, end: int | None = None) -> None:
+        req = FreeLookup(id=next_request_id(), request_id=request_id, start=start, end=end)
+        self._call(req, Ok)
+
+    def end_session(self, request_id: str) -> None:
+        self._call(EndSession(id=next_request_id(), request_id=request_id), Ok)
+
+    # ----- data movement ---------------------------------------------------------------------
+
+    def store(
+        self,
+        request_id: str,
+        instance_id: int,
+        tokens: Tokens,
+        *,
+        start: int,
+        end: int,
+        block_ids: Sequence[int],
+        cache_salt: str = "",
+        timeout: float | None = None,
+    ) -> StoreReply:
+        req = Store(
+            id=next_request_id(),
+            request_id=request_id,
+            instance_id=instance_id,
+            tokens=_token_bytes(tokens),
+            start=start,
+            end=end,
+            block_ids=list(block_ids),
+            cache_salt=cache_salt,
+        )
+        return self._call(req, StoreReply, timeout)
+
+    def retrieve(
+        self,
+        request_id: str,
+        instance_id: int,
+        tokens: Tokens,
+        *,
+        start: int,
+        end: int,
+        block_ids: Sequence[int],
+        skip_tokens: int = 0,
+        cache_salt: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        req = Retrieve(
+            id=next_request_id(),
+            request_id=request_id,
+            instance_id=instance_id,
+            tokens=_token_bytes(tokens),
+            start=start,
+            end=end,
+            block_ids=list(block_ids),
+            skip_tokens=skip_tokens,
+            cache_salt=cache_salt,
+        )
+        return self._call(req, RetrieveReply, timeout).retrieved_tokens

@@ -1,0 +1,1 @@
+"""Engines as the server sees them: registrations and how their KV memory is reached."""

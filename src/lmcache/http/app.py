@@ -1,0 +1,54 @@
+"""HTTP endpoints: health, status, clear and Prometheus metrics. OpenAPI at /docs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lmcache import __version__
+
+if TYPE_CHECKING:
+    from lmcache.server.runtime import ServerRuntime
+
+
+def create_app(runtime: ServerRuntime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        on_startup: Callable[[], None] | None = getattr(app.state, "on_startup", None)
+        if on_startup is not None:
+            on_startup()
+        yield
+        on_shutdown: Callable[[], None] | None = getattr(app.state, "on_shutdown", None)
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="LMCache server", version=__version__, lifespan=lifespan)
+
+    @app.get("/healthcheck", summary="200 when serving, 503 with the reasons otherwise")
+    def healthcheck() -> JSONResponse:
+        problems = runtime.health()
+        if problems:
+            return JSONResponse({"status": "unhealthy", "reasons": problems}, status_code=503)
+        return JSONResponse({"status": "healthy"})
+
+    @app.post("/clear-cache", summary="Force-clear all L1 data, locked objects included")
+    def clear_cache() -> JSONResponse:
+        if not runtime.ready:
+            return JSONResponse({"status": "error", "reason": "not ready"}, status_code=503)
+        removed = runtime.clear()
+        return JSONResponse({"status": "ok", "removed": removed})
+
+    @app.get("/status", summary="Detailed state of every component")
+    def status() -> dict[str, Any]:
+        return runtime.status()
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

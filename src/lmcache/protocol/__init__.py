@@ -1,0 +1,1 @@
+"""The engine-facing wire protocol: typed msgspec messages, never pickle."""

@@ -1,0 +1,233 @@
+"""Wire messages between engines and the server.
+
+Every frame is one msgpack map decoded straight into a typed `msgspec.Struct`;
+decoding builds plain data only, so nothing on the wire can run code. The ``op``
+field selects the message type; ``id`` is chosen by the client and echoed in
+the reply, so a client can match replies to requests.
+
+    client (DEALER)                               server (ROUTER)
+      Lookup{id=7, op="lookup", ...}  ──────────>  answered on the socket loop
+      <──────────  LookupReply{id=7, op="lookup_result", hit_tokens=512}
+      Store{id=8, op="store", ...}    ──────────>  copied on a worker thread
+      <──────────  StoreReply{id=8, op="store_result", stored_tokens=768}
+      Bogus{id=9, op="nope"}          ──────────>
+      <──────────  ErrorReply{id=9, op="error", code="bad_request", message=...}
+
+Token ids travel as little-endian uint32 bytes (`encode_tokens`): 4 bytes a
+token, no per-token msgpack work on either side.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_ENGINE = "unknown_engine"
+    MISS = "miss"
+    NO_SPACE = "no_space"
+    TRANSFER_FAILED = "transfer_failed"
+    INTERNAL = "internal"
+
+
+class Message(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields=True):
+    id: int
+
+
+# ----- how an engine's KV memory is laid out and shared --------------------------------
+
+
+class LayerPlacement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where one layer's blocks start: segment index and byte offset in it."""
+
+    segment: int
+    offset: int
+
+
+class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Geometry of a paged KV cache, as opaque bytes.
+
+    Block ``b`` of plane ``p`` (K/V, or 1 plane for fused layouts) of layer ``l``
+    occupies ``block_bytes // planes`` contiguous bytes at
+    ``layers[l].offset + p * plane_stride + b * block_stride`` in its segment.
+    """
+
+    num_layers: int
+    num_blocks: int
+    block_size: int  # tokens per block
+    block_bytes: int  # bytes of one block of one layer, all planes
+    block_stride: int
+    layers: list[LayerPlacement]
+    planes: int = 1
+    plane_stride: int = 0
+
+
+class ShmMemory(msgspec.Struct, frozen=True, tag="shm", forbid_unknown_fields=True):
+    """The engine's KV tensors live in named POSIX shared-memory segments."""
+
+    segments: list[str]
+
+
+KVMemory = ShmMemory  # CUDA IPC and in-message bytes join this union later
+
+
+# ----- requests -------------------------------------------------------------------------
+
+
+class Ping(Message, frozen=True, tag="ping"):
+    instance_id: int | None = None
+
+
+class RegisterKV(Message, frozen=True, tag="register"):
+    instance_id: int
+    model_name: str
+    world_size: int
+    rank: int
+    dtype: str
+    layout: KVLayout
+    memory: KVMemory
+    kv_spec: str = ""
+
+
+class UnregisterKV(Message, frozen=True, tag="unregister"):
+    instance_id: int
+
+
+class Lookup(Message, frozen=True, tag="lookup"):
+    """Find (and read-lock) the longest cached prefix of ``tokens`` for all ranks."""
+
+    request_id: str
+    model_name: str
+    world_size: int
+    dtype: str
+    tokens: bytes
+    kv_spec: str = ""
+    cache_salt: str = ""
+
+
+class QueryLookup(Message, frozen=True, tag="query_lookup"):
+    request_id: str
+
+
+class FreeLookup(Message, frozen=True, tag="free_lookup"):
+    """Release lookup locks on chunks in ``[start, end)`` tokens (end None = all)."""
+
+    request_id: str
+    start: int = 0
+    end: int | None = None
+
+
+class Store(Message, frozen=True, tag="store"):
+    """Copy blocks covering tokens ``[start, end)`` into L1 (whole chunks only).
+
+    ``tokens`` holds at least the first ``end`` tokens of the sequence;
+    ``block_ids`` holds one engine block per ``block_size`` tokens of the range.
+    """
+
+    request_id: str
+    instance_id: int
+    tokens: bytes
+    start: int
+    end: int
+    block_ids: list[int]
+    cache_salt: str = ""
+
+
+class Retrieve(Message, frozen=True, tag="retrieve"):
+    """Copy cached chunks ``[start, end)`` into blocks, leaving the first
+    ``skip_tokens`` (already in the engine's own cache) untouched."""
+
+    request_id: str
+    instance_id: int
+    tokens: bytes
+    start: int
+    end: int
+    block_ids: list[int]
+    skip_tokens: int = 0
+    cache_salt: str = ""
+
+
+class EndSession(Message, frozen=True, tag="end_session"):
+    request_id: str
+
+
+class Clear(Message, frozen=True, tag="clear"):
+    pass
+
+
+Request = (
+    Ping
+    | RegisterKV
+    | UnregisterKV
+    | Lookup
+    | QueryLookup
+    | FreeLookup
+    | Store
+    | Retrieve
+    | EndSession
+    | Clear
+)
+REQUEST_OPS = frozenset(t.__struct_config__.tag for t in Request.__args__)
+
+
+# ----- replies --------------------------------------------------------------------------
+
+
+class Ok(Message, frozen=True, tag="ok"):
+    pass
+
+
+class ErrorReply(Message, frozen=True, tag="error"):
+    code: str
+    message: str
+
+
+class Pong(Message, frozen=True, tag="pong"):
+    server_token: str  # new on every server start: a change means "register again"
+    chunk_size: int
+    version: str
+    protocol: int = PROTOCOL_VERSION
+    engine_registered: bool = False
+
+
+class LookupReply(Message, frozen=True, tag="lookup_result"):
+    hit_tokens: int | None  # None: still looking (ask again with QueryLookup)
+
+
+class StoreReply(Message, frozen=True, tag="store_result"):
+    stored_tokens: int  # newly written
+    cached_tokens: int  # already present (or being written by someone else)
+    no_space: bool = False  # L1 full of locked objects: the rest was skipped
+
+
+class RetrieveReply(Message, frozen=True, tag="retrieve_result"):
+    retrieved_tokens: int
+
+
+Reply = Ok | ErrorReply | Pong | LookupReply | StoreReply | RetrieveReply
+
+
+class Envelope(msgspec.Struct):
+    """The two fields we try to read from a frame that failed to decode."""
+
+    id: int = -1
+    op: str = ""
+
+
+# ----- helpers --------------------------------------------------------------------------
+
+
+def encode_tokens(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids → little-endian uint32 bytes (the wire form)."""
+    return np.asarray(tokens, dtype="<u4").tobytes()
+
+
+def decode_tokens(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<u4")

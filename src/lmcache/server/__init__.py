@@ -1,0 +1,1 @@
+"""The cache server: request handlers, lookup sessions, metrics and the process runtime."""

@@ -1,0 +1,265 @@
+"""The composition root: builds every component from settings and runs the process.
+
+    settings ─> L1 pool (POSIX shm) ─> L1Cache ─┐
+                EngineRegistry ─────────────────┼─> RequestHandler ─> ZmqServer (port 5555)
+                Sessions, Metrics ──────────────┘            │
+                Maintenance thread (lock/session TTLs)       │
+    FastAPI app (port 8080) ── health / status / clear / metrics
+
+Startup runs in a thread beside uvicorn so that ``/healthcheck`` answers 503
+("starting") while a large pool is being pre-faulted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from lmcache import __version__
+from lmcache.engine.registry import EngineRegistry
+from lmcache.logs import setup_logging
+from lmcache.server.handlers import RequestHandler
+from lmcache.server.metrics import Metrics
+from lmcache.server.sessions import Sessions
+from lmcache.settings import ServerSettings
+from lmcache.storage.eviction import make_policy
+from lmcache.storage.keys import ChunkHasher
+from lmcache.storage.l1 import L1Cache
+from lmcache.storage.shm import ShmSegment, unlink_stale_pools
+from lmcache.transport.zmq_server import ZmqServer
+
+logger = logging.getLogger("lmcache.server")
+
+POOL_PREFIX = "lmcache_l1_pool_"
+MAINTENANCE_PERIOD_S = 1.0
+
+
+class ServerRuntime:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.server_token = uuid.uuid4().hex
+        self.started_at = time.time()
+        self.ready = False
+        self.startup_error: str | None = None
+        self.maintenance_error: str | None = None
+        self._segment: ShmSegment | None = None
+        self._zmq: ZmqServer | None = None
+        self._stop = threading.Event()
+        self._maintenance = threading.Thread(
+            target=self._maintain, name="lmcache-maintenance", daemon=True
+        )
+        self.l1: L1Cache | None = None
+        self.registry = EngineRegistry(settings.chunk_size)
+        self.sessions: Sessions | None = None
+        self.metrics = Metrics(self._metric_state)
+
+    # ----- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        logger.info(
+            "torch_dev=StubCPUDevice(device_type=cpu), l1_size_gb=%g, eviction_policy=%s, "
+            "chunk_size=%d, max_workers=%d",
+            s.l1_size_gb, s.eviction_policy, s.chunk_size, s.max_workers,
+        )  # fmt: skip
+        for name in unlink_stale_pools(POOL_PREFIX):
+            logger.warning("Removed stale shared-memory pool /%s of a dead server", name)
+        self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
+        self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
+        self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
+        handler = RequestHandler(
+            l1=self.l1,
+            registry=self.registry,
+            sessions=self.sessions,
+            hasher=ChunkHasher(s.chunk_size, s.hash_algorithm),
+            metrics=self.metrics,
+            server_token=self.server_token,
+            lock_ttl=s.lock_ttl_s,
+        )
+        self._zmq = ZmqServer(s.zmq_bind_endpoint, handler.dispatch, s.max_workers)
+        self._zmq.start()
+        self._maintenance.start()
+        logger.info("ZMQ server listening on %s", s.zmq_bind_endpoint)
+        self.ready = True
+
+    def stop(self) -> None:
+        """Idempotent: called by the HTTP lifespan and again as a fallback."""
+        if self._stop.is_set():
+            return
+        self.ready = False
+        self._stop.set()
+        if self._zmq is not None:
+            self._zmq.stop()  # waits for running copies: nothing touches the pool after this
+        self.registry.close()
+        if self._segment is not None:
+            self._segment.close()
+            self._segment.unlink()
+            self._segment = None
+        logger.info("LMCache cache server stopped")
+
+    def _maintain(self) -> None:
+        while not self._stop.wait(MAINTENANCE_PERIOD_S):
+            try:
+                self.maintain_once()
+            except Exception as exc:
+                self.maintenance_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("maintenance failed")
+
+    def maintain_once(self) -> None:
+        assert self.l1 is not None and self.sessions is not None
+        leases, writes = self.l1.expire()
+        sessions = self.sessions.expire()
+        if leases or writes or sessions:
+            logger.warning(
+                "Expired %d locks, %d unfinished writes and %d sessions past their TTL",
+                leases, writes, sessions,
+            )  # fmt: skip
+        if self.settings.engine_timeout_s:
+            for instance_id in self.registry.reap(self.settings.engine_timeout_s):
+                logger.warning("Unregistered silent engine GPU ID %d", instance_id)
+
+    # ----- views for HTTP -----------------------------------------------------------------
+
+    def health(self) -> list[str]:
+        """Reasons the server is unhealthy (empty = healthy)."""
+        if self.startup_error:
+            return [f"startup failed: {self.startup_error}"]
+        if not self.ready:
+            return ["starting"]
+        problems = []
+        if self._zmq is None or not self._zmq.alive:
+            problems.append(f"ZMQ loop is dead ({self._zmq.error if self._zmq else 'not started'})")
+        if not self._maintenance.is_alive():
+            problems.append("maintenance thread is dead")
+        if self.maintenance_error:
+            problems.append(f"maintenance failed: {self.maintenance_error}")
+        if self.l1 is not None and self.l1.eviction_error:
+            problems.append(f"eviction failed: {self.l1.eviction_error}")
+        return problems
+
+    def clear(self) -> int:
+        if self.l1 is None:
+            raise RuntimeError("server is not ready")
+        removed = self.l1.clear()
+        logger.info("Cache cleared via HTTP API (%d chunks)", removed)
+        return removed
+
+    def status(self) -> dict[str, Any]:
+        zmq_server = self._zmq
+        return {
+            "version": __version__,
+            "ready": self.ready,
+            "healthy": not self.health(),
+            "problems": self.health(),
+            "server_token": self.server_token,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "zmq_endpoint": self.settings.zmq_bind_endpoint,
+            "l1": {
+                **(self.l1.stats() if self.l1 else {}),
+                "shm_segment": self._segment.name if self._segment else None,
+            },
+            "l2_adapters": [],
+            "workers": [
+                {
+                    "name": "zmq-loop",
+                    "alive": bool(zmq_server and zmq_server.alive),
+                    "error": zmq_server.error if zmq_server else None,
+                },
+                {
+                    "name": "worker-pool",
+                    "alive": bool(zmq_server and zmq_server.alive),
+                    "max_workers": self.settings.max_workers,
+                    "in_flight": zmq_server.in_flight if zmq_server else 0,
+                },
+                {
+                    "name": "maintenance",
+                    "alive": self._maintenance.is_alive(),
+                    "error": self.maintenance_error,
+                },
+            ],
+            "engines": [e.describe() for e in self.registry.engines()],
+            "sessions": {
+                "active": len(self.sessions) if self.sessions else 0,
+                "items": self.sessions.snapshot() if self.sessions else [],
+            },
+            "config": self.settings.model_dump(),
+        }
+
+    def _metric_state(self) -> dict[str, Any]:
+        empty = {"used_bytes": 0, "capacity_bytes": 0, "objects": 0, "locked": 0, "evictions": 0}
+        return {
+            "l1": self.l1.stats() if self.l1 else empty,
+            "engines": len(self.registry.engines()),
+            "sessions": len(self.sessions) if self.sessions else 0,
+        }
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus re-raising the caught signal at exit: SIGTERM → clean exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_server(settings: ServerSettings) -> int:
+    """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 if startup failed."""
+    from lmcache.http.app import create_app
+
+    setup_logging(settings.log_level)
+    runtime = ServerRuntime(settings)
+    app = create_app(runtime)
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    server = _Server(config)
+
+    def start() -> None:
+        try:
+            runtime.start()
+        except Exception as exc:
+            runtime.startup_error = str(exc)
+            logger.error("LMCache cache server failed to start: %s", exc)
+            server.should_exit = True
+            return
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        if server.started:
+            logger.info("HTTP frontend on http://%s:%d", settings.http_host, settings.http_port)
+            logger.info("LMCache cache server is running...")
+
+    starter = threading.Thread(target=start, name="lmcache-startup", daemon=True)
+    app.state.on_startup = starter.start
+    app.state.on_shutdown = runtime.stop
+    try:
+        server.run()
+    finally:
+        starter.join(timeout=60)
+        runtime.stop()
+    if runtime.startup_error or not server.started:
+        return 1
+    return 0

@@ -1,0 +1,111 @@
+"""Lookup sessions: what a lookup found for a request, and the locks it holds.
+
+A session starts with a lookup and ends with `end_session`, or when its lease
+TTL passes (an engine that forgot a request must not pin memory forever).
+
+    lookup(req) ──> Session{hit_tokens, lease on every rank's hit chunks}
+        retrieve(rank r, chunks) ── releases rank r's locks on those chunks
+        free_lookup(start, end)  ── releases every rank's locks in the range
+    end_session(req) / TTL ──> all remaining locks released, session dropped
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lmcache.storage.l1 import L1Cache, Lease
+from lmcache.types import ObjectKey
+
+
+@dataclass(eq=False)
+class Session:
+    request_id: str
+    lease: Lease
+    hit_tokens: int | None
+    chunk_size: int
+    # Keys of the hit chunks, chunk-major: groups[i] = every rank's key for chunk i.
+    groups: list[list[ObjectKey]] = field(default_factory=list)
+    expires: float = 0.0
+
+    def keys_in(self, start: int, end: int | None) -> Iterator[ObjectKey]:
+        first = start // self.chunk_size
+        last = (
+            len(self.groups) if end is None else min(len(self.groups), -(-end // self.chunk_size))
+        )
+        for group in self.groups[first:last]:
+            yield from group
+
+
+class Sessions:
+    def __init__(self, l1: L1Cache, chunk_size: int, ttl: float) -> None:
+        self._l1 = l1
+        self._chunk_size = chunk_size
+        self._ttl = ttl
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def start(self, request_id: str, lease: Lease, groups: list[list[ObjectKey]]) -> Session:
+        session = Session(
+            request_id,
+            lease,
+            lease.hit_groups * self._chunk_size,
+            self._chunk_size,
+            groups[: lease.hit_groups],
+            time.monotonic() + self._ttl,
+        )
+        with self._lock:
+            old = self._sessions.pop(request_id, None)
+            self._sessions[request_id] = session
+        if old is not None:  # a repeated lookup (e.g. after preemption) replaces the old one
+            self._l1.release(old.lease)
+        return session
+
+    def get(self, request_id: str) -> Session | None:
+        return self._sessions.get(request_id)
+
+    def release(self, request_id: str, keys: list[ObjectKey] | None = None) -> None:
+        session = self._sessions.get(request_id)
+        if session is not None:
+            self._l1.release(session.lease, keys)
+
+    def free_range(self, request_id: str, start: int, end: int | None) -> int:
+        session = self._sessions.get(request_id)
+        if session is None:
+            return 0
+        keys = list(session.keys_in(start, end))
+        self._l1.release(session.lease, keys)
+        return len(keys)
+
+    def end(self, request_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(request_id, None)
+        if session is None:
+            return False
+        self._l1.release(session.lease)
+        return True
+
+    def expire(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stale = [s.request_id for s in self._sessions.values() if s.expires < now]
+        return sum(self.end(request_id) for request_id in stale)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def snapshot(self, limit: int = 100) -> list[dict[str, object]]:
+        now = time.monotonic()
+        with self._lock:
+            items = list(self._sessions.values())[:limit]
+        return [
+            {
+                "request_id": s.request_id,
+                "hit_tokens": s.hit_tokens,
+                "locked_objects": len(s.lease.objects),
+                "expires_in_s": round(s.expires - now, 1),
+            }
+            for s in items
+        ]

@@ -1,0 +1,354 @@
+"""The L1 cache: chunk objects in one shared-memory pool, with pins and eviction.
+
+Object life cycle::
+
+    reserve_write ──> WRITING ──commit_write──> READY <──> READY + pinned (pins > 0)
+          │              │                        │
+     (no space)     abort_write /              evicted (policy order, pins == 0)
+                    lease TTL expired          or cleared
+                         │                        │
+                         └──────> freed <─────────┘
+
+A *lease* pins a set of READY objects (reference counts): lookups hold one per
+request until the engine retrieves or frees it, and every copy holds one while
+the bytes move. Leases handed to other processes have a TTL, so a client that
+dies cannot pin memory forever; leases held by server threads have none.
+
+A forced `clear` removes everything from the index at once. Objects that a copy
+is still using are only *doomed*: their pages are freed when the last pin goes,
+and the copy learns (``release`` returns False) that its data was cleared, so
+no thread ever reads pages that were handed to another object.
+
+Thread-safe: one lock guards the index, the allocator and the eviction heap;
+byte copies happen outside it, on pinned objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from lmcache.storage.allocator import Extent, PageAllocator
+from lmcache.storage.eviction import AccessStats, EvictionPolicy
+from lmcache.types import ObjectKey
+
+
+class ObjState(enum.Enum):
+    WRITING = "writing"
+    READY = "ready"
+
+
+@dataclass(slots=True, eq=False)
+class _Obj:
+    key: ObjectKey
+    extent: Extent
+    state: ObjState
+    stats: AccessStats
+    pins: int = 0
+    heap_version: int = 0
+    write_deadline: float | None = None
+    doomed: bool = False  # out of the index, pages still in use by a copy
+    freed: bool = False  # pages returned to the allocator
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSlot:
+    """Where a writer puts one object's bytes: ``pool[offset : offset + nbytes]``."""
+
+    key: ObjectKey
+    offset: int
+    nbytes: int
+    _obj: _Obj = field(repr=False, compare=False)
+
+
+@dataclass(eq=False)
+class Lease:
+    """Pins on READY objects. ``hit_groups`` = groups acquired by `acquire_prefix`."""
+
+    id: int
+    owner: str
+    kind: Literal["hold", "transfer"]
+    deadline: float | None
+    objects: dict[ObjectKey, _Obj]
+    hit_groups: int = 0
+
+    def offsets(self, keys: Sequence[ObjectKey]) -> list[tuple[int, int]]:
+        return [(self.objects[k].extent.offset, self.objects[k].extent.nbytes) for k in keys]
+
+
+Reserve = WriteSlot | Literal["cached", "no_space"]
+
+
+class L1Cache:
+    def __init__(self, pool: np.ndarray, policy: EvictionPolicy, page_size: int = 4096) -> None:
+        self.pool = pool
+        self.policy = policy
+        self._alloc = PageAllocator(pool.nbytes, page_size)
+        self._index: dict[ObjectKey, _Obj] = {}
+        self._heap: list[tuple[tuple[int, ...], int, int, ObjectKey]] = []
+        self._leases: dict[int, Lease] = {}
+        self._clock = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.evictions = 0
+        self.eviction_error: str | None = None
+        self.doomed_pending = 0
+        # Remote writes cleared mid-flight: freed at commit/abort, or at their TTL.
+        self._doomed_writes: dict[int, _Obj] = {}
+
+    # ----- writes ---------------------------------------------------------------
+
+    def reserve_write(self, key: ObjectKey, nbytes: int, ttl: float | None = None) -> Reserve:
+        """Allocate an object for ``key``, evicting unpinned objects if needed.
+
+        Returns ``"cached"`` when the key exists (READY or being written by
+        someone else) and ``"no_space"`` when nothing more can be evicted.
+        """
+        with self._lock:
+            if key in self._index:
+                return "cached"
+            extent = self._allocate(nbytes)
+            if extent is None:
+                return "no_space"
+            now = next(self._clock)
+            obj = _Obj(key, extent, ObjState.WRITING, AccessStats(now, now))
+            obj.write_deadline = None if ttl is None else time.monotonic() + ttl
+            self._index[key] = obj
+            return WriteSlot(key, extent.offset, nbytes, obj)
+
+    def commit_write(self, slot: WriteSlot) -> bool:
+        """Make a written object visible. False if it was cleared or expired meanwhile."""
+        obj = slot._obj
+        with self._lock:
+            if obj.doomed or obj.freed or self._index.get(obj.key) is not obj:
+                self._free_if_doomed(obj)
+                return False
+            obj.state = ObjState.READY
+            obj.write_deadline = None
+            self._push(obj)
+            return True
+
+    def abort_write(self, slot: WriteSlot) -> None:
+        obj = slot._obj
+        with self._lock:
+            if self._index.get(obj.key) is obj and obj.state is ObjState.WRITING:
+                del self._index[obj.key]
+                self._free(obj)
+            else:
+                self._free_if_doomed(obj)
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        return self.pool[offset : offset + nbytes]
+
+    # ----- reads ------------------------------------------------------------------
+
+    def acquire_prefix(
+        self,
+        groups: Iterable[Sequence[ObjectKey]],
+        owner: str,
+        kind: Literal["hold", "transfer"] = "hold",
+        ttl: float | None = None,
+    ) -> Lease:
+        """Pin the longest run of groups, from the first, whose keys are all READY."""
+        with self._lock:
+            lease = self._new_lease(owner, kind, ttl)
+            for group in groups:
+                objs = [self._index.get(k) for k in group]
+                if not all(o is not None and o.state is ObjState.READY for o in objs):
+                    break
+                for obj in objs:
+                    assert obj is not None
+                    self._pin(lease, obj)
+                lease.hit_groups += 1
+            return lease
+
+    def acquire_all(self, keys: Sequence[ObjectKey], owner: str) -> Lease | None:
+        """Pin every key for a copy, or nothing (None) if any is missing."""
+        lease = self.acquire_prefix(([k] for k in keys), owner, kind="transfer")
+        if lease.hit_groups == len(keys):
+            return lease
+        self.release(lease)
+        return None
+
+    def release(self, lease: Lease, keys: Iterable[ObjectKey] | None = None) -> bool:
+        """Unpin ``keys`` (default: all) of a lease. False if any of them was cleared."""
+        with self._lock:
+            if keys is None:
+                objs = list(lease.objects.values())
+                lease.objects.clear()
+            else:
+                objs = [o for k in keys if (o := lease.objects.pop(k, None)) is not None]
+            intact = True
+            for obj in objs:
+                obj.pins -= 1
+                intact = intact and not obj.doomed
+                self._free_if_doomed(obj)
+            if not lease.objects:
+                self._leases.pop(lease.id, None)
+            return intact
+
+    def touch(self, keys: Iterable[ObjectKey]) -> None:
+        with self._lock:
+            for key in keys:
+                obj = self._index.get(key)
+                if obj is not None and obj.state is ObjState.READY:
+                    self._touch(obj)
+
+    def contains(self, key: ObjectKey) -> bool:
+        with self._lock:
+            obj = self._index.get(key)
+            return obj is not None and obj.state is ObjState.READY
+
+    # ----- maintenance --------------------------------------------------------------
+
+    def expire(self, now: float | None = None) -> tuple[int, int]:
+        """Drop leases and write reservations past their TTL. Returns (leases, writes)."""
+        now = time.monotonic() if now is None else now
+        expired = [
+            lease
+            for lease in list(self._leases.values())
+            if lease.deadline is not None and lease.deadline < now
+        ]
+        for lease in expired:
+            self.release(lease)
+        writes = 0
+        with self._lock:
+            # A remote writer that outlived its TTL forfeits its pages: its commit fails.
+            for obj in list(self._index.values()):
+                if obj.write_deadline is not None and obj.write_deadline < now:
+                    del self._index[obj.key]
+                    self._free(obj)
+                    writes += 1
+            for obj in list(self._doomed_writes.values()):
+                if obj.write_deadline is not None and obj.write_deadline < now:
+                    obj.pins = 0
+                    self._free_if_doomed(obj)
+        return len(expired), writes
+
+    def clear(self) -> int:
+        """Remove every object, pinned or not (pages in use by a copy are freed after it)."""
+        with self._lock:
+            for lease in [lease for lease in self._leases.values() if lease.kind == "hold"]:
+                for obj in lease.objects.values():
+                    obj.pins -= 1
+                lease.objects.clear()
+                del self._leases[lease.id]
+            removed = len(self._index)
+            for obj in self._index.values():
+                if obj.pins > 0 or obj.state is ObjState.WRITING:
+                    obj.doomed = True
+                    self.doomed_pending += 1
+                    if obj.write_deadline is not None:
+                        self._doomed_writes[id(obj)] = obj
+                else:
+                    self._free(obj)
+            self._index.clear()
+            self._heap.clear()
+            return removed
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            objs = self._index.values()
+            return {
+                "capacity_bytes": self._alloc.capacity_bytes,
+                "used_bytes": self._alloc.used_bytes,
+                "objects": sum(1 for o in objs if o.state is ObjState.READY),
+                "writing": sum(1 for o in objs if o.state is ObjState.WRITING),
+                "locked": sum(1 for o in objs if o.pins > 0),
+                "leases": len(self._leases),
+                "evictions": self.evictions,
+                "doomed_pending": self.doomed_pending,
+                "largest_free_bytes": self._alloc.largest_free_bytes,
+                "free_extents": self._alloc.free_extents,
+                "eviction_policy": self.policy.name,
+                "eviction_error": self.eviction_error,
+            }
+
+    def lease_owners(self) -> list[str]:
+        with self._lock:
+            return [lease.owner for lease in self._leases.values()]
+
+    # ----- internals (called with the lock held) ----------------------------------------
+
+    def _new_lease(self, owner: str, kind: Literal["hold", "transfer"], ttl: float | None) -> Lease:
+        deadline = None if ttl is None else time.monotonic() + ttl
+        lease = Lease(next(self._ids), owner, kind, deadline, {})
+        self._leases[lease.id] = lease
+        return lease
+
+    def _pin(self, lease: Lease, obj: _Obj) -> None:
+        if obj.key in lease.objects:
+            return
+        lease.objects[obj.key] = obj
+        obj.pins += 1
+        self._touch(obj)
+
+    def _touch(self, obj: _Obj) -> None:
+        obj.stats.last_access = next(self._clock)
+        obj.stats.hits += 1
+        if self.policy.tracks_access:
+            self._push(obj)
+
+    def _push(self, obj: _Obj) -> None:
+        obj.heap_version += 1
+        heapq.heappush(
+            self._heap, (self.policy.priority(obj.stats), obj.heap_version, id(obj), obj.key)
+        )
+        if len(self._heap) > 2 * len(self._index) + 1024:
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        self._heap = [
+            (self.policy.priority(o.stats), o.heap_version, id(o), o.key)
+            for o in self._index.values()
+            if o.state is ObjState.READY
+        ]
+        heapq.heapify(self._heap)
+
+    def _allocate(self, nbytes: int) -> Extent | None:
+        skipped: list[tuple[tuple[int, ...], int, int, ObjectKey]] = []
+        try:
+            while (extent := self._alloc.allocate(nbytes)) is None:
+                if not self._evict_one(skipped):
+                    return None
+            return extent
+        except Exception as exc:  # never let eviction die silently: health reports it
+            self.eviction_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            for entry in skipped:
+                heapq.heappush(self._heap, entry)
+
+    def _evict_one(self, skipped: list[tuple[tuple[int, ...], int, int, ObjectKey]]) -> bool:
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            obj = self._index.get(entry[3])
+            if obj is None or obj.heap_version != entry[1] or obj.state is not ObjState.READY:
+                continue  # stale entry: the object was touched, removed or rewritten
+            if obj.pins > 0:
+                skipped.append(entry)
+                continue
+            del self._index[obj.key]
+            self._free(obj)
+            self.evictions += 1
+            return True
+        return False
+
+    def _free_if_doomed(self, obj: _Obj) -> None:
+        if obj.doomed and obj.pins == 0 and not obj.freed:
+            self.doomed_pending -= 1
+            self._doomed_writes.pop(id(obj), None)
+            self._free(obj)
+
+    def _free(self, obj: _Obj) -> None:
+        if not obj.freed:  # exactly once, whatever path gets here first
+            obj.freed = True
+            self._alloc.free(obj.extent)
