@@ -1,0 +1,129 @@
+"""HTTP endpoints (httpx against the running server), startup and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import httpx
+
+from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.http.app import create_app
+from lmcache.server.runtime import ServerRuntime
+from lmcache.settings import ServerSettings
+
+from .conftest import CHUNK, ServerProcess, register, start_server, unique_tokens
+
+MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+
+
+def test_healthcheck(server: ServerProcess) -> None:
+    response = server.http().get("/healthcheck")
+    assert response.status_code == 200
+    assert response.json() == {"status": "healthy"}
+
+
+def test_status_describes_every_component(server: ServerProcess, engine: ShmKVCache) -> None:
+    client = server.client()
+    register(client, engine, 201)
+    tokens = unique_tokens(CHUNK)
+    client.store("st", 201, tokens, start=0, end=CHUNK, block_ids=range(16))
+    client.lookup("st-open", tokens, **MODEL)
+    status = server.http().get("/status").json()
+    assert status["ready"] and status["healthy"]
+    l1 = status["l1"]
+    assert l1["capacity_bytes"] == int(0.25 * (1 << 30))
+    assert l1["objects"] >= 1 and l1["used_bytes"] >= 4 * 16 * 2048 and l1["locked"] >= 1
+    assert l1["eviction_policy"] == "LRU" and l1["shm_segment"].startswith("/lmcache_l1_pool_")
+    assert status["l2_adapters"] == []
+    assert {w["name"]: w["alive"] for w in status["workers"]} == {
+        "zmq-loop": True, "worker-pool": True, "maintenance": True,
+    }  # fmt: skip
+    engines = {e["instance_id"]: e for e in status["engines"]}
+    assert engines[201]["num_layers"] == 4 and engines[201]["block_size"] == 16
+    assert engines[201]["transfer"] == "shm"
+    assert "st-open" in {s["request_id"] for s in status["sessions"]["items"]}
+    assert status["config"]["chunk_size"] == CHUNK and status["config"]["port"] == server.port
+    client.end_session("st-open")
+
+
+def test_metrics_are_prometheus_text(server: ServerProcess, engine: ShmKVCache) -> None:
+    client = server.client()
+    register(client, engine, 202)
+    tokens = unique_tokens(CHUNK)
+    client.store("mt", 202, tokens, start=0, end=CHUNK, block_ids=range(16))
+    client.lookup("mt2", tokens, **MODEL)
+    client.retrieve("mt2", 202, tokens, start=0, end=CHUNK, block_ids=range(16, 32))
+    client.end_session("mt2")
+    response = server.http().get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in response.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["lmcache_stored_tokens_total"] >= CHUNK
+    assert values["lmcache_retrieved_tokens_total"] >= CHUNK
+    assert values["lmcache_lookup_hit_tokens_total"] >= CHUNK
+    assert values["lmcache_lookup_requested_tokens_total"] >= CHUNK
+    assert values["lmcache_l1_capacity_bytes"] == int(0.25 * (1 << 30))
+    assert values["lmcache_l1_used_bytes"] > 0
+    assert values['lmcache_requests_total{op="store",outcome="ok"}'] >= 1
+    assert values['lmcache_request_duration_seconds_count{op="retrieve"}'] >= 1
+
+
+def test_openapi_docs(server: ServerProcess) -> None:
+    http = server.http()
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/healthcheck", "/status", "/clear-cache", "/metrics"} <= set(paths)
+
+
+def test_health_is_503_until_ready() -> None:
+    runtime = ServerRuntime(ServerSettings(l1_size_gb=0.01))
+    transport = httpx.ASGITransport(app=create_app(runtime))
+
+    async def probe() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.get("/healthcheck"), await http.post("/clear-cache")
+
+    health, clear = asyncio.run(probe())
+    assert health.status_code == 503
+    assert health.json() == {"status": "unhealthy", "reasons": ["starting"]}
+    assert clear.status_code == 503
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_unlinks_shared_memory(sig: int, engine: ShmKVCache) -> None:
+    s = start_server()
+    pool = s.http().get("/status").json()["l1"]["shm_segment"]
+    assert os.path.exists("/dev/shm" + pool)
+    register(s.client(), engine, 301)
+    assert s.stop(sig) == 0
+    assert not os.path.exists("/dev/shm" + pool)
+    assert "LMCache cache server stopped" in s.log()
+    assert os.path.exists("/dev/shm" + engine.memory.segments[0])  # the engine's stays its own
+
+
+def test_port_in_use_fails_with_a_clear_error(server: ServerProcess) -> None:
+    second = start_server("--port", str(server.port), wait=False)
+    assert second.proc.wait(timeout=30) == 1
+    assert "cannot bind ZMQ endpoint" in second.log()
+
+
+def test_invalid_flag_names_the_flag() -> None:
+    second = start_server("--eviction-policy", "RANDOM", wait=False)
+    assert second.proc.wait(timeout=30) != 0
+    assert "--eviction-policy" in second.log()
+
+
+def test_environment_variables_configure_the_server(engine: ShmKVCache) -> None:
+    s = start_server(env={"LMCACHE_CHUNK_SIZE": "512", "LMCACHE_EVICTION_POLICY": "fifo"})
+    try:
+        config = s.http().get("/status").json()["config"]
+        assert config["chunk_size"] == 512 and config["eviction_policy"] == "FIFO"
+        assert s.client().ping().chunk_size == 512
+    finally:
+        s.stop()

@@ -1,0 +1,160 @@
+"""Unit tests of storage logic: allocator, L1 states and pins, chunk keys."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from lmcache.storage.allocator import PageAllocator
+from lmcache.storage.eviction import make_policy
+from lmcache.storage.keys import ChunkHasher, Namespace, object_key
+from lmcache.storage.l1 import L1Cache, WriteSlot
+from lmcache.types import ObjectKey
+
+PAGE = 4096
+
+
+def key(i: int) -> ObjectKey:
+    return ObjectKey(i.to_bytes(48, "big"))
+
+
+def test_allocator_coalesces_and_rejects_double_free() -> None:
+    a = PageAllocator(10 * PAGE, PAGE)
+    x, y, z = (a.allocate(3 * PAGE) for _ in range(3))
+    assert x and y and z and a.allocate(2 * PAGE) is None
+    a.free(y)
+    assert a.largest_free_bytes == 3 * PAGE
+    a.free(x)
+    assert a.largest_free_bytes == 6 * PAGE and a.free_extents == 2
+    with pytest.raises(ValueError, match="double free"):
+        a.free(x)
+    a.free(z)
+    assert a.used_bytes == 0 and a.largest_free_bytes == 10 * PAGE and a.free_extents == 1
+
+
+def test_allocator_mixed_sizes_coexist() -> None:
+    a = PageAllocator(64 * PAGE, PAGE)
+    small = [a.allocate(PAGE + 1) for _ in range(8)]  # 2 pages each
+    big = a.allocate(40 * PAGE)
+    assert all(small) and big is not None
+    offsets = sorted(e.offset for e in [*small, big] if e)
+    assert len(set(offsets)) == 9
+
+
+def make_l1(pages: int, policy: str = "LRU") -> L1Cache:
+    return L1Cache(np.zeros(pages * PAGE, dtype=np.uint8), make_policy(policy))
+
+
+def put(l1: L1Cache, k: ObjectKey, fill: int = 1) -> WriteSlot:
+    slot = l1.reserve_write(k, PAGE)
+    assert isinstance(slot, WriteSlot)
+    l1.view(slot.offset, slot.nbytes)[:] = fill
+    assert l1.commit_write(slot)
+    return slot
+
+
+def test_reserve_reports_cached_and_no_space() -> None:
+    l1 = make_l1(2)
+    put(l1, key(1))
+    assert l1.reserve_write(key(1), PAGE) == "cached"
+    put(l1, key(2))
+    lease = l1.acquire_prefix([[key(1)], [key(2)]], owner="r")
+    assert lease.hit_groups == 2
+    assert l1.reserve_write(key(3), PAGE) == "no_space"  # both pinned
+    l1.release(lease, [key(1)])
+    assert isinstance(l1.reserve_write(key(3), PAGE), WriteSlot)  # evicts key 1
+    assert not l1.contains(key(1)) and l1.contains(key(2))
+
+
+def test_writing_objects_are_invisible_and_not_evictable() -> None:
+    l1 = make_l1(1)
+    slot = l1.reserve_write(key(1), PAGE)
+    assert isinstance(slot, WriteSlot)
+    assert not l1.contains(key(1))
+    assert l1.acquire_prefix([[key(1)]], owner="r").hit_groups == 0
+    assert l1.reserve_write(key(2), PAGE) == "no_space"
+    l1.abort_write(slot)
+    assert l1.stats()["used_bytes"] == 0
+
+
+def test_clear_during_a_copy_frees_pages_only_after_it() -> None:
+    l1 = make_l1(2)
+    put(l1, key(1))
+    transfer = l1.acquire_all([key(1)], owner="retrieve")
+    assert transfer is not None
+    hold = l1.acquire_prefix([[key(1)]], owner="lookup", ttl=60)
+    assert l1.clear() == 1
+    stats = l1.stats()
+    assert stats["objects"] == 0 and stats["used_bytes"] == PAGE and stats["doomed_pending"] == 1
+    # The cleared pages are not handed out while the copy still reads them.
+    other = l1.reserve_write(key(2), 2 * PAGE)
+    assert other == "no_space"
+    assert l1.release(transfer) is False  # the copy learns its data was cleared
+    assert l1.stats()["used_bytes"] == 0
+    assert l1.release(hold) is True  # the lookup's pins were already dropped by clear
+    assert l1.stats()["used_bytes"] == 0
+
+
+def test_clear_during_a_write_fails_the_commit() -> None:
+    l1 = make_l1(2)
+    slot = l1.reserve_write(key(1), PAGE)
+    assert isinstance(slot, WriteSlot)
+    l1.clear()
+    assert l1.commit_write(slot) is False
+    assert not l1.contains(key(1)) and l1.stats()["used_bytes"] == 0
+
+
+def test_lease_and_remote_write_ttl() -> None:
+    l1 = make_l1(2)
+    put(l1, key(1))
+    l1.acquire_prefix([[key(1)]], owner="dead-engine", ttl=0.01)
+    slot = l1.reserve_write(key(2), PAGE, ttl=0.01)
+    assert isinstance(slot, WriteSlot)
+    time.sleep(0.02)
+    assert l1.expire() == (1, 1)
+    stats = l1.stats()
+    assert stats["locked"] == 0 and stats["leases"] == 0 and stats["used_bytes"] == PAGE
+    assert l1.commit_write(slot) is False  # too late: its pages were reclaimed
+
+
+@pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
+def test_heap_stays_bounded_under_many_touches(policy: str) -> None:
+    l1 = make_l1(4, policy)
+    for i in range(4):
+        put(l1, key(i))
+    for _ in range(5000):
+        l1.touch([key(0), key(1)])
+    assert len(l1._heap) <= 2 * 4 + 1024
+    put(l1, key(9))
+    assert l1.stats()["evictions"] == 1
+
+
+def test_chained_hashes_depend_on_every_earlier_token() -> None:
+    hasher = ChunkHasher(4)
+    a = np.arange(12, dtype="<u4").tobytes()
+    b = bytearray(a)
+    b[0] ^= 1
+    ha, hb = hasher.hashes(a, 3), hasher.hashes(bytes(b), 3)
+    assert all(x != y for x, y in zip(ha, hb, strict=True))
+    assert hasher.hashes(a + a, 3) == ha  # the tail does not matter
+    assert ChunkHasher(4, "blake2b").hashes(a, 3) != ha
+    with pytest.raises(ValueError, match="need 16 tokens"):
+        hasher.hashes(a, 4)
+
+
+def test_namespaces_separate_keys() -> None:
+    h = ChunkHasher(4).hashes(np.arange(4, dtype="<u4").tobytes(), 1)[0]
+    base = Namespace("m", 2, 0, "bf16", "", "")
+    variants = [
+        base,
+        Namespace("m", 2, 1, "bf16", "", ""),
+        Namespace("m", 1, 0, "bf16", "", ""),
+        Namespace("m2", 2, 0, "bf16", "", ""),
+        Namespace("m", 2, 0, "fp32", "", ""),
+        Namespace("m", 2, 0, "bf16", "x", ""),
+        Namespace("m", 2, 0, "bf16", "", "salt"),
+    ]
+    keys = {object_key(ns.digest, h) for ns in variants}
+    assert len(keys) == len(variants) and all(len(k) == 48 for k in keys)
