@@ -107,5 +107,8 @@ def test_clear_with_active_locks(small_server: ServerProcess, engine: ShmKVCache
     client.end_session("held")
     client.end_session("after")
     # The cache works again after a clear.
-    assert client.store("s2", 3, tokens, start=0, end=CHUNK, block_ids=range(16)).stored_tokens == CHUNK
+    assert (
+        client.store("s2", 3, tokens, start=0, end=CHUNK, block_ids=range(16)).stored_tokens
+        == CHUNK
+    )
     assert http.get("/healthcheck").json() == {"status": "healthy"}

@@ -6,8 +6,8 @@ import asyncio
 import os
 import signal
 
-import pytest
 import httpx
+import pytest
 
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.http.app import create_app

@@ -54,18 +54,25 @@ def test_partial_prefix_hit_and_skip(server: ServerProcess, engine: ShmKVCache) 
     # skip_tokens leaves blocks the engine already has untouched.
     engine.blocks[...] = 0
     skip = 3 * BLOCK
-    client.retrieve("d", 102, longer, start=0, end=2 * CHUNK, block_ids=range(32, 64), skip_tokens=skip)
+    client.retrieve(
+        "d", 102, longer, start=0, end=2 * CHUNK, block_ids=range(32, 64), skip_tokens=skip
+    )
     assert not engine.blocks[:, :, 32:35].any()
     np.testing.assert_array_equal(engine.blocks[:, :, 35:64], original[:, :, 3:32])
     for rid in "bcd":
         client.end_session(rid)
 
 
-def test_store_twice_is_idempotent_and_query_lookup(server: ServerProcess, engine: ShmKVCache) -> None:
+def test_store_twice_is_idempotent_and_query_lookup(
+    server: ServerProcess, engine: ShmKVCache
+) -> None:
     client = server.client()
     register(client, engine, 103)
     tokens = unique_tokens(CHUNK)
-    assert client.store("x", 103, tokens, start=0, end=CHUNK, block_ids=range(16)).stored_tokens == CHUNK
+    assert (
+        client.store("x", 103, tokens, start=0, end=CHUNK, block_ids=range(16)).stored_tokens
+        == CHUNK
+    )
     again = client.store("x", 103, tokens, start=0, end=CHUNK, block_ids=range(16))
     assert again.stored_tokens == 0 and again.cached_tokens == CHUNK
     assert client.lookup("q", tokens, **MODEL) == CHUNK
@@ -82,14 +89,19 @@ def test_namespaces_isolate_salt_model_and_dtype(server: ServerProcess, engine: 
     assert client.lookup("s1", tokens, **MODEL, cache_salt="tenant-a") == CHUNK
     assert client.lookup("s2", tokens, **MODEL, cache_salt="tenant-b") == 0
     assert client.lookup("s3", tokens, **MODEL) == 0
-    assert client.lookup("s4", tokens, model_name="other", dtype="bfloat16", cache_salt="tenant-a") == 0
+    assert (
+        client.lookup("s4", tokens, model_name="other", dtype="bfloat16", cache_salt="tenant-a")
+        == 0
+    )
     assert client.lookup("s5", tokens, model_name="m", dtype="float32", cache_salt="tenant-a") == 0
     assert client.lookup("s6", tokens, **{**MODEL, "world_size": 2}, cache_salt="tenant-a") == 0
     for i in range(1, 7):
         client.end_session(f"s{i}")
 
 
-def test_retrieve_of_missing_chunks_is_a_typed_miss(server: ServerProcess, engine: ShmKVCache) -> None:
+def test_retrieve_of_missing_chunks_is_a_typed_miss(
+    server: ServerProcess, engine: ShmKVCache
+) -> None:
     client = server.client()
     register(client, engine, 105)
     with pytest.raises(CacheMissError, match="not cached"):

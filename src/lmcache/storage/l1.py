@@ -115,6 +115,8 @@ class L1Cache:
         with self._lock:
             if key in self._index:
                 return "cached"
+            if self._alloc.pages_for(nbytes) > self._alloc.total_pages:
+                return "no_space"  # could never fit: do not evict everything trying
             extent = self._allocate(nbytes)
             if extent is None:
                 return "no_space"

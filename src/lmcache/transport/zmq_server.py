@@ -111,7 +111,12 @@ class ZmqServer:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._handle(frames)
+            try:
+                self._handle(frames)
+            except Exception as exc:  # one bad message must not take the loop down
+                logger.exception("failed to handle a request")
+                reply = error_reply(-1, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                self._send([frames[0], encode(reply)])
 
     def _handle(self, frames: list[bytes]) -> None:
         identity = frames[0]
