@@ -20,6 +20,8 @@ import numpy as np
 from lmcache.errors import ServerError, error_from_code
 from lmcache.protocol.messages import (
     Clear,
+    Commit,
+    Committed,
     EndSession,
     ErrorReply,
     FreeLookup,
@@ -30,6 +32,9 @@ from lmcache.protocol.messages import (
     Ok,
     Ping,
     Pong,
+    Prepared,
+    PrepareRetrieve,
+    PrepareStore,
     QueryLookup,
     RegisterKV,
     Reply,
@@ -199,3 +204,32 @@ class LMCacheClient:
             cache_salt=cache_salt,
         )
         return self._call(req, RetrieveReply, timeout).retrieved_tokens
+
+    # ----- worker copies (lmcache_driven) ------------------------------------------------------
+
+    def prepare_store(
+        self, request_id: str, instance_id: int, tokens: Tokens, *, start: int, end: int,
+        cache_salt: str = "",
+    ) -> Prepared:  # fmt: skip
+        """Reserve L1 slots; write each chunk at its offset in the pool, then `commit`."""
+        req = PrepareStore(
+            id=next_request_id(), request_id=request_id, instance_id=instance_id,
+            tokens=_token_bytes(tokens), start=start, end=end, cache_salt=cache_salt,
+        )  # fmt: skip
+        return self._call(req, Prepared)
+
+    def prepare_retrieve(
+        self, request_id: str, instance_id: int, tokens: Tokens, *, start: int, end: int,
+        cache_salt: str = "",
+    ) -> Prepared:  # fmt: skip
+        """Pin cached chunks; read each from its offset in the pool, then `commit`."""
+        req = PrepareRetrieve(
+            id=next_request_id(), request_id=request_id, instance_id=instance_id,
+            tokens=_token_bytes(tokens), start=start, end=end, cache_salt=cache_salt,
+        )  # fmt: skip
+        return self._call(req, Prepared)
+
+    def commit(self, transfer_id: int, success: bool = True) -> int:
+        """Finish a prepared transfer; returns the tokens stored or retrieved."""
+        req = Commit(id=next_request_id(), transfer_id=transfer_id, success=success)
+        return self._call(req, Committed).tokens

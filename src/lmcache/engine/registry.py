@@ -12,7 +12,7 @@ import numpy as np
 
 from lmcache.engine.transfer import KVTransfer, ShmTransfer
 from lmcache.errors import BadRequestError, UnknownEngineError
-from lmcache.protocol.messages import KVLayout, RegisterKV, ShmMemory
+from lmcache.protocol.messages import KVLayout, KVMemory, RegisterKV, ShmMemory
 from lmcache.storage.keys import MAX_SALT_LEN, Namespace
 from lmcache.storage.shm import ShmSegment
 
@@ -33,7 +33,7 @@ class Engine:
     dtype: str
     kv_spec: str
     layout: KVLayout
-    transfer: KVTransfer
+    transfer: KVTransfer | None  # None: the worker copies itself (prepare/commit)
     blocks_per_chunk: int
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
@@ -59,6 +59,14 @@ class Engine:
                 self._digests.clear()
         return digest
 
+    def require_transfer(self) -> KVTransfer:
+        if self.transfer is None:
+            raise BadRequestError(
+                f"GPU ID {self.instance_id} shares no memory with the server (lmcache_driven): "
+                "use prepare_store / prepare_retrieve"
+            )
+        return self.transfer
+
     def check_block_ids(self, block_ids: list[int], expected: int) -> np.ndarray:
         if len(block_ids) != expected:
             raise BadRequestError(
@@ -81,7 +89,7 @@ class Engine:
             "rank": self.rank,
             "dtype": self.dtype,
             "kv_spec": self.kv_spec,
-            "transfer": self.transfer.kind,
+            "transfer": self.transfer.kind if self.transfer else "worker_copy",
             "num_layers": lay.num_layers,
             "num_blocks": lay.num_blocks,
             "block_size": lay.block_size,
@@ -137,12 +145,18 @@ class EngineRegistry:
         with self._lock:
             old = self._engines.pop(msg.instance_id, None)
             self._engines[msg.instance_id] = engine
-        if old is not None:
+        if old is not None and old.transfer is not None:
             old.transfer.close()
         return engine
 
     @staticmethod
-    def _open(memory: ShmMemory, layout: KVLayout) -> KVTransfer:
+    def _open(memory: KVMemory, layout: KVLayout) -> KVTransfer | None:
+        if not isinstance(memory, ShmMemory):
+            if layout.num_layers <= 0 or layout.block_bytes <= 0 or layout.planes <= 0:
+                raise BadRequestError("layout needs positive num_layers, block_bytes and planes")
+            if layout.block_bytes % layout.planes:
+                raise BadRequestError("layout.block_bytes must divide evenly into planes")
+            return None
         if not memory.segments or len(memory.segments) > 4096:
             raise BadRequestError("memory.segments must list 1..4096 segment names")
         segments: list[ShmSegment] = []
@@ -170,7 +184,8 @@ class EngineRegistry:
             engine = self._engines.pop(instance_id, None)
         if engine is None:
             return False
-        engine.transfer.close()
+        if engine.transfer is not None:
+            engine.transfer.close()
         return True
 
     def get(self, instance_id: int) -> Engine:

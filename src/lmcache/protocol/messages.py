@@ -75,7 +75,12 @@ class ShmMemory(msgspec.Struct, frozen=True, tag="shm", forbid_unknown_fields=Tr
     segments: list[str]
 
 
-KVMemory = ShmMemory  # CUDA IPC and in-message bytes join this union later
+class WorkerCopy(msgspec.Struct, frozen=True, tag="worker_copy", forbid_unknown_fields=True):
+    """The engine shares nothing: its worker copies chunks into and out of the
+    server's L1 pool itself (``lmcache_driven``), with prepare/commit requests."""
+
+
+KVMemory = ShmMemory | WorkerCopy  # CUDA IPC and in-message bytes join this union later
 
 
 # ----- requests -------------------------------------------------------------------------
@@ -154,6 +159,35 @@ class Retrieve(Message, frozen=True, tag="retrieve"):
     cache_salt: str = ""
 
 
+class PrepareStore(Message, frozen=True, tag="prepare_store"):
+    """Reserve L1 slots for chunks ``[start, end)``; the worker writes them, then commits."""
+
+    request_id: str
+    instance_id: int
+    tokens: bytes
+    start: int
+    end: int
+    cache_salt: str = ""
+
+
+class PrepareRetrieve(Message, frozen=True, tag="prepare_retrieve"):
+    """Lock cached chunks ``[start, end)`` and say where they are; the worker reads them."""
+
+    request_id: str
+    instance_id: int
+    tokens: bytes
+    start: int
+    end: int
+    cache_salt: str = ""
+
+
+class Commit(Message, frozen=True, tag="commit"):
+    """Finish a prepared transfer. ``success=False`` discards a store's slots."""
+
+    transfer_id: int
+    success: bool = True
+
+
 class EndSession(Message, frozen=True, tag="end_session"):
     request_id: str
 
@@ -171,6 +205,9 @@ Request = (
     | FreeLookup
     | Store
     | Retrieve
+    | PrepareStore
+    | PrepareRetrieve
+    | Commit
     | EndSession
     | Clear
 )
@@ -195,6 +232,7 @@ class Pong(Message, frozen=True, tag="pong"):
     version: str
     protocol: int = PROTOCOL_VERSION
     engine_registered: bool = False
+    l1_pool: str = ""  # shared-memory segment of the L1 pool (for worker copies)
 
 
 class LookupReply(Message, frozen=True, tag="lookup_result"):
@@ -211,7 +249,26 @@ class RetrieveReply(Message, frozen=True, tag="retrieve_result"):
     retrieved_tokens: int
 
 
-Reply = Ok | ErrorReply | Pong | LookupReply | StoreReply | RetrieveReply
+class Prepared(Message, frozen=True, tag="prepared"):
+    """Chunk ``i`` lives at ``l1_pool[offsets[i] : offsets[i] + chunk_bytes]``.
+
+    For a store, ``-1`` marks a chunk that is already cached (do not write it) and
+    the list stops early when L1 is full (``no_space``). The worker must commit
+    within ``ttl_s`` seconds; after that the slots are reclaimed and the commit fails.
+    """
+
+    transfer_id: int
+    offsets: list[int]
+    chunk_bytes: int
+    ttl_s: float
+    no_space: bool = False
+
+
+class Committed(Message, frozen=True, tag="committed"):
+    tokens: int
+
+
+Reply = Ok | ErrorReply | Pong | LookupReply | StoreReply | RetrieveReply | Prepared | Committed
 
 
 class Envelope(msgspec.Struct):

@@ -19,6 +19,7 @@ from lmcache.errors import BadRequestError, CacheMissError, ServerError, Transfe
 from lmcache.protocol.codec import error_reply
 from lmcache.protocol.messages import (
     Clear,
+    Commit,
     EndSession,
     ErrorCode,
     FreeLookup,
@@ -27,6 +28,8 @@ from lmcache.protocol.messages import (
     Ok,
     Ping,
     Pong,
+    PrepareRetrieve,
+    PrepareStore,
     QueryLookup,
     RegisterKV,
     Reply,
@@ -39,6 +42,7 @@ from lmcache.protocol.messages import (
 )
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
+from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace, object_key
 from lmcache.storage.l1 import L1Cache
 from lmcache.types import ObjectKey
@@ -46,6 +50,7 @@ from lmcache.types import ObjectKey
 logger = logging.getLogger("lmcache.server")
 
 Deferred = Callable[[], Reply]
+RangeRequest = Store | Retrieve | PrepareStore | PrepareRetrieve
 
 
 class RequestHandler:
@@ -59,6 +64,7 @@ class RequestHandler:
         metrics: Metrics,
         server_token: str,
         lock_ttl: float,
+        pool_name: str = "",
     ) -> None:
         self.l1 = l1
         self.registry = registry
@@ -68,6 +74,8 @@ class RequestHandler:
         self.metrics = metrics
         self.server_token = server_token
         self.lock_ttl = lock_ttl
+        self.pool_name = pool_name
+        self.prepared = PreparedTransfers(l1, sessions, metrics, self.chunk_size, lock_ttl)
         self._inline: dict[type[Any], Callable[[Any], Reply]] = {
             Ping: self._ping,
             RegisterKV: self._register,
@@ -77,6 +85,9 @@ class RequestHandler:
             FreeLookup: self._free_lookup,
             EndSession: self._end_session,
             Clear: self._clear,
+            PrepareStore: self._prepare_store,
+            PrepareRetrieve: self._prepare_retrieve,
+            Commit: self.prepared.commit,
         }
         self._pooled: dict[type[Any], Callable[[Any], Reply]] = {
             Store: self._store,
@@ -119,6 +130,7 @@ class RequestHandler:
             chunk_size=self.chunk_size,
             version=__version__,
             engine_registered=self.registry.touch(req.instance_id),
+            l1_pool=self.pool_name,
         )
 
     def _register(self, req: RegisterKV) -> Reply:
@@ -184,6 +196,7 @@ class RequestHandler:
 
     def _store(self, req: Store) -> Reply:
         engine = self.registry.get(req.instance_id)
+        transfer = engine.require_transfer()
         keys, ids = self._chunk_keys(engine, req)
         start = time.perf_counter()
         stored = cached = 0
@@ -199,7 +212,7 @@ class RequestHandler:
                 break
             try:
                 dst = self.l1.view(slot.offset, slot.nbytes).reshape(engine.chunk_shape)
-                engine.transfer.gather(ids[i * bpc : (i + 1) * bpc], dst)
+                transfer.gather(ids[i * bpc : (i + 1) * bpc], dst)
             except BaseException:
                 self.l1.abort_write(slot)
                 raise
@@ -222,6 +235,7 @@ class RequestHandler:
 
     def _retrieve(self, req: Retrieve) -> Reply:
         engine = self.registry.get(req.instance_id)
+        transfer = engine.require_transfer()
         keys, ids = self._chunk_keys(engine, req)
         block_size = engine.layout.block_size
         if (
@@ -250,7 +264,7 @@ class RequestHandler:
                 if first >= bpc:
                     continue
                 src = self.l1.view(offset, nbytes).reshape(engine.chunk_shape)
-                engine.transfer.scatter(src[:, :, first:], ids[i * bpc + first : (i + 1) * bpc])
+                transfer.scatter(src[:, :, first:], ids[i * bpc + first : (i + 1) * bpc])
         finally:
             intact = self.l1.release(lease)
         if not intact:
@@ -264,6 +278,17 @@ class RequestHandler:
         )
         return RetrieveReply(id=req.id, retrieved_tokens=tokens)
 
+    # ----- worker copies (lmcache_driven) ------------------------------------------------------
+
+    def _prepare_store(self, req: PrepareStore) -> Reply:
+        engine = self.registry.get(req.instance_id)
+        return self.prepared.prepare_store(req, self._range_keys(engine, req), engine.chunk_bytes)
+
+    def _prepare_retrieve(self, req: PrepareRetrieve) -> Reply:
+        engine = self.registry.get(req.instance_id)
+        keys = self._range_keys(engine, req)
+        return self.prepared.prepare_retrieve(req, keys, engine.chunk_bytes)
+
     # ----- helpers ----------------------------------------------------------------------------
 
     def _token_count(self, tokens: bytes) -> int:
@@ -272,7 +297,13 @@ class RequestHandler:
         return len(tokens) // TOKEN_BYTES
 
     def _chunk_keys(self, engine: Engine, req: Store | Retrieve) -> tuple[list[ObjectKey], Any]:
-        """Validate a chunk-aligned token range and return its keys and block ids."""
+        """Validate a store/retrieve and return its keys and block ids."""
+        keys = self._range_keys(engine, req)
+        blocks = (req.end - req.start) // engine.layout.block_size
+        return keys, engine.check_block_ids(req.block_ids, blocks)
+
+    def _range_keys(self, engine: Engine, req: RangeRequest) -> list[ObjectKey]:
+        """Validate a chunk-aligned token range and return the keys of its chunks."""
         tokens, start, end, salt = req.tokens, req.start, req.end, req.cache_salt
         c = self.chunk_size
         if start < 0 or end < start or start % c or end % c:
@@ -284,7 +315,6 @@ class RequestHandler:
                 f"range ends at token {end} but only {len(tokens) // 4} tokens sent"
             )
         check_identity(engine.model_name, engine.world_size, engine.dtype, salt)
-        ids = engine.check_block_ids(req.block_ids, (end - start) // engine.layout.block_size)
         digest = engine.namespace_digest(salt)
         hashes = self.hasher.hashes(tokens, end // c)[start // c :]
-        return [object_key(digest, h) for h in hashes], ids
+        return [object_key(digest, h) for h in hashes]

@@ -30,6 +30,7 @@ from lmcache.logs import setup_logging
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
+from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
@@ -53,6 +54,7 @@ class ServerRuntime:
         self.maintenance_error: str | None = None
         self._segment: ShmSegment | None = None
         self._zmq: ZmqServer | None = None
+        self._prepared: PreparedTransfers | None = None
         self._stop = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, name="lmcache-maintenance", daemon=True
@@ -84,7 +86,9 @@ class ServerRuntime:
             metrics=self.metrics,
             server_token=self.server_token,
             lock_ttl=s.lock_ttl_s,
+            pool_name=self._segment.name,
         )
+        self._prepared = handler.prepared
         self._zmq = ZmqServer(s.zmq_bind_endpoint, handler.dispatch, s.max_workers)
         self._zmq.start()
         self._maintenance.start()
@@ -118,6 +122,8 @@ class ServerRuntime:
         assert self.l1 is not None and self.sessions is not None
         leases, writes = self.l1.expire()
         sessions = self.sessions.expire()
+        if self._prepared is not None:
+            self._prepared.expire()
         if leases or writes or sessions:
             logger.warning(
                 "Expired %d locks, %d unfinished writes and %d sessions past their TTL",
@@ -188,6 +194,7 @@ class ServerRuntime:
                 },
             ],
             "engines": [e.describe() for e in self.registry.engines()],
+            "prepared_transfers": len(self._prepared) if self._prepared else 0,
             "sessions": {
                 "active": len(self.sessions) if self.sessions else 0,
                 "items": self.sessions.snapshot() if self.sessions else [],

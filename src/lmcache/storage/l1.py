@@ -79,6 +79,7 @@ class Lease:
     deadline: float | None
     objects: dict[ObjectKey, _Obj]
     hit_groups: int = 0
+    expired: bool = False  # its TTL passed: the pins were dropped, the data is not trusted
 
     def offsets(self, keys: Sequence[ObjectKey]) -> list[tuple[int, int]]:
         return [(self.objects[k].extent.offset, self.objects[k].extent.nbytes) for k in keys]
@@ -172,9 +173,14 @@ class L1Cache:
                 lease.hit_groups += 1
             return lease
 
-    def acquire_all(self, keys: Sequence[ObjectKey], owner: str) -> Lease | None:
-        """Pin every key for a copy, or nothing (None) if any is missing."""
-        lease = self.acquire_prefix(([k] for k in keys), owner, kind="transfer")
+    def acquire_all(
+        self, keys: Sequence[ObjectKey], owner: str, ttl: float | None = None
+    ) -> Lease | None:
+        """Pin every key for a copy, or nothing (None) if any is missing.
+
+        Copies done by other processes get a ``ttl``; copies by server threads do not.
+        """
+        lease = self.acquire_prefix(([k] for k in keys), owner, kind="transfer", ttl=ttl)
         if lease.hit_groups == len(keys):
             return lease
         self.release(lease)
@@ -195,7 +201,7 @@ class L1Cache:
                 self._free_if_doomed(obj)
             if not lease.objects:
                 self._leases.pop(lease.id, None)
-            return intact
+            return intact and not lease.expired
 
     def touch(self, keys: Iterable[ObjectKey]) -> None:
         with self._lock:
@@ -220,6 +226,7 @@ class L1Cache:
             if lease.deadline is not None and lease.deadline < now
         ]
         for lease in expired:
+            lease.expired = True
             self.release(lease)
         writes = 0
         with self._lock:

@@ -1,0 +1,155 @@
+"""Prepared transfers: the engine's worker copies chunks into/out of L1 itself.
+
+This is the ``lmcache_driven`` mode: the server never maps the engine's memory;
+it hands out byte offsets in its own shared-memory pool::
+
+    worker                                   server
+      PrepareStore(range) ───────────────>   reserve slots (TTL)  ─> Prepared{id, offsets}
+      gather blocks into pool[offsets]
+      Commit(id) ────────────────────────>   slots become READY   ─> Committed{tokens}
+
+      PrepareRetrieve(range) ────────────>   pin chunks (TTL)     ─> Prepared{id, offsets}
+      scatter pool[offsets] into blocks
+      Commit(id) ────────────────────────>   unpin; fails if cleared or expired meanwhile
+
+A worker that dies mid-transfer loses its slots when their TTL passes; a commit
+that arrives later fails, so its data is never trusted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from lmcache.errors import BadRequestError, CacheMissError, TransferError
+from lmcache.protocol.messages import Commit, Committed, Prepared, PrepareRetrieve, PrepareStore
+from lmcache.server.metrics import Metrics
+from lmcache.server.sessions import Sessions
+from lmcache.storage.l1 import L1Cache, Lease, WriteSlot
+from lmcache.types import ObjectKey
+
+logger = logging.getLogger("lmcache.server")
+
+
+@dataclass(eq=False)
+class _Pending:
+    kind: str
+    request_id: str
+    started: float
+    expires: float
+    chunk_bytes: int
+    slots: list[WriteSlot]
+    lease: Lease | None
+    tokens: int
+
+
+class PreparedTransfers:
+    def __init__(
+        self, l1: L1Cache, sessions: Sessions, metrics: Metrics, chunk_size: int, ttl: float
+    ) -> None:
+        self._l1 = l1
+        self._sessions = sessions
+        self._metrics = metrics
+        self._chunk_size = chunk_size
+        self._ttl = ttl
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], chunk_bytes: int) -> Prepared:
+        offsets: list[int] = []
+        slots: list[WriteSlot] = []
+        no_space = False
+        for key in keys:
+            slot = self._l1.reserve_write(key, chunk_bytes, ttl=self._ttl)
+            if slot == "no_space":
+                no_space = True
+                break
+            if slot == "cached":
+                offsets.append(-1)
+                continue
+            offsets.append(slot.offset)
+            slots.append(slot)
+        if no_space:
+            self._metrics.store_no_space.inc()
+        tid = self._add(self._new("store", req.request_id, chunk_bytes, slots=slots))
+        return Prepared(
+            id=req.id, transfer_id=tid, offsets=offsets, chunk_bytes=chunk_bytes,
+            ttl_s=self._ttl, no_space=no_space,
+        )  # fmt: skip
+
+    def prepare_retrieve(
+        self, req: PrepareRetrieve, keys: list[ObjectKey], chunk_bytes: int
+    ) -> Prepared:
+        lease = self._l1.acquire_all(keys, owner=f"retrieve:{req.request_id}", ttl=self._ttl)
+        if lease is None:
+            raise CacheMissError(
+                f"chunks for tokens [{req.start}, {req.end}) are not cached; recompute them"
+            )
+        self._sessions.release(req.request_id, keys)
+        pending = self._new(
+            "retrieve", req.request_id, chunk_bytes, lease=lease, tokens=req.end - req.start
+        )
+        tid = self._add(pending)
+        return Prepared(
+            id=req.id, transfer_id=tid, offsets=[o for o, _ in lease.offsets(keys)],
+            chunk_bytes=chunk_bytes, ttl_s=self._ttl,
+        )  # fmt: skip
+
+    def commit(self, req: Commit) -> Committed:
+        with self._lock:
+            pending = self._pending.pop(req.transfer_id, None)
+        if pending is None:
+            raise BadRequestError(f"unknown or expired transfer {req.transfer_id}")
+        elapsed = time.perf_counter() - pending.started
+        if pending.kind == "store":
+            return self._commit_store(req, pending, elapsed)
+        assert pending.lease is not None
+        intact = self._l1.release(pending.lease)
+        if not (req.success and intact):
+            raise TransferError("the chunks were cleared or expired during the copy; recompute")
+        logger.info("Retrieved %d tokens in %.3f seconds", pending.tokens, elapsed)
+        self._metrics.retrieved_tokens.inc(pending.tokens)
+        self._metrics.retrieved_bytes.inc(pending.tokens // self._chunk_size * pending.chunk_bytes)
+        return Committed(id=req.id, tokens=pending.tokens)
+
+    def _commit_store(self, req: Commit, pending: _Pending, elapsed: float) -> Committed:
+        if not req.success:
+            for slot in pending.slots:
+                self._l1.abort_write(slot)
+            return Committed(id=req.id, tokens=0)
+        stored = sum(self._l1.commit_write(slot) for slot in pending.slots)
+        tokens = stored * self._chunk_size
+        if stored:
+            logger.info("Stored %d tokens in %.3f seconds", tokens, elapsed)
+        self._metrics.stored_tokens.inc(tokens)
+        self._metrics.stored_bytes.inc(stored * pending.chunk_bytes)
+        return Committed(id=req.id, tokens=tokens)
+
+    def expire(self, now: float | None = None) -> int:
+        """Forget transfers past their TTL (the L1 reclaims their slots and pins itself)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stale = [tid for tid, p in self._pending.items() if p.expires < now]
+            for tid in stale:
+                del self._pending[tid]
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _add(self, pending: _Pending) -> int:
+        with self._lock:
+            tid = next(self._ids)
+            self._pending[tid] = pending
+        return tid
+
+    def _new(
+        self, kind: str, request_id: str, chunk_bytes: int, *,
+        slots: list[WriteSlot] | None = None, lease: Lease | None = None, tokens: int = 0,
+    ) -> _Pending:  # fmt: skip
+        now = time.perf_counter(), time.monotonic() + self._ttl
+        return _Pending(kind, request_id, *now, chunk_bytes, slots or [], lease, tokens)

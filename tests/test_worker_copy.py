@@ -1,0 +1,99 @@
+"""lmcache_driven transfers: the worker copies into the server's L1 pool itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from lmcache.client import LMCacheClient
+from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.errors import BadRequestError, CacheMissError, TransferError
+from lmcache.protocol.messages import WorkerCopy
+from lmcache.storage.shm import ShmSegment
+
+from .conftest import CHUNK, ServerProcess, fill_random, start_server, unique_tokens
+
+MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+BPC = CHUNK // 16
+
+
+@pytest.fixture(scope="module")
+def wc_server() -> Iterator[ServerProcess]:
+    s = start_server("--lock-ttl-s", "1")
+    yield s
+    s.stop()
+
+
+def setup_worker(
+    server: ServerProcess, kv: ShmKVCache, iid: int
+) -> tuple[LMCacheClient, ShmSegment]:
+    client = server.client()
+    client.register(
+        iid, model_name="m", world_size=1, rank=0, dtype="bfloat16",
+        layout=kv.layout, memory=WorkerCopy(),
+    )  # fmt: skip
+    pool = ShmSegment.attach(client.ping().l1_pool)
+    return client, pool
+
+
+def chunk_view(pool: ShmSegment, kv: ShmKVCache, offset: int, nbytes: int) -> np.ndarray:
+    return pool.array[offset : offset + nbytes].reshape(kv.blocks.shape[0], 2, BPC, -1)
+
+
+def test_worker_copy_round_trip(wc_server: ServerProcess, engine: ShmKVCache) -> None:
+    client, pool = setup_worker(wc_server, engine, 401)
+    fill_random(engine, 4)
+    tokens = unique_tokens(2 * CHUNK)
+    prepared = client.prepare_store("w", 401, tokens, start=0, end=2 * CHUNK)
+    assert len(prepared.offsets) == 2 and not prepared.no_space and prepared.ttl_s == 1
+    for i, offset in enumerate(prepared.offsets):
+        dst = chunk_view(pool, engine, offset, prepared.chunk_bytes)
+        np.take(engine.blocks, np.arange(i * BPC, (i + 1) * BPC), axis=2, out=dst)
+    assert client.lookup("before-commit", tokens, **MODEL) == 0  # not visible until committed
+    assert client.commit(prepared.transfer_id) == 2 * CHUNK
+    wc_server.wait_log("Stored 512 tokens in ")
+    original = engine.blocks[:, :, : 2 * BPC].copy()
+    again = client.prepare_store("w", 401, tokens, start=0, end=2 * CHUNK)
+    assert again.offsets == [-1, -1] and client.commit(again.transfer_id) == 0
+
+    assert client.lookup("r", tokens, **MODEL) == 2 * CHUNK
+    engine.blocks[...] = 0
+    ready = client.prepare_retrieve("r", 401, tokens, start=0, end=2 * CHUNK)
+    for i, offset in enumerate(ready.offsets):
+        src = chunk_view(pool, engine, offset, ready.chunk_bytes)
+        engine.blocks[:, :, 32 + i * BPC : 32 + (i + 1) * BPC] = src
+    assert client.commit(ready.transfer_id) == 2 * CHUNK
+    wc_server.wait_log("Retrieved 512 tokens in ")
+    np.testing.assert_array_equal(engine.blocks[:, :, 32:64], original)
+    client.end_session("r")
+    client.end_session("before-commit")
+    # This engine shares no memory, so the server-copy requests are refused clearly.
+    with pytest.raises(BadRequestError, match="prepare_store"):
+        client.store("x", 401, tokens, start=0, end=CHUNK, block_ids=range(BPC))
+    pool.close()
+
+
+def test_late_commit_and_clear_fail_cleanly(wc_server: ServerProcess, engine: ShmKVCache) -> None:
+    client, pool = setup_worker(wc_server, engine, 402)
+    tokens = unique_tokens(CHUNK)
+    slow = client.prepare_store("slow", 402, tokens, start=0, end=CHUNK)
+    time.sleep(2.5)  # TTL 1 s: the slots are reclaimed by the maintenance thread
+    with pytest.raises(BadRequestError, match="expired"):
+        client.commit(slow.transfer_id)
+    assert client.lookup("slow-check", tokens, **MODEL) == 0
+    client.end_session("slow-check")
+
+    done = client.prepare_store("ok", 402, tokens, start=0, end=CHUNK)
+    assert client.commit(done.transfer_id) == CHUNK
+    reading = client.prepare_retrieve("reader", 402, tokens, start=0, end=CHUNK)
+    assert wc_server.http().post("/clear-cache").json()["status"] == "ok"
+    with pytest.raises(TransferError, match="cleared"):
+        client.commit(reading.transfer_id)
+    with pytest.raises(CacheMissError):
+        client.prepare_retrieve("reader", 402, tokens, start=0, end=CHUNK)
+    l1 = wc_server.http().get("/status").json()["l1"]
+    assert (l1["used_bytes"], l1["locked"], l1["writing"]) == (0, 0, 0)
+    pool.close()
