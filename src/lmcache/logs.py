@@ -17,3 +17,14 @@ def setup_logging(level: str = "INFO") -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+
+
+def ensure_logging() -> None:
+    """Set up the format once in processes that did not call `setup_logging` (engines)."""
+    logger = logging.getLogger("lmcache")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

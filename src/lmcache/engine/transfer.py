@@ -10,8 +10,10 @@ business, which is why the namespace of a key includes the engine's ``kv_spec``.
                 ^           ^         ───────────>
               id 2        id 5        <───────────  scatter
 
-`KVTransfer` is the seam: `ShmTransfer` maps POSIX shared memory on the same
-host; CUDA IPC and bytes-in-the-message implementations plug in beside it.
+`BlockCopier` does the copies over any set of byte arrays (the server's maps of
+an engine's segments, or an engine worker's own KV memory). `KVTransfer` is the
+seam on the server: `ShmTransfer` maps POSIX shared memory on the same host;
+CUDA IPC and bytes-in-the-message implementations plug in beside it.
 """
 
 from __future__ import annotations
@@ -67,20 +69,17 @@ def validate_layout(layout: KVLayout, segment_sizes: list[int]) -> None:
             )
 
 
-class ShmTransfer:
-    """Engine KV tensors in POSIX shared memory, mapped by the server (zero-copy path)."""
+class BlockCopier:
+    """Whole-block gathers and scatters over byte arrays described by a `KVLayout`."""
 
-    kind = "shm"
-
-    def __init__(self, layout: KVLayout, segments: list[ShmSegment]) -> None:
-        validate_layout(layout, [s.size for s in segments])
+    def __init__(self, layout: KVLayout, arrays: list[np.ndarray]) -> None:
+        validate_layout(layout, [a.nbytes for a in arrays])
         self.layout = layout
-        self.segments = segments
         pb = layout.block_bytes // layout.planes
         shape = (layout.planes, layout.num_blocks, pb)
         strides = (layout.plane_stride, layout.block_stride, 1)
         self._layers = [
-            as_strided(segments[p.segment].array[p.offset :], shape=shape, strides=strides)
+            as_strided(arrays[p.segment][p.offset :], shape=shape, strides=strides)
             for p in layout.layers
         ]
         # One view over all layers when they are evenly spaced in one segment: then a
@@ -93,7 +92,7 @@ class ShmTransfer:
             for i, p in enumerate(layout.layers)
         ) and (step > 0 or layout.num_layers == 1):
             self._all = as_strided(
-                segments[first.segment].array[first.offset :],
+                arrays[first.segment][first.offset :],
                 shape=(layout.num_layers, *shape),
                 strides=(step, *strides),
             )
@@ -117,8 +116,22 @@ class ShmTransfer:
         for layer, view in enumerate(self._layers):
             view[:, block_ids] = src[layer]
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Drop the views (so the memory they point into can be unmapped)."""
         self._layers = []
         self._all = None
+
+
+class ShmTransfer(BlockCopier):
+    """Engine KV tensors in POSIX shared memory, mapped by the server (zero-copy path)."""
+
+    kind = "shm"
+
+    def __init__(self, layout: KVLayout, segments: list[ShmSegment]) -> None:
+        super().__init__(layout, [s.array for s in segments])
+        self.segments = segments
+
+    def close(self) -> None:
+        self.release()
         for segment in self.segments:
             segment.close()

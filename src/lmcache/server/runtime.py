@@ -35,12 +35,13 @@ from lmcache.settings import ServerSettings
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.l1 import L1Cache
-from lmcache.storage.shm import ShmSegment, unlink_stale_pools
+from lmcache.storage.shm import ShmSegment, unlink_stale_segments
 from lmcache.transport.zmq_server import ZmqServer
 
 logger = logging.getLogger("lmcache.server")
 
 POOL_PREFIX = "lmcache_l1_pool_"
+KV_SEGMENT_PREFIX = "lmcache_kv_"  # engine workers' KV segments (see engine/shm_kv.py)
 MAINTENANCE_PERIOD_S = 1.0
 
 
@@ -73,8 +74,9 @@ class ServerRuntime:
             "chunk_size=%d, max_workers=%d",
             s.l1_size_gb, s.eviction_policy, s.chunk_size, s.max_workers,
         )  # fmt: skip
-        for name in unlink_stale_pools(POOL_PREFIX):
-            logger.warning("Removed stale shared-memory pool /%s of a dead server", name)
+        for prefix in (POOL_PREFIX, KV_SEGMENT_PREFIX):
+            for name in unlink_stale_segments(prefix):
+                logger.warning("Removed shared-memory segment /%s of a dead process", name)
         self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)

@@ -105,13 +105,13 @@ def _free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def unlink_stale_pools(prefix: str) -> list[str]:
-    """Unlink ``<prefix><pid>`` segments left behind by crashed servers of this user."""
+def unlink_stale_segments(prefix: str) -> list[str]:
+    """Unlink ``<prefix><pid>[_<n>]`` segments of this user whose process is gone."""
     removed = []
     for entry in os.scandir(SHM_DIR):
         if not entry.name.startswith(prefix):
             continue
-        pid_text = entry.name[len(prefix) :]
+        pid_text = entry.name[len(prefix) :].split("_")[0]
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):

@@ -1,0 +1,1 @@
+"""Integrations of serving engines with the LMCache server."""

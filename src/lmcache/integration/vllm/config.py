@@ -1,0 +1,63 @@
+"""The connector's settings, read from ``kv_connector_extra_config`` (keys ``lmcache.mp.*``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, cast
+
+from lmcache.errors import ConfigError
+
+logger = logging.getLogger("lmcache.integration")
+
+PREFIX = "lmcache.mp."
+TransferMode = Literal["auto", "engine_driven", "lmcache_driven"]
+TRANSFER_MODES = ("auto", "engine_driven", "lmcache_driven")
+_CASTS: dict[Any, Any] = {"str": str, "int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    host: str = "tcp://localhost"  # plain hosts and IPs are accepted too
+    port: int = 5555
+    mp_transfer_mode: str = "auto"  # auto | engine_driven | lmcache_driven
+    rpc_timeout: float = 5.0  # seconds to wait for a reply before the server counts as down
+    heartbeat_interval: float = 1.0  # seconds between pings (and reconnection attempts)
+
+    @property
+    def transfer_mode(self) -> TransferMode:
+        return cast(TransferMode, self.mp_transfer_mode)
+
+    @classmethod
+    def from_extra_config(
+        cls, extra: Mapping[str, Any] | None, log: bool = True
+    ) -> ConnectorConfig:
+        extra = dict(extra or {})
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = PREFIX + f.name
+            if key not in extra:
+                continue
+            raw = extra.pop(key)
+            try:
+                value = _CASTS[f.type](raw)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{key} must be a {f.type}, got {raw!r}"
+                ) from None
+            values[f.name] = value
+            if log and value != f.default:
+                logger.info("%s = %s (overridden, default: %s)", key, value, f.default)
+        unknown = sorted(k for k in extra if k.startswith(PREFIX))
+        if unknown:
+            logger.warning("ignoring unknown connector settings: %s", ", ".join(unknown))
+        config = cls(**values)
+        if config.mp_transfer_mode not in TRANSFER_MODES:
+            raise ConfigError(
+                f"{PREFIX}mp_transfer_mode must be one of {', '.join(TRANSFER_MODES)}, "
+                f"got {config.mp_transfer_mode!r}"
+            )
+        if config.rpc_timeout <= 0 or config.heartbeat_interval <= 0:
+            raise ConfigError(f"{PREFIX}rpc_timeout and heartbeat_interval must be positive")
+        return config

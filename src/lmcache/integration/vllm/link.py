@@ -1,0 +1,118 @@
+"""The connection to the server, with a heartbeat and a degraded mode.
+
+    healthy ──ping fails / a call times out──> degraded: lookups miss, stores are
+       ^                                        skipped, loads fail (vLLM recomputes)
+       └──── ping answers again (and `on_recover` re-registered the KV caches) ─┘
+
+A ping also carries the server's per-start token: a changed token means the
+server restarted (even between two heartbeats), so the worker registers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from lmcache.client import LMCacheClient
+from lmcache.errors import LMCacheError
+from lmcache.integration.vllm.config import ConnectorConfig
+from lmcache.protocol.messages import Pong
+
+logger = logging.getLogger("lmcache.integration")
+
+START_HINT = (
+    "start it with `lmcache server --l1-size-gb 20 --eviction-policy LRU` "
+    "(add `--port N` and set lmcache.mp.port if 5555 is taken)"
+)
+
+
+class ServerLink:
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        instance_id: int | None = None,
+        on_recover: Callable[[Pong], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.on_recover = on_recover
+        self.client = LMCacheClient.connect(config.host, config.port, config.rpc_timeout)
+        self._probe = LMCacheClient.connect(config.host, config.port, config.rpc_timeout)
+        self.endpoint = getattr(self.client.transport, "endpoint", "?")
+        self._healthy = threading.Event()
+        self._healthy.set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self.pong = self._probe.ping(instance_id)
+        except LMCacheError as exc:
+            self.close()
+            raise ConnectionError(
+                f"Cannot reach the LMCache server at {self.endpoint}: {exc}. Is it running? "
+                + START_HINT
+            ) from None
+
+    @property
+    def chunk_size(self) -> int:
+        return self.pong.chunk_size
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy.is_set()
+
+    def start_heartbeat(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._beat, name="lmcache-heartbeat", daemon=True
+            )
+            self._thread.start()
+
+    def mark_down(self, reason: object) -> None:
+        """A call failed: stop using the server until a ping answers again."""
+        if self._healthy.is_set():
+            self._healthy.clear()
+            logger.warning(
+                "LMCache server at %s is unreachable (%s): entering degraded mode; vLLM goes on "
+                "without the cache", self.endpoint, reason,
+            )  # fmt: skip
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_interval):
+            try:
+                pong = self._probe.ping(self.instance_id)
+            except LMCacheError as exc:
+                self.mark_down(exc)
+                continue
+            restarted = pong.server_token != self.pong.server_token
+            lost = self.instance_id is not None and not pong.engine_registered
+            needs_recovery = restarted or lost or not self.healthy
+            if needs_recovery and not self._recover(pong, restarted):
+                continue
+            self.pong = pong
+
+    def _recover(self, pong: Pong, restarted: bool) -> bool:
+        try:
+            if self.on_recover is not None:
+                self.on_recover(pong)
+        except LMCacheError as exc:
+            self.mark_down(exc)
+            return False
+        except Exception:
+            logger.exception("re-registration with the LMCache server failed")
+            self.mark_down("re-registration failed")
+            return False
+        if not self.healthy or restarted:
+            logger.info(
+                "LMCache server at %s is %s: caching resumed",
+                self.endpoint, "back (restarted)" if restarted else "back",
+            )  # fmt: skip
+        self._healthy.set()
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.client.close()
+        self._probe.close()

@@ -1,0 +1,57 @@
+"""What the scheduler tells the workers each step (pickled by vLLM into SchedulerOutput).
+
+scheduler step N                                   every worker, step N
+build_connector_meta ─> Metadata{loads, stores} ─> start_load_kv: run `loads`
+                                                   wait_for_save: run `stores`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+try:  # the base class only exists where vLLM is installed
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+except ImportError:  # pragma: no cover - unit tests without vLLM
+
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        pass
+
+
+@dataclass(frozen=True)
+class ParallelStrategy:
+    """Which KV rank this worker is: keys are per rank, lookups cover all ranks."""
+
+    world_size: int = 1
+    rank: int = 0
+
+
+@dataclass
+class LoadSpec:
+    """Copy cached chunks of tokens ``[start, end)`` into ``block_ids`` (one per block of
+    the range), leaving the first ``skip_tokens`` alone (vLLM already has them)."""
+
+    request_id: str
+    tokens: list[int]
+    start: int
+    end: int
+    block_ids: list[int]
+    skip_tokens: int = 0
+    cache_salt: str = ""
+
+
+@dataclass
+class StoreSpec:
+    """Store the blocks of tokens ``[start, end)`` (whole chunks)."""
+
+    request_id: str
+    tokens: list[int]
+    start: int
+    end: int
+    block_ids: list[int]
+    cache_salt: str = ""
+
+
+@dataclass
+class Metadata(KVConnectorMetadata):  # type: ignore[misc]
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)

@@ -1,0 +1,240 @@
+"""The scheduler half of the connector: lookups, load plans and store plans.
+
+Per request (a `_Tracker`)::
+
+    get_num_new_matched_tokens ── lookup (async on the server; None = ask later)
+            │ hit > vLLM's own prefix hit
+            v
+    update_state_after_alloc ──── plan a load of [floor(vllm_hit), hit) into the new
+            │                     blocks; otherwise free the lookup's locks
+            v
+    build_connector_meta ──────── ship the load once; every step, store each newly
+            │                     computed whole prompt chunk (each chunk once)
+            v
+    request_finished ──────────── end the server session (drops leftover locks)
+
+Nothing here may raise into vLLM: an exception in a scheduler method kills the
+engine, so every entry point falls back to "no cache" and logs instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmcache.errors import LMCacheError
+from lmcache.integration.vllm.identity import CacheIdentity
+from lmcache.integration.vllm.link import ServerLink
+from lmcache.integration.vllm.metadata import LoadSpec, Metadata, StoreSpec
+
+logger = logging.getLogger("lmcache.integration")
+
+
+@dataclass
+class _Tracker:
+    request_id: str
+    tokens: list[int]  # the prompt (what lookups and stores cover)
+    cache_salt: str
+    hit: int | None = None  # LMCache hit in tokens; None while the lookup is pending
+    lookup_sent: bool = False
+    vllm_hit: int = 0  # tokens vLLM's own prefix cache already had
+    load_planned: bool = False
+    load_failed: bool = False
+    stored: int = 0  # prompt tokens known to be in LMCache (stored or hit)
+    block_ids: list[int] = field(default_factory=list)
+
+
+class SchedulerSide:
+    def __init__(
+        self, link: ServerLink, identity: CacheIdentity, *, can_load: bool, can_store: bool
+    ) -> None:
+        self.link = link
+        self.identity = identity
+        self.chunk_size = link.chunk_size
+        self.can_load = can_load
+        self.can_store = can_store
+        self._trackers: dict[str, _Tracker] = {}
+        self._loads: list[LoadSpec] = []
+        link.start_heartbeat()
+
+    # ----- vLLM entry points (never raise) --------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        try:
+            return self._matched(request, num_computed_tokens)
+        except Exception:
+            logger.exception(
+                "lookup failed for request %s; computing without the cache", request.request_id
+            )
+            return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        try:
+            self._after_alloc(request, blocks, num_external_tokens)
+        except Exception:
+            logger.exception("planning the load of request %s failed", request.request_id)
+
+    def build_connector_meta(self, scheduler_output: Any) -> Metadata:
+        meta = Metadata(loads=self._loads)
+        self._loads = []
+        try:
+            if self.can_store:
+                meta.stores = self._plan_stores(scheduler_output)
+        except Exception:
+            logger.exception("planning stores failed; skipping them this step")
+        return meta
+
+    def request_finished(self, request: Any) -> None:
+        tracker = self._trackers.pop(request.request_id, None)
+        if tracker is None or tracker.hit is None or not self.link.healthy:
+            return
+        try:
+            self.link.client.end_session(request.request_id)
+        except LMCacheError as exc:
+            self.link.mark_down(exc)
+
+    def reset_cache(self) -> bool:
+        try:
+            self.link.client.clear()
+            return True
+        except LMCacheError as exc:
+            logger.warning("could not clear the LMCache server: %s", exc)
+            return False
+
+    # ----- internals -------------------------------------------------------------------
+
+    def _matched(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        rid = request.request_id
+        tracker = self._trackers.get(rid)
+        if tracker is not None and _is_preempted(request):
+            tracker = None  # its blocks are gone: look it up afresh
+        elif tracker is not None and tracker.load_planned:
+            # Asked again after a load was planned: the load failed and vLLM reset the
+            # request. Compute it without the cache rather than wait on a second load.
+            tracker.load_failed = True
+        if tracker is None:
+            tokens = list(request.prompt_token_ids or [])
+            tracker = _Tracker(rid, tokens, getattr(request, "cache_salt", None) or "")
+            self._trackers[rid] = tracker
+        if tracker.load_failed or not self.can_load:
+            return 0, False
+        if tracker.hit is None:
+            tracker.hit = self._lookup(tracker)
+            if tracker.hit is None:
+                return None, False  # the server is still looking: vLLM asks again
+        tracker.vllm_hit = num_computed_tokens
+        tracker.stored = max(tracker.stored, tracker.hit)
+        hit = tracker.hit
+        if hit >= len(tracker.tokens):
+            hit = len(tracker.tokens) - 1  # vLLM must compute at least one token for logits
+        need = hit - num_computed_tokens
+        return (need, True) if need > 0 else (0, False)
+
+    def _lookup(self, tracker: _Tracker) -> int | None:
+        end = len(tracker.tokens) // self.chunk_size * self.chunk_size
+        if end == 0 or not self.link.healthy:
+            return 0
+        ident = self.identity
+        try:
+            if not tracker.lookup_sent:
+                tracker.lookup_sent = True
+                return self.link.client.lookup(
+                    tracker.request_id,
+                    tracker.tokens[:end],
+                    model_name=ident.model_name,
+                    world_size=ident.world_size,
+                    dtype=ident.dtype,
+                    kv_spec=ident.kv_spec,
+                    cache_salt=tracker.cache_salt,
+                )
+            return self.link.client.query_lookup(tracker.request_id)
+        except LMCacheError as exc:
+            self.link.mark_down(exc)
+            return 0
+
+    def _after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        tracker = self._trackers.get(request.request_id)
+        if tracker is None:
+            return
+        tracker.block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
+        if num_external_tokens <= 0 or tracker.load_planned:
+            if tracker.hit and not tracker.load_planned:
+                self._free_locks(tracker)
+            return
+        c, bs = self.chunk_size, self.identity.block_size
+        start = tracker.vllm_hit // c * c
+        end = tracker.hit or 0
+        self._loads.append(
+            LoadSpec(
+                request_id=tracker.request_id,
+                tokens=tracker.tokens[:end],
+                start=start,
+                end=end,
+                block_ids=tracker.block_ids[start // bs : end // bs],
+                skip_tokens=tracker.vllm_hit - start,
+                cache_salt=tracker.cache_salt,
+            )
+        )
+        tracker.load_planned = True
+        if start > 0:  # chunks vLLM fully has: their locks are not needed
+            self._free_locks(tracker, end=start)
+
+    def _free_locks(self, tracker: _Tracker, end: int | None = None) -> None:
+        if not self.link.healthy:
+            return
+        try:
+            self.link.client.free_lookup(tracker.request_id, 0, end)
+        except LMCacheError as exc:
+            self.link.mark_down(exc)
+
+    def _plan_stores(self, out: Any) -> list[StoreSpec]:
+        stores = []
+        for new in out.scheduled_new_reqs:
+            tracker = self._trackers.get(new.req_id)
+            if tracker is not None:
+                tracker.block_ids = list(new.block_ids[0])
+                spec = self._store_spec(tracker, new.num_computed_tokens, out)
+                if spec is not None:
+                    stores.append(spec)
+        cached = out.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            tracker = self._trackers.get(rid)
+            if tracker is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids and new_ids is not None:
+                tracker.block_ids = list(new_ids[0])  # a resumed request's blocks are all new
+            elif new_ids is not None:
+                tracker.block_ids.extend(new_ids[0])
+            spec = self._store_spec(tracker, cached.num_computed_tokens[i], out)
+            if spec is not None:
+                stores.append(spec)
+        return stores
+
+    def _store_spec(self, tracker: _Tracker, computed: int, out: Any) -> StoreSpec | None:
+        if not self.link.healthy:
+            return None
+        c, bs = self.chunk_size, self.identity.block_size
+        done = computed + out.num_scheduled_tokens.get(tracker.request_id, 0)
+        available = min(len(tracker.tokens), done, len(tracker.block_ids) * bs)
+        end = available // c * c
+        start = tracker.stored // c * c
+        if end <= start:
+            return None
+        tracker.stored = end
+        return StoreSpec(
+            request_id=tracker.request_id,
+            tokens=tracker.tokens[:end],
+            start=start,
+            end=end,
+            block_ids=tracker.block_ids[start // bs : end // bs],
+            cache_salt=tracker.cache_salt,
+        )
+
+
+def _is_preempted(request: Any) -> bool:
+    status = getattr(request, "status", None)
+    return getattr(status, "name", "") == "PREEMPTED"

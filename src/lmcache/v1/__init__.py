@@ -1,0 +1,1 @@
+"""Compatibility package: module paths that vLLM imports (see lmcache.integration.vllm)."""

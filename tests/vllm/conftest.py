@@ -1,0 +1,162 @@
+"""Fixtures for end-to-end tests with a real `vllm serve` (CPU build) and a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ..conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".vllm-test"
+
+try:
+    import vllm  # noqa: F401
+
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+
+if not HAVE_VLLM and os.environ.get("LMCACHE_REQUIRE_VLLM") == "1":
+    raise RuntimeError("LMCACHE_REQUIRE_VLLM=1 but vLLM is not installed (run ./scripts/setup)")
+
+pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
+
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def build_model(name: str, *args: str) -> Path:
+    path = CACHE / name
+    if not (path / "model.safetensors").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        script = Path(__file__).with_name("tiny_model.py")
+        subprocess.run([sys.executable, str(script), str(path), *args], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build_model("tiny-2layer")
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[str]
+    logprobs: list[float]
+    seconds: float
+
+
+@dataclass
+class VllmProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    model: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def complete(self, prompt: list[int], max_tokens: int = 8) -> Completion:
+        body = {
+            "model": str(self.model),
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": 1,
+        }
+        start = time.perf_counter()
+        r = httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body, timeout=120)
+        seconds = time.perf_counter() - start
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        lp = choice["logprobs"]
+        return Completion(choice["text"], lp["tokens"], lp["token_logprobs"], seconds)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_vllm(
+    model: Path,
+    kv_config: dict[str, object],
+    *,
+    extra_args: tuple[str, ...] = (),
+    wait: bool = True,
+) -> VllmProcess:
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+    cmd = [
+        str(Path(sys.executable).with_name("vllm")), "serve", str(model),
+        "--dtype", "float32", "--max-model-len", "4096", "--host", "127.0.0.1",
+        "--port", str(port), "--enforce-eager", "--no-enable-prefix-caching",
+        "--kv-transfer-config", json.dumps(kv_config), *extra_args,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV}
+        )
+    v = VllmProcess(proc, port, model, log)
+    if wait:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm exited with {proc.returncode}:\n{v.log()[-5000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                v.stop()
+                raise RuntimeError(f"vllm did not start:\n{v.log()[-5000:]}")
+            time.sleep(1)
+    return v
+
+
+def kv_config(
+    port: int, *, module_path: bool = False, mode: str | None = None, role: str = "kv_both"
+) -> dict[str, object]:
+    extra: dict[str, object] = {"lmcache.mp.host": "tcp://localhost", "lmcache.mp.port": port}
+    if mode is not None:
+        extra["lmcache.mp.mp_transfer_mode"] = mode
+    config: dict[str, object] = {
+        "kv_connector": "LMCacheMPConnector",
+        "kv_role": role,
+        "kv_connector_extra_config": extra,
+    }
+    if module_path:
+        config["kv_connector_module_path"] = "lmcache.integration.vllm.lmcache_mp_connector"
+    return config
+
+
+@pytest.fixture
+def vllm_factory() -> Iterator[list[VllmProcess]]:
+    started: list[VllmProcess] = []
+    yield started
+    for v in started:
+        v.stop()

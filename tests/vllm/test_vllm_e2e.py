@@ -1,0 +1,100 @@
+"""A real `vllm serve` with our connector, for both entry points and both CPU transfer modes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ..conftest import ServerProcess, start_server
+from .conftest import Completion, VllmProcess, kv_config, start_vllm
+
+# (entry point, transfer mode); None = not set, i.e. "auto" (lmcache_driven on CPU)
+CONFIGS = [
+    ("builtin", "engine_driven"),
+    ("builtin", None),
+    ("module_path", "engine_driven"),
+    ("module_path", "lmcache_driven"),
+]
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[0]}-{c[1] or 'auto'}")
+def stack(
+    request: pytest.FixtureRequest, tiny_model: Path
+) -> Iterator[tuple[ServerProcess, VllmProcess]]:
+    entry, mode = request.param
+    server = start_server("--l1-size-gb", "1")
+    vllm = start_vllm(
+        tiny_model, kv_config(server.port, module_path=entry == "module_path", mode=mode)
+    )
+    yield server, vllm
+    vllm.stop()
+    server.stop()
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(10, 2000, size=n).tolist()
+
+
+def same_output(a: Completion, b: Completion) -> None:
+    assert a.tokens == b.tokens and a.text == b.text
+    # A cached prefix runs the attention kernels in another order: float32 rounding only.
+    assert all(
+        math.isclose(x, y, abs_tol=1e-4) for x, y in zip(a.logprobs, b.logprobs, strict=True)
+    )
+
+
+def new_log(server: ServerProcess, since: int) -> str:
+    return server.log()[since:]
+
+
+def test_connector_and_mode_are_ours(
+    stack: tuple[ServerProcess, VllmProcess], request: pytest.FixtureRequest
+) -> None:
+    server, vllm = stack
+    log = vllm.log()
+    assert "LMCache INFO: Registering kv caches!" in log
+    mode = "engine_driven" if "engine_driven" in request.node.callspec.id else "lmcache_driven"
+    assert f"Creating transfer context (device_type=cpu, mode={mode})" in log
+    if mode == "engine_driven":
+        assert "lmcache.mp.mp_transfer_mode = engine_driven (overridden, default: auto)" in log
+        assert "Migrated CPU KV cache tensor (nbytes=" in log and "to SHM /lmcache_kv_" in log
+    if "builtin" in request.node.callspec.id:
+        assert (
+            "Using external LMCacheMPConnector from lmcache.integration.vllm.lmcache_mp_connector"
+            in log
+        )
+    assert "Registered KV cache for GPU ID " in server.log() and "with 2 layers" in server.log()
+
+
+def test_repeated_prompt_is_retrieved_with_identical_output(
+    stack: tuple[ServerProcess, VllmProcess],
+) -> None:
+    server, vllm = stack
+    tokens = prompt(1, 1100)  # 4 whole chunks of 256 tokens, plus a tail that is never cached
+    mark = len(server.log())
+    cold = vllm.complete(tokens)
+    server.wait_log("Stored ")
+    assert "Stored 1024 tokens in " in new_log(server, mark)
+    mark = len(server.log())
+    warm = vllm.complete(tokens)
+    server.wait_log("Retrieved 1024 tokens in ")
+    assert "Stored" not in new_log(server, mark)
+    same_output(cold, warm)
+
+
+def test_shared_prefix_gets_a_partial_hit(stack: tuple[ServerProcess, VllmProcess]) -> None:
+    server, vllm = stack
+    base = prompt(2, 1100)
+    vllm.complete(base)
+    other = base[:600] + prompt(3, 500)  # shares 2 whole chunks (512 tokens)
+    mark = len(server.log())
+    reference_free = vllm.complete(other)
+    log = new_log(server, mark)
+    assert "Retrieved 512 tokens in " in log
+    assert "Stored 512 tokens in " in log  # its own chunks 2 and 3 are new
+    again = vllm.complete(other)
+    same_output(reference_free, again)

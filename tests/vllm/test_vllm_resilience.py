@@ -1,0 +1,121 @@
+"""Degraded mode, server restarts, several engines, and the benefit in time to first token."""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ..conftest import start_server
+from .conftest import VllmProcess, build_model, kv_config, start_vllm
+from .test_vllm_e2e import prompt, same_output
+
+
+def wait_for(vllm: VllmProcess, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in vllm.log():
+        assert time.monotonic() < deadline, f"{text!r} not in the vLLM log"
+        time.sleep(0.2)
+
+
+def test_vllm_fails_clearly_when_no_server(tiny_model: Path) -> None:
+    from ..conftest import free_port
+
+    v = start_vllm(tiny_model, kv_config(free_port()), wait=False)
+    try:
+        assert v.proc.wait(timeout=240) != 0
+    finally:
+        v.stop()
+    log = v.log()
+    assert "Cannot reach the LMCache server at tcp://localhost:" in log
+    assert "lmcache server --l1-size-gb" in log
+
+
+def test_server_restart_under_a_running_engine(
+    tiny_model: Path, vllm_factory: list[VllmProcess]
+) -> None:
+    server = start_server("--l1-size-gb", "1")
+    port, http_port = server.port, server.http_port
+    vllm = start_vllm(tiny_model, kv_config(port, mode="engine_driven"))
+    vllm_factory.append(vllm)
+    tokens = prompt(10, 800)
+    cold = vllm.complete(tokens)
+    server.wait_log("Stored 768 tokens")
+
+    server.stop(signal.SIGKILL)  # no goodbye: the engine must notice on its own
+    for seed in (11, 12, 13):
+        vllm.complete(prompt(seed, 700))  # served without the cache
+    same_output(cold, vllm.complete(tokens))
+    wait_for(vllm, "entering degraded mode")
+
+    restarted = start_server(
+        "--l1-size-gb", "1", "--port", str(port), "--http-port", str(http_port)
+    )
+    try:
+        wait_for(vllm, "caching resumed")
+        restarted.wait_log("Registered KV cache for GPU ID")
+        fresh = prompt(14, 800)
+        first = vllm.complete(fresh)
+        restarted.wait_log("Stored 768 tokens")
+        second = vllm.complete(fresh)
+        restarted.wait_log("Retrieved 768 tokens")
+        same_output(first, second)
+    finally:
+        restarted.stop()
+
+
+def test_two_engines_share_one_server(tiny_model: Path, vllm_factory: list[VllmProcess]) -> None:
+    server = start_server("--l1-size-gb", "1")
+    try:
+        a = start_vllm(tiny_model, kv_config(server.port, mode="engine_driven"))
+        vllm_factory.append(a)
+        b = start_vllm(tiny_model, kv_config(server.port, module_path=True))
+        vllm_factory.append(b)
+        tokens = prompt(20, 1300)
+        from_a = a.complete(tokens)
+        server.wait_log("Stored 1280 tokens")
+        mark = len(server.log())
+        from_b = b.complete(tokens)
+        assert "Retrieved 1280 tokens" in server.log()[mark:]
+        same_output(from_a, from_b)
+        registered = [
+            line for line in server.log().splitlines() if "Registered KV cache for GPU ID" in line
+        ]
+        assert len(registered) == 2
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def timing_model() -> Path:
+    # 8 layers, hidden 512: prefill of ~1900 tokens takes about a second on 2 cores.
+    return build_model(
+        "small-8layer", "--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "4"
+    )
+
+
+def test_cache_hit_lowers_time_to_first_token(
+    timing_model: Path, vllm_factory: list[VllmProcess]
+) -> None:
+    server = start_server("--l1-size-gb", "2")
+    try:
+        vllm = start_vllm(timing_model, kv_config(server.port, mode="engine_driven"))
+        vllm_factory.append(vllm)
+        vllm.complete(prompt(99, 300), max_tokens=2)  # warm-up (first logprobs request is slow)
+        prompts = [
+            np.random.default_rng(100 + i).integers(10, 2000, 1900).tolist() for i in range(4)
+        ]
+        cold = [vllm.complete(p, max_tokens=1) for p in prompts]
+        warm = [vllm.complete(p, max_tokens=1) for p in prompts]
+        for c, w in zip(cold, warm, strict=True):
+            same_output(c, w)
+        cold_s = statistics.median(c.seconds for c in cold)
+        warm_s = statistics.median(w.seconds for w in warm)
+        print(f"TTFT 1900 tokens: cold {cold_s * 1000:.0f} ms, warm {warm_s * 1000:.0f} ms")
+        assert warm_s < 0.7 * cold_s
+    finally:
+        server.stop()
