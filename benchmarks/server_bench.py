@@ -371,7 +371,8 @@ class InProcess:
     """The server's copy loop, run here: same transfer object type, same chunking."""
 
     def __init__(self, kv: ShmKVCache, src_ids: np.ndarray, dst_ids: np.ndarray) -> None:
-        self.segment = ShmSegment.attach(kv.segment.name)  # mapped like the server maps it
+        # mapped like the server maps it
+        self.segment = ShmSegment.attach(kv.segment.name, kv.segment.token)
         self.transfer = ShmTransfer(kv.layout, [self.segment])
         self.bpc = CHUNK_TOKENS // BLOCK_TOKENS
         self.chunk_shape = (LAYERS, PLANES, self.bpc, BLOCK_BYTES // PLANES)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import BadRequestError, CacheMissError, UnknownEngineError
+from lmcache.protocol.messages import ShmMemory, WorkerCopy
 
 from .conftest import BLOCK, CHUNK, ServerProcess, fill_random, register, unique_tokens
 
@@ -125,12 +127,12 @@ def test_bad_requests_get_typed_errors(server: ServerProcess, engine: ShmKVCache
     with pytest.raises(BadRequestError, match="does not exist"):
         client.register(
             107, model_name="m", world_size=1, rank=0, dtype="bf16",
-            layout=engine.layout, memory=type(engine.memory)(segments=["/lmcache_kv_nope"]),
+            layout=engine.layout, memory=ShmMemory(segments=["/lmcache_kv_nope"], tokens=["00"]),
         )  # fmt: skip
     with pytest.raises(BadRequestError, match="invalid shared-memory segment name"):
         client.register(
             107, model_name="m", world_size=1, rank=0, dtype="bf16",
-            layout=engine.layout, memory=type(engine.memory)(segments=["../../etc/passwd"]),
+            layout=engine.layout, memory=ShmMemory(segments=["../../etc/passwd"], tokens=["00"]),
         )  # fmt: skip
     # Still serving, and no lock or memory leaked.
     assert client.ping().chunk_size == CHUNK
@@ -148,3 +150,57 @@ def test_ping_token_and_registration_flag(server: ServerProcess, engine: ShmKVCa
     client.unregister(108)
     server.wait_log("Unregistered KV cache for GPU ID 108")
     assert not client.ping(instance_id=108).engine_registered
+
+
+def test_bytes_in_the_message_round_trip(server: ServerProcess, engine: ShmKVCache) -> None:
+    """An engine that shares no memory (another host) sends and receives chunk bytes."""
+    client = server.client()
+    client.register(
+        109, model_name="m", world_size=1, rank=0, dtype="bfloat16",
+        layout=engine.layout, memory=WorkerCopy(),
+    )  # fmt: skip
+    chunk_bytes = 4 * 16 * 2048
+    rng = np.random.default_rng(9)
+    chunks = [rng.integers(0, 256, chunk_bytes, dtype=np.uint8) for _ in range(2)]
+    tokens = unique_tokens(2 * CHUNK)
+    reply = client.store_bytes("b", 109, tokens, start=0, end=2 * CHUNK, chunks=chunks)
+    assert reply.stored_tokens == 2 * CHUNK
+    assert client.lookup("b2", tokens, **MODEL) == 2 * CHUNK
+    frames = client.retrieve_bytes("b2", 109, tokens, start=0, end=2 * CHUNK)
+    assert [bytes(f) for f in frames] == [c.tobytes() for c in chunks]
+    with pytest.raises(BadRequestError, match="expected 2 data frames"):
+        client.store_bytes("b", 109, tokens, start=0, end=2 * CHUNK, chunks=chunks[:1])
+    with pytest.raises(BadRequestError, match=f"must hold {chunk_bytes} bytes"):
+        client.store_bytes("b", 109, tokens, start=0, end=CHUNK, chunks=[b"x"])
+    client.end_session("b2")
+
+
+def test_chunks_of_another_layout_are_a_miss(server: ServerProcess, engine: ShmKVCache) -> None:
+    client = server.client()
+    register(client, engine, 110)
+    other = msgspec.structs.replace(
+        engine.layout, block_bytes=1024, block_stride=512, plane_stride=64 * 512
+    )
+    client.register(
+        111, model_name="m", world_size=1, rank=0, dtype="bfloat16",
+        layout=other, memory=engine.memory,
+    )  # fmt: skip
+    tokens = unique_tokens(CHUNK)
+    client.store("l", 111, tokens, start=0, end=CHUNK, block_ids=range(16))
+    with pytest.raises(CacheMissError, match="another layout"):
+        client.retrieve("l", 110, tokens, start=0, end=CHUNK, block_ids=range(16))
+
+
+def test_prepared_transfers_belong_to_their_engine(
+    server: ServerProcess, engine: ShmKVCache
+) -> None:
+    client = server.client()
+    for iid in (112, 113):
+        client.register(
+            iid, model_name="m", world_size=1, rank=0, dtype="bfloat16",
+            layout=engine.layout, memory=WorkerCopy(),
+        )  # fmt: skip
+    prepared = client.prepare_store("p", 112, unique_tokens(CHUNK), start=0, end=CHUNK)
+    with pytest.raises(BadRequestError, match="unknown or expired transfer"):
+        client.commit(113, prepared.transfer_id)
+    assert client.commit(112, prepared.transfer_id, success=False) == 0

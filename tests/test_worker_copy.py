@@ -35,7 +35,8 @@ def setup_worker(
         iid, model_name="m", world_size=1, rank=0, dtype="bfloat16",
         layout=kv.layout, memory=WorkerCopy(),
     )  # fmt: skip
-    pool = ShmSegment.attach(client.ping().l1_pool)
+    pong = client.ping()
+    pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.server_token))
     return client, pool
 
 
@@ -53,11 +54,11 @@ def test_worker_copy_round_trip(wc_server: ServerProcess, engine: ShmKVCache) ->
         dst = chunk_view(pool, engine, offset, prepared.chunk_bytes)
         np.take(engine.blocks, np.arange(i * BPC, (i + 1) * BPC), axis=2, out=dst)
     assert client.lookup("before-commit", tokens, **MODEL) == 0  # not visible until committed
-    assert client.commit(prepared.transfer_id) == 2 * CHUNK
+    assert client.commit(401, prepared.transfer_id) == 2 * CHUNK
     wc_server.wait_log("Stored 512 tokens in ")
     original = engine.blocks[:, :, : 2 * BPC].copy()
     again = client.prepare_store("w", 401, tokens, start=0, end=2 * CHUNK)
-    assert again.offsets == [-1, -1] and client.commit(again.transfer_id) == 0
+    assert again.offsets == [-1, -1] and client.commit(401, again.transfer_id) == 0
 
     assert client.lookup("r", tokens, **MODEL) == 2 * CHUNK
     engine.blocks[...] = 0
@@ -65,7 +66,7 @@ def test_worker_copy_round_trip(wc_server: ServerProcess, engine: ShmKVCache) ->
     for i, offset in enumerate(ready.offsets):
         src = chunk_view(pool, engine, offset, ready.chunk_bytes)
         engine.blocks[:, :, 32 + i * BPC : 32 + (i + 1) * BPC] = src
-    assert client.commit(ready.transfer_id) == 2 * CHUNK
+    assert client.commit(401, ready.transfer_id) == 2 * CHUNK
     wc_server.wait_log("Retrieved 512 tokens in ")
     np.testing.assert_array_equal(engine.blocks[:, :, 32:64], original)
     client.end_session("r")
@@ -82,16 +83,16 @@ def test_late_commit_and_clear_fail_cleanly(wc_server: ServerProcess, engine: Sh
     slow = client.prepare_store("slow", 402, tokens, start=0, end=CHUNK)
     time.sleep(2.5)  # TTL 1 s: the slots are reclaimed by the maintenance thread
     with pytest.raises(BadRequestError, match="expired"):
-        client.commit(slow.transfer_id)
+        client.commit(402, slow.transfer_id)
     assert client.lookup("slow-check", tokens, **MODEL) == 0
     client.end_session("slow-check")
 
     done = client.prepare_store("ok", 402, tokens, start=0, end=CHUNK)
-    assert client.commit(done.transfer_id) == CHUNK
+    assert client.commit(402, done.transfer_id) == CHUNK
     reading = client.prepare_retrieve("reader", 402, tokens, start=0, end=CHUNK)
     assert wc_server.http().post("/clear-cache").json()["status"] == "ok"
     with pytest.raises(TransferError, match="cleared"):
-        client.commit(reading.transfer_id)
+        client.commit(402, reading.transfer_id)
     with pytest.raises(CacheMissError):
         client.prepare_retrieve("reader", 402, tokens, start=0, end=CHUNK)
     l1 = wc_server.http().get("/status").json()["l1"]

@@ -13,12 +13,13 @@ a server that does not answer raises `ServerUnavailableError`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lmcache.errors import ServerError, error_from_code
 from lmcache.protocol.messages import (
+    ChunkData,
     Clear,
     Commit,
     Committed,
@@ -40,13 +41,15 @@ from lmcache.protocol.messages import (
     Reply,
     Request,
     Retrieve,
+    RetrieveBytes,
     RetrieveReply,
     Store,
+    StoreBytes,
     StoreReply,
     UnregisterKV,
     encode_tokens,
 )
-from lmcache.transport.base import Transport
+from lmcache.transport.base import Data, Transport
 from lmcache.transport.zmq_client import ZmqTransport, next_request_id, normalize_endpoint
 
 R = TypeVar("R", bound=Reply)
@@ -71,12 +74,17 @@ class LMCacheClient:
         self.transport.close()
 
     def _call(self, request: Request, expect: type[R], timeout: float | None = None) -> R:
-        reply = self.transport.call(request, timeout)
+        return self._call_data(request, expect, timeout)[0]
+
+    def _call_data(
+        self, request: Request, expect: type[R], timeout: float | None = None, data: Any = ()
+    ) -> tuple[R, Data]:
+        reply, frames = self.transport.call(request, timeout, data)
         if isinstance(reply, ErrorReply):
             raise error_from_code(reply.code, reply.message)
         if not isinstance(reply, expect):
             raise ServerError(f"expected {expect.__name__}, got {type(reply).__name__}")
-        return reply
+        return reply, frames
 
     # ----- control ---------------------------------------------------------------------
 
@@ -229,7 +237,36 @@ class LMCacheClient:
         )  # fmt: skip
         return self._call(req, Prepared)
 
-    def commit(self, transfer_id: int, success: bool = True) -> int:
+    def commit(self, instance_id: int, transfer_id: int, success: bool = True) -> int:
         """Finish a prepared transfer; returns the tokens stored or retrieved."""
-        req = Commit(id=next_request_id(), transfer_id=transfer_id, success=success)
+        req = Commit(
+            id=next_request_id(), instance_id=instance_id, transfer_id=transfer_id, success=success
+        )
         return self._call(req, Committed).tokens
+
+    # ----- bytes in the message (no shared memory, e.g. another host) ----------------------------
+
+    def store_bytes(
+        self, request_id: str, instance_id: int, tokens: Tokens, *, start: int, end: int,
+        chunks: Sequence[Any], cache_salt: str = "", timeout: float | None = None,
+    ) -> StoreReply:  # fmt: skip
+        """Store chunks ``[start, end)``; ``chunks`` holds one buffer per chunk, in order."""
+        req = StoreBytes(
+            id=next_request_id(), request_id=request_id, instance_id=instance_id,
+            tokens=_token_bytes(tokens), start=start, end=end, cache_salt=cache_salt,
+        )  # fmt: skip
+        return self._call_data(req, StoreReply, timeout, chunks)[0]
+
+    def retrieve_bytes(
+        self, request_id: str, instance_id: int, tokens: Tokens, *, start: int, end: int,
+        cache_salt: str = "", timeout: float | None = None,
+    ) -> Data:  # fmt: skip
+        """The bytes of cached chunks ``[start, end)``, one buffer per chunk."""
+        req = RetrieveBytes(
+            id=next_request_id(), request_id=request_id, instance_id=instance_id,
+            tokens=_token_bytes(tokens), start=start, end=end, cache_salt=cache_salt,
+        )  # fmt: skip
+        reply, frames = self._call_data(req, ChunkData, timeout)
+        if len(frames) != reply.chunks:
+            raise ServerError(f"expected {reply.chunks} data frames, got {len(frames)}")
+        return frames

@@ -48,6 +48,11 @@ class Engine:
     def chunk_bytes(self) -> int:
         return self.layout.num_layers * self.blocks_per_chunk * self.layout.block_bytes
 
+    @property
+    def layout_tag(self) -> bytes:
+        """Identifies the byte layout of this engine's chunks (see `L1Cache` tags)."""
+        return repr(self.chunk_shape).encode()
+
     def namespace_digest(self, cache_salt: str) -> bytes:
         digest = self._digests.get(cache_salt)
         if digest is None:
@@ -114,8 +119,9 @@ def check_identity(model_name: str, world_size: int, dtype: str, cache_salt: str
 
 
 class EngineRegistry:
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, max_chunk_bytes: int = 1 << 62) -> None:
         self.chunk_size = chunk_size
+        self.max_chunk_bytes = max_chunk_bytes
         self._engines: dict[int, Engine] = {}
         self._lock = threading.Lock()
 
@@ -129,6 +135,14 @@ class EngineRegistry:
                 f"the server's chunk size ({self.chunk_size} tokens) must be a multiple of the "
                 f"engine's block size ({lay.block_size}); restart the server with a matching "
                 "--chunk-size"
+            )
+        if (
+            lay.num_layers * (self.chunk_size // lay.block_size) * lay.block_bytes
+            > self.max_chunk_bytes
+        ):
+            raise BadRequestError(
+                f"one {self.chunk_size}-token chunk of this layout is larger than the L1 pool "
+                f"({self.max_chunk_bytes} bytes)"
             )
         transfer = self._open(msg.memory, lay)
         engine = Engine(
@@ -159,11 +173,17 @@ class EngineRegistry:
             return None
         if not memory.segments or len(memory.segments) > 4096:
             raise BadRequestError("memory.segments must list 1..4096 segment names")
+        if len(memory.tokens) != len(memory.segments):
+            raise BadRequestError("memory.tokens must hold one seal per segment")
         segments: list[ShmSegment] = []
         try:
-            for name in memory.segments:
+            for name, token in zip(memory.segments, memory.tokens, strict=True):
                 try:
-                    segments.append(ShmSegment.attach(name))
+                    seal = bytes.fromhex(token)
+                except ValueError:
+                    raise BadRequestError(f"seal of segment {name!r} is not hex") from None
+                try:
+                    segments.append(ShmSegment.attach(name, seal))
                 except FileNotFoundError:
                     raise BadRequestError(
                         f"shared-memory segment {name!r} does not exist"

@@ -56,7 +56,7 @@ class ShmKVCache:
             planes=planes,
             plane_stride=num_blocks * plane_bytes,
         )
-        self.memory = ShmMemory(segments=[self.segment.name])
+        self.memory = ShmMemory(segments=[self.segment.name], tokens=[self.segment.token.hex()])
 
     def close(self) -> None:
         self.blocks = np.empty((0, 0, 0, 0), dtype=np.uint8)

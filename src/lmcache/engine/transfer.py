@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from lmcache.errors import TransferError
 from lmcache.protocol.messages import KVLayout
 from lmcache.storage.shm import ShmSegment
 
@@ -97,7 +98,14 @@ class BlockCopier:
                 strides=(step, *strides),
             )
 
+    closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TransferError("the engine's KV memory was unregistered during the copy")
+
     def gather(self, block_ids: np.ndarray, dst: np.ndarray) -> None:
+        self._check_open()
         # np.take copies straight into `dst`, but only reads a C-contiguous source
         # without first copying it whole; other views use fancy indexing per layer.
         if self._all is not None and self._all.flags.c_contiguous:
@@ -110,6 +118,7 @@ class BlockCopier:
                 dst[layer] = view[:, block_ids]
 
     def scatter(self, src: np.ndarray, block_ids: np.ndarray) -> None:
+        self._check_open()
         if self._all is not None:
             self._all[:, :, block_ids] = src
             return
@@ -117,9 +126,9 @@ class BlockCopier:
             view[:, block_ids] = src[layer]
 
     def release(self) -> None:
-        """Drop the views (so the memory they point into can be unmapped)."""
-        self._layers = []
-        self._all = None
+        """Refuse further copies. The views stay: a copy running right now keeps reading
+        mapped memory (numpy holds the mapping) instead of silently copying nothing."""
+        self.closed = True
 
 
 class ShmTransfer(BlockCopier):

@@ -6,7 +6,6 @@ import msgspec
 
 from lmcache.protocol.messages import (
     REQUEST_OPS,
-    Envelope,
     ErrorCode,
     ErrorReply,
     Reply,
@@ -16,7 +15,6 @@ from lmcache.protocol.messages import (
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
 _reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
-_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 
 MAX_ERROR_MESSAGE = 4096
 
@@ -29,16 +27,27 @@ def decode_request(frame: bytes) -> Request | ErrorReply:
     """Decode a request, or explain in an `ErrorReply` (echoing the id) why not."""
     try:
         return _request_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        try:
-            env = _envelope_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            env = Envelope()
-        if env.op and env.op not in REQUEST_OPS:
-            message = f"unknown request type {env.op[:100]!r}"
+    except Exception as exc:  # DecodeError, ValidationError, bad UTF-8, deep nesting...
+        request_id, op = _envelope(frame)
+        if op and op not in REQUEST_OPS:
+            message = f"unknown request type {op[:100]!r}"
         else:
-            message = f"malformed {env.op or 'request'}: {exc}"
-        return error_reply(env.id, ErrorCode.BAD_REQUEST, message)
+            message = f"malformed {op or 'request'}: {exc}"
+        return error_reply(request_id, ErrorCode.BAD_REQUEST, message)
+
+
+def _envelope(frame: bytes) -> tuple[int, str]:
+    """Best effort: the id (to echo) and op of a frame that failed to decode."""
+    try:
+        data = msgspec.msgpack.decode(frame)
+    except Exception:
+        return -1, ""
+    if not isinstance(data, dict):
+        return -1, ""
+    request_id, op = data.get("id"), data.get("op")
+    if not (type(request_id) is int and -(2**63) <= request_id < 2**64):
+        request_id = -1
+    return int(request_id), (op if isinstance(op, str) else "")
 
 
 def decode_reply(frame: bytes) -> Reply:

@@ -1,6 +1,7 @@
 """Wire messages between engines and the server.
 
-Every frame is one msgpack map decoded straight into a typed `msgspec.Struct`;
+Every message is one msgpack frame decoded straight into a typed `msgspec.Struct`
+(plus raw data frames for the bytes-in-the-message ops, `StoreBytes`/`RetrieveBytes`);
 decoding builds plain data only, so nothing on the wire can run code. The ``op``
 field selects the message type; ``id`` is chosen by the client and echoed in
 the reply, so a client can match replies to requests.
@@ -21,11 +22,20 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 import numpy as np
+from msgspec import Meta
 
 PROTOCOL_VERSION = 1
+
+# Bounded integers: anything outside is a decode error (bad_request), never an overflow
+# deeper down. Generous, but far below int64 so sums and products stay exact.
+Tokens = Annotated[int, Meta(ge=0, le=1 << 40)]  # token positions and counts
+Size = Annotated[int, Meta(ge=0, le=1 << 48)]  # byte sizes, offsets and strides
+Count = Annotated[int, Meta(ge=0, le=1 << 31)]  # layers, blocks, ranks, block ids
+EngineId = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class ErrorCode(enum.StrEnum):
@@ -47,8 +57,8 @@ class Message(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields
 class LayerPlacement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where one layer's blocks start: segment index and byte offset in it."""
 
-    segment: int
-    offset: int
+    segment: Count
+    offset: Size
 
 
 class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,20 +69,25 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``layers[l].offset + p * plane_stride + b * block_stride`` in its segment.
     """
 
-    num_layers: int
-    num_blocks: int
-    block_size: int  # tokens per block
-    block_bytes: int  # bytes of one block of one layer, all planes
-    block_stride: int
+    num_layers: Count
+    num_blocks: Count
+    block_size: Count  # tokens per block
+    block_bytes: Size  # bytes of one block of one layer, all planes
+    block_stride: Size
     layers: list[LayerPlacement]
-    planes: int = 1
-    plane_stride: int = 0
+    planes: Count = 1
+    plane_stride: Size = 0
 
 
 class ShmMemory(msgspec.Struct, frozen=True, tag="shm", forbid_unknown_fields=True):
-    """The engine's KV tensors live in named POSIX shared-memory segments."""
+    """The engine's KV tensors live in named POSIX shared-memory segments.
+
+    ``tokens[i]`` (hex) is the seal of ``segments[i]`` (see `lmcache.storage.shm`): the
+    server maps a segment only if its seal matches.
+    """
 
     segments: list[str]
+    tokens: list[str]
 
 
 class WorkerCopy(msgspec.Struct, frozen=True, tag="worker_copy", forbid_unknown_fields=True):
@@ -87,14 +102,14 @@ KVMemory = ShmMemory | WorkerCopy  # CUDA IPC and in-message bytes join this uni
 
 
 class Ping(Message, frozen=True, tag="ping"):
-    instance_id: int | None = None
+    instance_id: EngineId | None = None
 
 
 class RegisterKV(Message, frozen=True, tag="register"):
-    instance_id: int
+    instance_id: EngineId
     model_name: str
-    world_size: int
-    rank: int
+    world_size: Count
+    rank: Count
     dtype: str
     layout: KVLayout
     memory: KVMemory
@@ -102,7 +117,7 @@ class RegisterKV(Message, frozen=True, tag="register"):
 
 
 class UnregisterKV(Message, frozen=True, tag="unregister"):
-    instance_id: int
+    instance_id: EngineId
 
 
 class Lookup(Message, frozen=True, tag="lookup"):
@@ -110,7 +125,7 @@ class Lookup(Message, frozen=True, tag="lookup"):
 
     request_id: str
     model_name: str
-    world_size: int
+    world_size: Count
     dtype: str
     tokens: bytes
     kv_spec: str = ""
@@ -125,8 +140,8 @@ class FreeLookup(Message, frozen=True, tag="free_lookup"):
     """Release lookup locks on chunks in ``[start, end)`` tokens (end None = all)."""
 
     request_id: str
-    start: int = 0
-    end: int | None = None
+    start: Tokens = 0
+    end: Tokens | None = None
 
 
 class Store(Message, frozen=True, tag="store"):
@@ -137,11 +152,11 @@ class Store(Message, frozen=True, tag="store"):
     """
 
     request_id: str
-    instance_id: int
+    instance_id: EngineId
     tokens: bytes
-    start: int
-    end: int
-    block_ids: list[int]
+    start: Tokens
+    end: Tokens
+    block_ids: list[Count]
     cache_salt: str = ""
 
 
@@ -150,12 +165,12 @@ class Retrieve(Message, frozen=True, tag="retrieve"):
     ``skip_tokens`` (already in the engine's own cache) untouched."""
 
     request_id: str
-    instance_id: int
+    instance_id: EngineId
     tokens: bytes
-    start: int
-    end: int
-    block_ids: list[int]
-    skip_tokens: int = 0
+    start: Tokens
+    end: Tokens
+    block_ids: list[Count]
+    skip_tokens: Tokens = 0
     cache_salt: str = ""
 
 
@@ -163,10 +178,10 @@ class PrepareStore(Message, frozen=True, tag="prepare_store"):
     """Reserve L1 slots for chunks ``[start, end)``; the worker writes them, then commits."""
 
     request_id: str
-    instance_id: int
+    instance_id: EngineId
     tokens: bytes
-    start: int
-    end: int
+    start: Tokens
+    end: Tokens
     cache_salt: str = ""
 
 
@@ -174,18 +189,42 @@ class PrepareRetrieve(Message, frozen=True, tag="prepare_retrieve"):
     """Lock cached chunks ``[start, end)`` and say where they are; the worker reads them."""
 
     request_id: str
-    instance_id: int
+    instance_id: EngineId
     tokens: bytes
-    start: int
-    end: int
+    start: Tokens
+    end: Tokens
     cache_salt: str = ""
 
 
 class Commit(Message, frozen=True, tag="commit"):
     """Finish a prepared transfer. ``success=False`` discards a store's slots."""
 
-    transfer_id: int
+    instance_id: EngineId
+    transfer_id: EngineId
     success: bool = True
+
+
+class StoreBytes(Message, frozen=True, tag="store_bytes"):
+    """Store chunks ``[start, end)`` whose bytes follow as data frames, one per chunk
+    (for engines that share no memory with the server, e.g. on another host)."""
+
+    request_id: str
+    instance_id: EngineId
+    tokens: bytes
+    start: Tokens
+    end: Tokens
+    cache_salt: str = ""
+
+
+class RetrieveBytes(Message, frozen=True, tag="retrieve_bytes"):
+    """Return cached chunks ``[start, end)`` as data frames after the reply, one per chunk."""
+
+    request_id: str
+    instance_id: EngineId
+    tokens: bytes
+    start: Tokens
+    end: Tokens
+    cache_salt: str = ""
 
 
 class EndSession(Message, frozen=True, tag="end_session"):
@@ -208,6 +247,8 @@ Request = (
     | PrepareStore
     | PrepareRetrieve
     | Commit
+    | StoreBytes
+    | RetrieveBytes
     | EndSession
     | Clear
 )
@@ -268,14 +309,24 @@ class Committed(Message, frozen=True, tag="committed"):
     tokens: int
 
 
-Reply = Ok | ErrorReply | Pong | LookupReply | StoreReply | RetrieveReply | Prepared | Committed
+class ChunkData(Message, frozen=True, tag="chunk_data"):
+    """Answer to `RetrieveBytes`: ``chunks`` data frames of ``chunk_bytes`` each follow."""
+
+    chunks: int
+    chunk_bytes: int
 
 
-class Envelope(msgspec.Struct):
-    """The two fields we try to read from a frame that failed to decode."""
-
-    id: int = -1
-    op: str = ""
+Reply = (
+    Ok
+    | ErrorReply
+    | Pong
+    | LookupReply
+    | StoreReply
+    | RetrieveReply
+    | Prepared
+    | Committed
+    | ChunkData
+)
 
 
 # ----- helpers --------------------------------------------------------------------------

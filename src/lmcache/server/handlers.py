@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 from lmcache import __version__
-from lmcache.engine.registry import Engine, EngineRegistry, check_identity
-from lmcache.errors import BadRequestError, CacheMissError, ServerError, TransferError
+from lmcache.engine.registry import EngineRegistry, check_identity
+from lmcache.errors import BadRequestError, ServerError
 from lmcache.protocol.codec import error_reply
 from lmcache.protocol.messages import (
     Clear,
@@ -35,11 +35,12 @@ from lmcache.protocol.messages import (
     Reply,
     Request,
     Retrieve,
-    RetrieveReply,
+    RetrieveBytes,
     Store,
-    StoreReply,
+    StoreBytes,
     UnregisterKV,
 )
+from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
 from lmcache.server.worker_copy import PreparedTransfers
@@ -49,8 +50,8 @@ from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
-Deferred = Callable[[], Reply]
-RangeRequest = Store | Retrieve | PrepareStore | PrepareRetrieve
+Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data frames
+Deferred = Callable[[], Outcome]
 
 
 class RequestHandler:
@@ -76,6 +77,8 @@ class RequestHandler:
         self.lock_ttl = lock_ttl
         self.pool_name = pool_name
         self.prepared = PreparedTransfers(l1, sessions, metrics, self.chunk_size, lock_ttl)
+        self.copies = Copies(l1, registry, sessions, hasher, metrics)
+        self._digests: dict[tuple[str, int, str, str, str], list[bytes]] = {}
         self._inline: dict[type[Any], Callable[[Any], Reply]] = {
             Ping: self._ping,
             RegisterKV: self._register,
@@ -90,21 +93,33 @@ class RequestHandler:
             Commit: self.prepared.commit,
         }
         self._pooled: dict[type[Any], Callable[[Any], Reply]] = {
-            Store: self._store,
-            Retrieve: self._retrieve,
+            Store: self.copies.store,
+            Retrieve: self.copies.retrieve,
+        }
+        self._with_data: dict[type[Any], Callable[[Any, list[memoryview]], Outcome]] = {
+            StoreBytes: self.copies.store_bytes,
+            RetrieveBytes: lambda req, _data: self.copies.retrieve_bytes(req),
         }
 
     # ----- dispatch -------------------------------------------------------------------
 
-    def dispatch(self, req: Request) -> Reply | Deferred:
+    def dispatch(self, req: Request, data: list[memoryview] | None = None) -> Reply | Deferred:
+        """Answer now, or return the work to run on the pool. ``data``: raw data frames."""
+        with_data = self._with_data.get(type(req))
+        if with_data is not None:
+            frames = data or []
+            return lambda: self._run(lambda r: with_data(r, frames), req)
+        if data:
+            op = req.__struct_config__.tag
+            return error_reply(req.id, ErrorCode.BAD_REQUEST, f"{op} takes no data frames")
         handler = self._inline.get(type(req))
         if handler is not None:
-            return self._run(handler, req)
+            return cast(Reply, self._run(handler, req))  # inline handlers return bare replies
         pooled = self._pooled[type(req)]
         return lambda: self._run(pooled, req)
 
-    def _run(self, handler: Callable[[Any], Reply], req: Request) -> Reply:
-        op = req.__struct_config__.tag
+    def _run(self, handler: Callable[[Any], Outcome], req: Request) -> Outcome:
+        op = str(req.__struct_config__.tag)
         start = time.perf_counter()
         outcome = "ok"
         try:
@@ -118,8 +133,7 @@ class RequestHandler:
             logger.exception("%s request %d failed", op, req.id)
             return error_reply(req.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
-            self.metrics.requests.labels(op, outcome).inc()
-            self.metrics.request_duration.labels(op).observe(time.perf_counter() - start)
+            self.metrics.observe_request(op, outcome, time.perf_counter() - start)
 
     # ----- control --------------------------------------------------------------------
 
@@ -160,20 +174,37 @@ class RequestHandler:
         check_identity(req.model_name, req.world_size, req.dtype, req.cache_salt)
         if not req.request_id:
             raise BadRequestError("request_id must not be empty")
-        num_tokens = self._token_count(req.tokens)
-        hashes = self.hasher.hashes(req.tokens, num_tokens // self.chunk_size)
-        digests = [
-            Namespace(
-                req.model_name, req.world_size, rank, req.dtype, req.kv_spec, req.cache_salt
-            ).digest
-            for rank in range(req.world_size)
-        ]
-        groups = [[object_key(d, h) for d in digests] for h in hashes]
-        lease = self.l1.acquire_prefix(groups, owner=req.request_id, ttl=self.lock_ttl)
+        if len(req.tokens) % TOKEN_BYTES:
+            raise BadRequestError("tokens must be little-endian uint32 (a multiple of 4 bytes)")
+        num_tokens = len(req.tokens) // TOKEN_BYTES
+        digests = self._lookup_digests(req)
+        groups: list[list[ObjectKey]] = []
+
+        def chunk_groups() -> Iterator[list[ObjectKey]]:
+            # Lazy: hashing stops at the first chunk that misses.
+            for h in self.hasher.iter_hashes(req.tokens, num_tokens // self.chunk_size):
+                groups.append([object_key(d, h) for d in digests])
+                yield groups[-1]
+
+        lease = self.l1.acquire_prefix(chunk_groups(), owner=req.request_id, ttl=self.lock_ttl)
         session = self.sessions.start(req.request_id, lease, groups)
         self.metrics.lookup_requested_tokens.inc(num_tokens)
         self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
         return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
+
+    def _lookup_digests(self, req: Lookup) -> list[bytes]:
+        """Namespace digests of every rank, memoized (a lookup is on the hot path)."""
+        ident = (req.model_name, req.world_size, req.dtype, req.kv_spec, req.cache_salt)
+        digests = self._digests.get(ident)
+        if digests is None:
+            if len(self._digests) > 4096:
+                self._digests.clear()
+            digests = [
+                Namespace(ident[0], ident[1], rank, ident[2], ident[3], ident[4]).digest
+                for rank in range(req.world_size)
+            ]
+            self._digests[ident] = digests
+        return digests
 
     def _query_lookup(self, req: QueryLookup) -> Reply:
         session = self.sessions.get(req.request_id)
@@ -192,129 +223,13 @@ class RequestHandler:
         self.sessions.end(req.request_id)
         return Ok(id=req.id)
 
-    # ----- data movement (worker pool) -------------------------------------------------------
-
-    def _store(self, req: Store) -> Reply:
-        engine = self.registry.get(req.instance_id)
-        transfer = engine.require_transfer()
-        keys, ids = self._chunk_keys(engine, req)
-        start = time.perf_counter()
-        stored = cached = 0
-        no_space = False
-        bpc = engine.blocks_per_chunk
-        for i, key in enumerate(keys):
-            slot = self.l1.reserve_write(key, engine.chunk_bytes)
-            if slot == "cached":
-                cached += 1
-                continue
-            if slot == "no_space":
-                no_space = True
-                break
-            try:
-                dst = self.l1.view(slot.offset, slot.nbytes).reshape(engine.chunk_shape)
-                transfer.gather(ids[i * bpc : (i + 1) * bpc], dst)
-            except BaseException:
-                self.l1.abort_write(slot)
-                raise
-            stored += self.l1.commit_write(slot)
-        elapsed = time.perf_counter() - start
-        stored_tokens = stored * self.chunk_size
-        if stored:
-            logger.info("Stored %d tokens in %.3f seconds", stored_tokens, elapsed)
-        if no_space:
-            self.metrics.store_no_space.inc()
-            logger.warning("L1 is full of locked chunks: stored %d of %d chunks", stored, len(keys))
-        self.metrics.stored_tokens.inc(stored_tokens)
-        self.metrics.stored_bytes.inc(stored * engine.chunk_bytes)
-        return StoreReply(
-            id=req.id,
-            stored_tokens=stored_tokens,
-            cached_tokens=cached * self.chunk_size,
-            no_space=no_space,
-        )
-
-    def _retrieve(self, req: Retrieve) -> Reply:
-        engine = self.registry.get(req.instance_id)
-        transfer = engine.require_transfer()
-        keys, ids = self._chunk_keys(engine, req)
-        block_size = engine.layout.block_size
-        if (
-            req.skip_tokens < 0
-            or req.skip_tokens % block_size
-            or req.skip_tokens > req.end - req.start
-        ):
-            raise BadRequestError(
-                f"skip_tokens={req.skip_tokens} must be a multiple of the block size "
-                f"({block_size}) within the range"
-            )
-        start = time.perf_counter()
-        lease = self.l1.acquire_all(keys, owner=f"retrieve:{req.request_id}")
-        if lease is None:
-            raise CacheMissError(
-                f"chunks for tokens [{req.start}, {req.end}) of request {req.request_id[:200]!r} "
-                "are not cached (evicted or cleared); recompute them"
-            )
-        # Our own pins now protect the chunks: the lookup's locks on them can go.
-        self.sessions.release(req.request_id, keys)
-        bpc = engine.blocks_per_chunk
-        skip_blocks = req.skip_tokens // block_size
-        try:
-            for i, (offset, nbytes) in enumerate(lease.offsets(keys)):
-                first = max(0, skip_blocks - i * bpc)
-                if first >= bpc:
-                    continue
-                src = self.l1.view(offset, nbytes).reshape(engine.chunk_shape)
-                transfer.scatter(src[:, :, first:], ids[i * bpc + first : (i + 1) * bpc])
-        finally:
-            intact = self.l1.release(lease)
-        if not intact:
-            raise TransferError("the cache was cleared during the retrieve; recompute")
-        elapsed = time.perf_counter() - start
-        tokens = req.end - req.start - req.skip_tokens
-        logger.info("Retrieved %d tokens in %.3f seconds", tokens, elapsed)
-        self.metrics.retrieved_tokens.inc(tokens)
-        self.metrics.retrieved_bytes.inc(
-            tokens // block_size * engine.layout.block_bytes * engine.layout.num_layers
-        )
-        return RetrieveReply(id=req.id, retrieved_tokens=tokens)
-
     # ----- worker copies (lmcache_driven) ------------------------------------------------------
 
     def _prepare_store(self, req: PrepareStore) -> Reply:
         engine = self.registry.get(req.instance_id)
-        return self.prepared.prepare_store(req, self._range_keys(engine, req), engine.chunk_bytes)
+        return self.prepared.prepare_store(req, self.copies.range_keys(engine, req), engine)
 
     def _prepare_retrieve(self, req: PrepareRetrieve) -> Reply:
         engine = self.registry.get(req.instance_id)
-        keys = self._range_keys(engine, req)
-        return self.prepared.prepare_retrieve(req, keys, engine.chunk_bytes)
-
-    # ----- helpers ----------------------------------------------------------------------------
-
-    def _token_count(self, tokens: bytes) -> int:
-        if len(tokens) % TOKEN_BYTES:
-            raise BadRequestError("tokens must be little-endian uint32 (a multiple of 4 bytes)")
-        return len(tokens) // TOKEN_BYTES
-
-    def _chunk_keys(self, engine: Engine, req: Store | Retrieve) -> tuple[list[ObjectKey], Any]:
-        """Validate a store/retrieve and return its keys and block ids."""
-        keys = self._range_keys(engine, req)
-        blocks = (req.end - req.start) // engine.layout.block_size
-        return keys, engine.check_block_ids(req.block_ids, blocks)
-
-    def _range_keys(self, engine: Engine, req: RangeRequest) -> list[ObjectKey]:
-        """Validate a chunk-aligned token range and return the keys of its chunks."""
-        tokens, start, end, salt = req.tokens, req.start, req.end, req.cache_salt
-        c = self.chunk_size
-        if start < 0 or end < start or start % c or end % c:
-            raise BadRequestError(
-                f"token range [{start}, {end}) must be chunk-aligned (chunk size {c})"
-            )
-        if self._token_count(tokens) < end:
-            raise BadRequestError(
-                f"range ends at token {end} but only {len(tokens) // 4} tokens sent"
-            )
-        check_identity(engine.model_name, engine.world_size, engine.dtype, salt)
-        digest = engine.namespace_digest(salt)
-        hashes = self.hasher.hashes(tokens, end // c)[start // c :]
-        return [object_key(digest, h) for h in hashes]
+        keys = self.copies.range_keys(engine, req)
+        return self.prepared.prepare_retrieve(req, keys, engine)

@@ -79,4 +79,17 @@ class Metrics:
             registry=r,
         )
         Info("lmcache_build", "server version", registry=r).info({"version": __version__})
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         r.register(_StateCollector(read_state))
+
+    def observe_request(self, op: str, outcome: str, seconds: float) -> None:
+        """Count one request (labelled children are cached: ``labels()`` is slow)."""
+        children = self._children.get((op, outcome))
+        if children is None:
+            children = (
+                self.requests.labels(op, outcome),
+                self.request_duration.labels(op),
+            )
+            self._children[(op, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)

@@ -61,7 +61,7 @@ class ServerRuntime:
             target=self._maintain, name="lmcache-maintenance", daemon=True
         )
         self.l1: L1Cache | None = None
-        self.registry = EngineRegistry(settings.chunk_size)
+        self.registry = EngineRegistry(settings.chunk_size, settings.l1_size_bytes)
         self.sessions: Sessions | None = None
         self.metrics = Metrics(self._metric_state)
 
@@ -77,7 +77,9 @@ class ServerRuntime:
         for prefix in (POOL_PREFIX, KV_SEGMENT_PREFIX):
             for name in unlink_stale_segments(prefix):
                 logger.warning("Removed shared-memory segment /%s of a dead process", name)
-        self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
+        self._segment = ShmSegment.create(
+            f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes, token=bytes.fromhex(self.server_token)
+        )
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
         handler = RequestHandler(

@@ -18,12 +18,13 @@ that arrives later fails, so its data is never trusted.
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
 
+from lmcache.engine.registry import Engine
 from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import Commit, Committed, Prepared, PrepareRetrieve, PrepareStore
 from lmcache.server.metrics import Metrics
@@ -37,6 +38,7 @@ logger = logging.getLogger("lmcache.server")
 @dataclass(eq=False)
 class _Pending:
     kind: str
+    instance_id: int
     request_id: str
     started: float
     expires: float
@@ -56,15 +58,15 @@ class PreparedTransfers:
         self._chunk_size = chunk_size
         self._ttl = ttl
         self._pending: dict[int, _Pending] = {}
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], chunk_bytes: int) -> Prepared:
+    def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], engine: Engine) -> Prepared:
+        chunk_bytes = engine.chunk_bytes
         offsets: list[int] = []
         slots: list[WriteSlot] = []
         no_space = False
         for key in keys:
-            slot = self._l1.reserve_write(key, chunk_bytes, ttl=self._ttl)
+            slot = self._l1.reserve_write(key, chunk_bytes, ttl=self._ttl, tag=engine.layout_tag)
             if slot == "no_space":
                 no_space = True
                 break
@@ -75,24 +77,25 @@ class PreparedTransfers:
             slots.append(slot)
         if no_space:
             self._metrics.store_no_space.inc()
-        tid = self._add(self._new("store", req.request_id, chunk_bytes, slots=slots))
+        tid = self._add(self._new("store", req, chunk_bytes, slots=slots))
         return Prepared(
             id=req.id, transfer_id=tid, offsets=offsets, chunk_bytes=chunk_bytes,
             ttl_s=self._ttl, no_space=no_space,
         )  # fmt: skip
 
     def prepare_retrieve(
-        self, req: PrepareRetrieve, keys: list[ObjectKey], chunk_bytes: int
+        self, req: PrepareRetrieve, keys: list[ObjectKey], engine: Engine
     ) -> Prepared:
-        lease = self._l1.acquire_all(keys, owner=f"retrieve:{req.request_id}", ttl=self._ttl)
+        chunk_bytes = engine.chunk_bytes
+        lease = self._l1.acquire_all(
+            keys, owner=f"retrieve:{req.request_id}", ttl=self._ttl, tag=engine.layout_tag
+        )
         if lease is None:
             raise CacheMissError(
                 f"chunks for tokens [{req.start}, {req.end}) are not cached; recompute them"
             )
         self._sessions.release(req.request_id, keys)
-        pending = self._new(
-            "retrieve", req.request_id, chunk_bytes, lease=lease, tokens=req.end - req.start
-        )
+        pending = self._new("retrieve", req, chunk_bytes, lease=lease, tokens=req.end - req.start)
         tid = self._add(pending)
         return Prepared(
             id=req.id, transfer_id=tid, offsets=[o for o, _ in lease.offsets(keys)],
@@ -101,7 +104,11 @@ class PreparedTransfers:
 
     def commit(self, req: Commit) -> Committed:
         with self._lock:
-            pending = self._pending.pop(req.transfer_id, None)
+            pending = self._pending.get(req.transfer_id)
+            if pending is not None and pending.instance_id == req.instance_id:
+                del self._pending[req.transfer_id]
+            else:
+                pending = None  # another engine's transfer is not this caller's to finish
         if pending is None:
             raise BadRequestError(f"unknown or expired transfer {req.transfer_id}")
         elapsed = time.perf_counter() - pending.started
@@ -143,13 +150,17 @@ class PreparedTransfers:
 
     def _add(self, pending: _Pending) -> int:
         with self._lock:
-            tid = next(self._ids)
+            tid = secrets.randbits(63)  # unguessable: only its engine can finish it
+            while tid in self._pending:
+                tid = secrets.randbits(63)
             self._pending[tid] = pending
         return tid
 
     def _new(
-        self, kind: str, request_id: str, chunk_bytes: int, *,
+        self, kind: str, req: PrepareStore | PrepareRetrieve, chunk_bytes: int, *,
         slots: list[WriteSlot] | None = None, lease: Lease | None = None, tokens: int = 0,
     ) -> _Pending:  # fmt: skip
         now = time.perf_counter(), time.monotonic() + self._ttl
-        return _Pending(kind, request_id, *now, chunk_bytes, slots or [], lease, tokens)
+        return _Pending(
+            kind, req.instance_id, req.request_id, *now, chunk_bytes, slots or [], lease, tokens
+        )

@@ -15,7 +15,7 @@ Tokens travel as little-endian uint32 bytes; hashing slices them without copies.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,22 +71,26 @@ class ChunkHasher:
 
     def hashes(self, tokens: bytes, num_chunks: int) -> list[ChunkHash]:
         """Hashes of the first ``num_chunks`` whole chunks of ``tokens`` (uint32 LE)."""
+        return list(self.iter_hashes(tokens, num_chunks))
+
+    def iter_hashes(self, tokens: bytes, num_chunks: int) -> Iterator[ChunkHash]:
+        """Like `hashes`, one chunk at a time (callers may stop early)."""
         step = self.chunk_size * TOKEN_BYTES
-        if num_chunks * step > len(tokens):
+        if num_chunks * step > len(tokens):  # checked now, not at the first next()
             raise ValueError(
                 f"{num_chunks} chunks need {num_chunks * self.chunk_size} tokens, "
                 f"got {len(tokens) // TOKEN_BYTES}"
             )
-        view = memoryview(tokens)
+        return self._chain(memoryview(tokens), step, num_chunks)
+
+    def _chain(self, view: memoryview, step: int, num_chunks: int) -> Iterator[ChunkHash]:
         prev = self._seed
-        out: list[ChunkHash] = []
         for i in range(num_chunks):
             h = self._new()
             h.update(prev)
             h.update(view[i * step : (i + 1) * step])
             prev = h.digest()
-            out.append(ChunkHash(prev))
-        return out
+            yield ChunkHash(prev)
 
 
 def object_key(namespace_digest: bytes, chunk_hash: ChunkHash) -> ObjectKey:

@@ -57,6 +57,7 @@ class _Obj:
     write_deadline: float | None = None
     doomed: bool = False  # out of the index, pages still in use by a copy
     freed: bool = False  # pages returned to the allocator
+    tag: bytes = b""  # the writer's chunk layout: readers with another layout see a miss
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,9 @@ class L1Cache:
 
     # ----- writes ---------------------------------------------------------------
 
-    def reserve_write(self, key: ObjectKey, nbytes: int, ttl: float | None = None) -> Reserve:
+    def reserve_write(
+        self, key: ObjectKey, nbytes: int, ttl: float | None = None, tag: bytes = b""
+    ) -> Reserve:
         """Allocate an object for ``key``, evicting unpinned objects if needed.
 
         Returns ``"cached"`` when the key exists (READY or being written by
@@ -122,7 +125,7 @@ class L1Cache:
             if extent is None:
                 return "no_space"
             now = next(self._clock)
-            obj = _Obj(key, extent, ObjState.WRITING, AccessStats(now, now))
+            obj = _Obj(key, extent, ObjState.WRITING, AccessStats(now, now), tag=tag)
             obj.write_deadline = None if ttl is None else time.monotonic() + ttl
             self._index[key] = obj
             return WriteSlot(key, extent.offset, nbytes, obj)
@@ -159,28 +162,47 @@ class L1Cache:
         owner: str,
         kind: Literal["hold", "transfer"] = "hold",
         ttl: float | None = None,
+        tag: bytes | None = None,
     ) -> Lease:
-        """Pin the longest run of groups, from the first, whose keys are all READY."""
+        """Pin the longest run of groups, from the first, whose keys are all READY
+        (and written with layout ``tag``, when one is given)."""
         with self._lock:
             lease = self._new_lease(owner, kind, ttl)
-            for group in groups:
-                objs = [self._index.get(k) for k in group]
-                if not all(o is not None and o.state is ObjState.READY for o in objs):
-                    break
-                for obj in objs:
-                    assert obj is not None
-                    self._pin(lease, obj)
-                lease.hit_groups += 1
+            try:
+                for group in groups:
+                    objs = [self._index.get(k) for k in group]
+                    if not all(
+                        o is not None
+                        and o.state is ObjState.READY
+                        and (tag is None or o.tag == tag)
+                        for o in objs
+                    ):
+                        break
+                    for obj in objs:
+                        assert obj is not None
+                        self._pin(lease, obj)
+                    lease.hit_groups += 1
+            except BaseException:  # e.g. a failing key generator: leave no pins behind
+                for obj in lease.objects.values():
+                    obj.pins -= 1
+                    self._free_if_doomed(obj)
+                lease.objects.clear()
+                del self._leases[lease.id]
+                raise
             return lease
 
     def acquire_all(
-        self, keys: Sequence[ObjectKey], owner: str, ttl: float | None = None
+        self,
+        keys: Sequence[ObjectKey],
+        owner: str,
+        ttl: float | None = None,
+        tag: bytes | None = None,
     ) -> Lease | None:
         """Pin every key for a copy, or nothing (None) if any is missing.
 
         Copies done by other processes get a ``ttl``; copies by server threads do not.
         """
-        lease = self.acquire_prefix(([k] for k in keys), owner, kind="transfer", ttl=ttl)
+        lease = self.acquire_prefix(([k] for k in keys), owner, kind="transfer", ttl=ttl, tag=tag)
         if lease.hit_groups == len(keys):
             return lease
         self.release(lease)

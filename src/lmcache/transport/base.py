@@ -8,7 +8,8 @@ MockTransport).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmcache.protocol.codec import decode_reply, decode_request, encode
 from lmcache.protocol.messages import ErrorReply, Reply, Request
@@ -17,8 +18,14 @@ if TYPE_CHECKING:
     from lmcache.server.handlers import RequestHandler
 
 
+Data = list[bytes] | list[memoryview]
+
+
 class Transport(Protocol):
-    def call(self, request: Request, timeout: float | None = None) -> Reply: ...
+    def call(
+        self, request: Request, timeout: float | None = None, data: Sequence[Any] = ()
+    ) -> tuple[Reply, Data]:
+        """Send ``request`` (and raw ``data`` frames); return the reply and its data frames."""
 
     def close(self) -> None: ...
 
@@ -29,13 +36,16 @@ class InProcessTransport:
     def __init__(self, handler: RequestHandler) -> None:
         self._handler = handler
 
-    def call(self, request: Request, timeout: float | None = None) -> Reply:
+    def call(
+        self, request: Request, timeout: float | None = None, data: Sequence[Any] = ()
+    ) -> tuple[Reply, Data]:
         decoded = decode_request(encode(request))  # same validation as the wire
         if isinstance(decoded, ErrorReply):
-            return decoded
-        result = self._handler.dispatch(decoded)
-        reply = result() if callable(result) else result
-        return decode_reply(encode(reply))
+            return decoded, []
+        result = self._handler.dispatch(decoded, [memoryview(d) for d in data])
+        outcome = result() if callable(result) else result
+        reply, frames = outcome if isinstance(outcome, tuple) else (outcome, [])
+        return decode_reply(encode(reply)), [bytes(f) for f in frames]
 
     def close(self) -> None:
         pass

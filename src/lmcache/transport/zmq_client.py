@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import zmq
@@ -19,6 +21,7 @@ import zmq
 from lmcache.errors import ServerUnavailableError
 from lmcache.protocol.codec import decode_reply, encode
 from lmcache.protocol.messages import Reply, Request
+from lmcache.transport.base import Data
 
 
 def normalize_endpoint(host: str, port: int) -> str:
@@ -46,22 +49,25 @@ class ZmqTransport:
         sock.connect(self.endpoint)
         return sock
 
-    def call(self, request: Request, timeout: float | None = None) -> Reply:
+    def call(
+        self, request: Request, timeout: float | None = None, data: Sequence[Any] = ()
+    ) -> tuple[Reply, Data]:
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
             try:
-                self._sock.send(encode(request), zmq.NOBLOCK)
+                self._sock.send_multipart([encode(request), *data], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self._reset()
                 raise ServerUnavailableError(f"cannot send to {self.endpoint}") from None
             remaining_ms = int(timeout * 1000)
             while self._sock.poll(remaining_ms, zmq.POLLIN):
+                frames = self._sock.recv_multipart(copy=False)
                 try:
-                    reply = decode_reply(self._sock.recv())
+                    reply = decode_reply(frames[0].bytes)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue  # not ours to understand; keep waiting for our reply
                 if reply.id == request.id:
-                    return reply
+                    return reply, [memoryview(f.buffer) for f in frames[1:]]
             self._reset()
         raise ServerUnavailableError(
             f"no reply from the LMCache server at {self.endpoint} within {timeout:g}s "

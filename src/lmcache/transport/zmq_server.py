@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import zmq
 
@@ -24,7 +25,9 @@ from lmcache.protocol.messages import ErrorCode, ErrorReply, Reply, Request
 
 logger = logging.getLogger(__name__)
 
-Dispatch = Callable[[Request], "Reply | Callable[[], Reply]"]
+Frames = list[memoryview]
+Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data frames
+Dispatch = Callable[[Request, Frames], "Reply | Callable[[], Outcome]"]
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -99,16 +102,16 @@ class ZmqServer:
     def _drain_replies(self) -> None:
         while True:
             try:
-                frames = self._replies.recv_multipart(zmq.NOBLOCK)
+                frames = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.in_flight -= 1
-            self._send(frames)
+            self._send([f.buffer for f in frames])
 
     def _drain_requests(self) -> None:
         for _ in range(256):  # bounded so replies are not starved
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
@@ -116,37 +119,37 @@ class ZmqServer:
             except Exception as exc:  # one bad message must not take the loop down
                 logger.exception("failed to handle a request")
                 reply = error_reply(-1, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-                self._send([frames[0], encode(reply)])
+                self._send([frames[0].bytes, encode(reply)])
 
-    def _handle(self, frames: list[bytes]) -> None:
-        identity = frames[0]
-        if len(frames) != 2:
-            logger.warning("dropping message with %d frames (expected 2)", len(frames))
-            reply: Reply = error_reply(-1, ErrorCode.BAD_REQUEST, "expected exactly one frame")
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        if len(frames) < 2:
+            reply: Reply = error_reply(-1, ErrorCode.BAD_REQUEST, "empty message")
             self._send([identity, encode(reply)])
             return
-        req = decode_request(frames[1])
+        req = decode_request(frames[1].bytes)
         if isinstance(req, ErrorReply):
             logger.warning("rejected request %d: %s", req.id, req.message)
             self._send([identity, encode(req)])
             return
-        result = self._dispatch(req)
+        result = self._dispatch(req, [memoryview(f.buffer) for f in frames[2:]])
         if callable(result):
             self.in_flight += 1
             self._pool.submit(self._run_deferred, identity, result)
         else:
             self._send([identity, encode(result)])
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[Any]) -> None:
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK)
+            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # peer gone or its queue full: nothing to do
             logger.debug("could not send reply: %s", exc)
 
     # ----- worker threads -------------------------------------------------------------
 
-    def _run_deferred(self, identity: bytes, work: Callable[[], Reply]) -> None:
-        reply = work()  # handlers turn every failure into an ErrorReply
+    def _run_deferred(self, identity: bytes, work: Callable[[], Outcome]) -> None:
+        outcome = work()  # handlers turn every failure into an ErrorReply
+        reply, data = outcome if isinstance(outcome, tuple) else (outcome, [])
         sock = getattr(self._local, "push", None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
@@ -154,4 +157,4 @@ class ZmqServer:
             self._local.push = sock
             with self._pushers_lock:
                 self._pushers.append(sock)
-        sock.send_multipart([identity, encode(reply)])
+        sock.send_multipart([identity, encode(reply), *data], copy=False)

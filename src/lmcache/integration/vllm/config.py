@@ -43,9 +43,7 @@ class ConnectorConfig:
             try:
                 value = _CASTS[f.type](raw)
             except (TypeError, ValueError):
-                raise ConfigError(
-                    f"{key} must be a {f.type}, got {raw!r}"
-                ) from None
+                raise ConfigError(f"{key} must be a {f.type}, got {raw!r}") from None
             values[f.name] = value
             if log and value != f.default:
                 logger.info("%s = %s (overridden, default: %s)", key, value, f.default)

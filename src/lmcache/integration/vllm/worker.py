@@ -78,7 +78,10 @@ class WorkerSide:
         logger.info("Creating transfer context (device_type=cpu, mode=%s)", self.mode)
         if self.mode == "engine_driven":
             self._segments = kv_memory.migrate_to_shm(self._view)
-            self._memory = ShmMemory(segments=[s.name for s in self._segments])
+            self._memory = ShmMemory(
+                segments=[s.name for s in self._segments],
+                tokens=[s.token.hex() for s in self._segments],
+            )
         else:
             self._memory = WorkerCopy()
             self._copier = BlockCopier(self._view.layout, self._view.arrays())
@@ -89,7 +92,7 @@ class WorkerSide:
         if self._memory is None:
             return
         if isinstance(self._memory, WorkerCopy):
-            self._attach_pool(pong.l1_pool)
+            self._attach_pool(pong.l1_pool, bytes.fromhex(pong.server_token))
         self.link.client.register(
             self.instance_id,
             model_name=self.identity.model_name,
@@ -105,14 +108,14 @@ class WorkerSide:
             self._view.layout.num_layers, self.link.endpoint, self.instance_id,
         )  # fmt: skip
 
-    def _attach_pool(self, name: str) -> None:
+    def _attach_pool(self, name: str, token: bytes) -> None:
         if self._pool is not None and self._pool.name == name:
             return
         if self._pool is not None:
             self._pool.close()
             self._pool = None
         try:
-            self._pool = ShmSegment.attach(name)
+            self._pool = ShmSegment.attach(name, token)
         except (OSError, ValueError) as exc:
             raise LMCacheError(
                 f"cannot map the server's L1 pool {name!r} ({exc}); lmcache_driven needs the "
@@ -165,7 +168,7 @@ class WorkerSide:
                     )
             ok = True
         finally:
-            client.commit(prepared.transfer_id, success=ok)
+            client.commit(self.instance_id, prepared.transfer_id, success=ok)
 
     # ----- stores -------------------------------------------------------------------------
 
@@ -205,7 +208,7 @@ class WorkerSide:
                     self._copier_or_fail().gather(ids[i * bpc : (i + 1) * bpc], dst)
             ok = True
         finally:
-            client.commit(prepared.transfer_id, success=ok)
+            client.commit(self.instance_id, prepared.transfer_id, success=ok)
 
     # ----- completion ------------------------------------------------------------------------
 
