@@ -7,6 +7,9 @@ a copy, and `request_finished` never has to delay freeing them.
 
     engine_driven   the server maps our KV segments and copies blocks itself
     lmcache_driven  we copy chunks into/out of the server's L1 pool (prepare/commit)
+    bytes           the server's memory is out of reach (another host, another
+                    /dev/shm): chunk bytes travel in the messages. Chosen
+                    automatically when mapping fails either way, and logged once.
 
 A failed load reports its blocks as load errors (vLLM recomputes them); a failed
 store is only logged. While the server is down, both are skipped (see `link.py`).
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.engine.transfer import BlockCopier
-from lmcache.errors import LMCacheError
+from lmcache.errors import BadRequestError, LMCacheError
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.link import ServerLink
@@ -57,6 +60,7 @@ class WorkerSide:
         self._copier: BlockCopier | None = None
         self._memory: KVMemory | None = None
         self._view: Any = None
+        self.inline = False  # bytes in the messages (no shared memory with the server)
         self._finished_loads: set[str] = set()
         self._load_errors: set[int] = set()
         link.instance_id = self.instance_id
@@ -84,7 +88,7 @@ class WorkerSide:
             )
         else:
             self._memory = WorkerCopy()
-            self._copier = BlockCopier(self._view.layout, self._view.arrays())
+        self._copier = BlockCopier(self._view.layout, self._view.arrays())
         self._register(self.link.pong)
         self.link.start_heartbeat()
 
@@ -93,6 +97,18 @@ class WorkerSide:
             return
         if isinstance(self._memory, WorkerCopy):
             self._attach_pool(pong.l1_pool, bytes.fromhex(pong.server_token))
+        try:
+            self._send_registration()
+        except BadRequestError as exc:
+            if not isinstance(self._memory, ShmMemory):
+                raise
+            # The server cannot map our segments: it runs on another host.
+            self._go_inline(f"the server cannot map our KV segments: {exc.message}")
+            self._memory = WorkerCopy()
+            self._send_registration()
+
+    def _send_registration(self) -> None:
+        assert self._memory is not None
         self.link.client.register(
             self.instance_id,
             model_name=self.identity.model_name,
@@ -109,18 +125,25 @@ class WorkerSide:
         )  # fmt: skip
 
     def _attach_pool(self, name: str, token: bytes) -> None:
-        if self._pool is not None and self._pool.name == name:
+        if self._pool is not None and self._pool.name == name and self._pool.token == token:
             return
         if self._pool is not None:
             self._pool.close()
             self._pool = None
         try:
             self._pool = ShmSegment.attach(name, token)
+            self.inline = False
         except (OSError, ValueError) as exc:
-            raise LMCacheError(
-                f"cannot map the server's L1 pool {name!r} ({exc}); lmcache_driven needs the "
-                "server on this host (use engine_driven or run the server here)"
-            ) from exc
+            self._go_inline(f"cannot map the server's L1 pool {name!r}: {exc}")
+
+    def _go_inline(self, why: str) -> None:
+        if not self.inline:
+            logger.warning(
+                "LMCache server at %s shares no memory with this worker (%s): KV bytes will "
+                "travel in the messages, which is slower than shared memory",
+                self.link.endpoint, why,
+            )  # fmt: skip
+        self.inline = True
 
     # ----- loads --------------------------------------------------------------------------
 
@@ -144,7 +167,14 @@ class WorkerSide:
 
     def _load(self, spec: LoadSpec) -> None:
         client = self.link.client
-        if self.mode == "engine_driven":
+        if self.inline:
+            frames = client.retrieve_bytes(
+                spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
+                cache_salt=spec.cache_salt,
+            )  # fmt: skip
+            self._scatter_chunks(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
+            return
+        if self.mode == "engine_driven" and isinstance(self._memory, ShmMemory):
             client.retrieve(
                 spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
                 block_ids=spec.block_ids, skip_tokens=spec.skip_tokens, cache_salt=spec.cache_salt,
@@ -156,16 +186,9 @@ class WorkerSide:
         )  # fmt: skip
         ok = False
         try:
-            ids = np.asarray(spec.block_ids, dtype=np.intp)
-            bpc = self.chunk_size // self.identity.block_size
-            skip = spec.skip_tokens // self.identity.block_size
-            for i, offset in enumerate(prepared.offsets):
-                first = max(0, skip - i * bpc)
-                if first < bpc:
-                    src = self._chunk(offset, prepared.chunk_bytes)
-                    self._copier_or_fail().scatter(
-                        src[:, :, first:], ids[i * bpc + first : (i + 1) * bpc]
-                    )
+            pool = self._pool_array()
+            chunks = [pool[o : o + prepared.chunk_bytes] for o in prepared.offsets]
+            self._scatter_chunks(spec, chunks)
             ok = True
         finally:
             client.commit(self.instance_id, prepared.transfer_id, success=ok)
@@ -188,7 +211,18 @@ class WorkerSide:
 
     def _store(self, spec: StoreSpec) -> None:
         client = self.link.client
-        if self.mode == "engine_driven":
+        if self.inline:
+            bufs = [
+                np.empty(self._chunk_bytes(), dtype=np.uint8)
+                for _ in range(spec.start, spec.end, self.chunk_size)
+            ]
+            self._gather_chunks(spec, list(enumerate(bufs)))
+            client.store_bytes(
+                spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
+                chunks=bufs, cache_salt=spec.cache_salt,
+            )  # fmt: skip
+            return
+        if self.mode == "engine_driven" and isinstance(self._memory, ShmMemory):
             client.store(
                 spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
                 block_ids=spec.block_ids, cache_salt=spec.cache_salt,
@@ -200,12 +234,11 @@ class WorkerSide:
         )  # fmt: skip
         ok = False
         try:
-            ids = np.asarray(spec.block_ids, dtype=np.intp)
-            bpc = self.chunk_size // self.identity.block_size
-            for i, offset in enumerate(prepared.offsets):
-                if offset >= 0:
-                    dst = self._chunk(offset, prepared.chunk_bytes)
-                    self._copier_or_fail().gather(ids[i * bpc : (i + 1) * bpc], dst)
+            pool = self._pool_array()
+            n = prepared.chunk_bytes
+            self._gather_chunks(
+                spec, [(i, pool[o : o + n]) for i, o in enumerate(prepared.offsets) if o >= 0]
+            )
             ok = True
         finally:
             client.commit(self.instance_id, prepared.transfer_id, success=ok)
@@ -231,14 +264,37 @@ class WorkerSide:
 
     # ----- helpers ------------------------------------------------------------------------
 
-    def _chunk(self, offset: int, nbytes: int) -> np.ndarray:
+    def _pool_array(self) -> np.ndarray:
         if self._pool is None:
             raise LMCacheError("the server's L1 pool is not mapped")
-        lay = self._view.layout
-        bpc = self.chunk_size // self.identity.block_size
-        return self._pool.array[offset : offset + nbytes].reshape(lay.num_layers, 1, bpc, -1)
+        return self._pool.array
 
-    def _copier_or_fail(self) -> BlockCopier:
-        if self._copier is None:
-            raise LMCacheError("no block copier (engine_driven mode)")
-        return self._copier
+    def _chunk_shape(self) -> tuple[int, int, int, int]:
+        lay = self._view.layout
+        return (lay.num_layers, 1, self.chunk_size // self.identity.block_size, lay.block_bytes)
+
+    def _chunk_bytes(self) -> int:
+        shape = self._chunk_shape()
+        return shape[0] * shape[2] * shape[3]
+
+    def _gather_chunks(self, spec: StoreSpec, chunks: list[tuple[int, np.ndarray]]) -> None:
+        """Copy the blocks of chunk ``i`` of the range into each ``(i, buffer)``."""
+        assert self._copier is not None
+        ids = np.asarray(spec.block_ids, dtype=np.intp)
+        bpc = self.chunk_size // self.identity.block_size
+        for i, buf in chunks:
+            self._copier.gather(ids[i * bpc : (i + 1) * bpc], buf.reshape(self._chunk_shape()))
+
+    def _scatter_chunks(self, spec: LoadSpec, chunks: list[np.ndarray]) -> None:
+        """Copy chunk buffers into the blocks of the range, minus the first skip_tokens."""
+        assert self._copier is not None
+        if len(chunks) * self.chunk_size != spec.end - spec.start:
+            raise LMCacheError(f"expected {(spec.end - spec.start) // self.chunk_size} chunks")
+        ids = np.asarray(spec.block_ids, dtype=np.intp)
+        bpc = self.chunk_size // self.identity.block_size
+        skip = spec.skip_tokens // self.identity.block_size
+        for i, buf in enumerate(chunks):
+            first = max(0, skip - i * bpc)
+            if first < bpc:
+                src = buf.reshape(self._chunk_shape())[:, :, first:]
+                self._copier.scatter(src, ids[i * bpc + first : (i + 1) * bpc])
