@@ -96,5 +96,5 @@ def test_shared_prefix_gets_a_partial_hit(stack: tuple[ServerProcess, VllmProces
     log = new_log(server, mark)
     assert "Retrieved 512 tokens in " in log
     assert "Stored 512 tokens in " in log  # its own chunks 2 and 3 are new
-    again = vllm.complete(other)
-    same_output(reference_free, again)
+    again = vllm.complete(other)  # now a hit on 1024 tokens: a different split
+    same_output(reference_free, again, tolerance=1e-4)
