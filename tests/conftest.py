@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,3 +134,60 @@ _counter = iter(range(10**9))
 def unique_tokens(n: int, seed: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(next(_counter) if seed is None else seed)
     return rng.integers(0, 50_000, size=n, dtype=np.uint32)
+
+
+REDIS_BIN = shutil.which("redis-server")
+
+
+@dataclass
+class RedisProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_redis(port: int | None = None) -> RedisProcess:
+    """A real redis-server on loopback (no persistence), ready to take commands."""
+    if REDIS_BIN is None:
+        if os.environ.get("LMCACHE_REQUIRE_REDIS") == "1":
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed")
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return RedisProcess(proc, port)
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+
+
+def lookup_hit(
+    client: LMCacheClient, request_id: str, tokens: object, timeout: float = 10, **model: object
+) -> int:
+    """Lookup, then poll while the server is still loading from L2."""
+    hit = client.lookup(request_id, tokens, **model)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    while hit is None:
+        assert time.monotonic() < deadline, "lookup stayed pending"
+        time.sleep(0.01)
+        hit = client.query_lookup(request_id)
+    return hit

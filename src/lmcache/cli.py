@@ -7,6 +7,7 @@ command line, in the environment (``LMCACHE_<NAME>``) and in ``/status`` at once
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import typing
 from collections.abc import Sequence
@@ -30,7 +31,26 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if choices:
             help_text += f"; one of {', '.join(map(str, choices))}"
         # SUPPRESS: only flags the user typed reach the model, so env vars still apply.
+        if typing.get_origin(field.annotation) is list:
+            help_text = f"{field.description} (env: {env}, a JSON list)"
+            parser.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, action="append", type=_json_object,
+                help=help_text,
+            )  # fmt: skip
+            continue
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+
+
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object like '{{\"type\": ...}}', got {text!r}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ variable, the variable beats the default.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +33,12 @@ class ServerSettings(BaseSettings):
     lock_ttl_s: float = Field(
         300.0, gt=0, description="seconds a read/write lock lives unless released"
     )
+    l2_adapter: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="L2 tier as JSON, repeatable, in lookup order, e.g. "
+        '\'{"type": "fs", "path": "/data/kv", "max_capacity_gb": 500}\' or '
+        '\'{"type": "redis", "url": "redis://host:6379/0"}\'',
+    )
     engine_timeout_s: float = Field(
         0.0, ge=0, description="unregister engines silent this long (0 = never)"
     )
@@ -42,6 +48,15 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings for display: credentials in L2 URLs are masked."""
+        data = self.model_dump()
+        data["l2_adapter"] = [
+            {k: _mask_url(v) if isinstance(v, str) and "://" in v else v for k, v in c.items()}
+            for c in data["l2_adapter"]
+        ]
+        return data
 
     @property
     def l1_size_bytes(self) -> int:
@@ -54,3 +69,10 @@ class ServerSettings(BaseSettings):
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"tcp://{host}:{self.port}"
+
+
+def _mask_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest.split("/", 1)[0]:
+        return url
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"

@@ -230,6 +230,23 @@ class EngineRegistry:
         stale = [e.instance_id for e in list(self._engines.values()) if now - e.last_seen > idle_s]
         return [i for i in stale if self.unregister(i)]
 
+    def find(
+        self, model_name: str, world_size: int, dtype: str, kv_spec: str
+    ) -> list[Engine] | None:
+        """One registered engine per rank of this model identity, or None if a rank is missing."""
+        by_rank: dict[int, Engine] = {}
+        for e in self.engines():
+            if (e.model_name, e.world_size, e.dtype, e.kv_spec) == (
+                model_name,
+                world_size,
+                dtype,
+                kv_spec,
+            ):
+                by_rank.setdefault(e.rank, e)
+        if len(by_rank) != world_size:
+            return None
+        return [by_rank[r] for r in range(world_size)]
+
     def engines(self) -> list[Engine]:
         with self._lock:
             return list(self._engines.values())

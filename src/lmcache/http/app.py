@@ -34,6 +34,9 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
         problems = runtime.health()
         if problems:
             return JSONResponse({"status": "unhealthy", "reasons": problems}, status_code=503)
+        degraded = runtime.degraded()  # e.g. an L2 adapter is down: still serving from L1
+        if degraded:
+            return JSONResponse({"status": "healthy", "degraded": degraded})
         return JSONResponse({"status": "healthy"})
 
     @app.post("/clear-cache", summary="Force-clear all L1 data, locked objects included")
@@ -42,6 +45,12 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             return JSONResponse({"status": "error", "reason": "not ready"}, status_code=503)
         removed = runtime.clear()
         return JSONResponse({"status": "ok", "removed": removed})
+
+    @app.post("/clear-l2", summary="Remove every object from every L2 adapter")
+    def clear_l2() -> JSONResponse:
+        if not runtime.ready:
+            return JSONResponse({"status": "error", "reason": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ok", "removed": runtime.clear_l2()})
 
     @app.get("/status", summary="Detailed state of every component")
     def status() -> dict[str, Any]:

@@ -36,15 +36,31 @@ def decode_request(frame: bytes) -> Request | ErrorReply:
         return error_reply(request_id, ErrorCode.BAD_REQUEST, message)
 
 
+class _Envelope(msgspec.Struct):
+    """Lenient view of a broken frame: other fields are skipped unread (even bad UTF-8)."""
+
+    id: object = None
+    op: msgspec.Raw = msgspec.Raw()
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+
+
 def _envelope(frame: bytes) -> tuple[int, str]:
     """Best effort: the id (to echo) and op of a frame that failed to decode."""
-    try:
-        data = msgspec.msgpack.decode(frame)
+    request_id: object = None
+    op: object = None
+    try:  # skips other fields unread: survives bad UTF-8 or odd values elsewhere
+        env = _envelope_decoder.decode(frame)
+        request_id = env.id
+        op = msgspec.msgpack.decode(env.op) if len(env.op) else None
     except Exception:
-        return -1, ""
-    if not isinstance(data, dict):
-        return -1, ""
-    request_id, op = data.get("id"), data.get("op")
+        try:  # non-string keys defeat the struct decoder, not the untyped one
+            data = msgspec.msgpack.decode(frame)
+            if isinstance(data, dict):
+                request_id, op = data.get("id"), data.get("op")
+        except Exception:  # not a map, or nested beyond reason
+            pass
     if not (type(request_id) is int and -(2**63) <= request_id < 2**64):
         request_id = -1
     return int(request_id), (op if isinstance(op, str) else "")

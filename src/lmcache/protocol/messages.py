@@ -284,6 +284,7 @@ class StoreReply(Message, frozen=True, tag="store_result"):
     stored_tokens: int  # newly written
     cached_tokens: int  # already present (or being written by someone else)
     no_space: bool = False  # L1 full of locked objects: the rest was skipped
+    conflict_tokens: int = 0  # cached under another layout for this identity: not stored
 
 
 class RetrieveReply(Message, frozen=True, tag="retrieve_result"):

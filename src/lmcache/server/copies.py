@@ -53,7 +53,11 @@ class Copies:
         sessions: Sessions,
         hasher: ChunkHasher,
         metrics: Metrics,
+        *,
+        on_stored: Callable[[ObjectKey, bytes], None] | None = None,
     ) -> None:
+        self.on_stored = on_stored  # a chunk landed in L1 (the L2 write-behind hook)
+        self._conflicts_logged: set[int] = set()
         self.l1 = l1
         self.registry = registry
         self.sessions = sessions
@@ -125,12 +129,16 @@ class Copies:
 
     def _write(self, rid: int, engine: Engine, keys: list[ObjectKey], fill: Fill) -> StoreReply:
         start = time.perf_counter()
-        stored = cached = 0
+        stored = cached = conflicts = 0
         no_space = False
         for i, key in enumerate(keys):
             slot = self.l1.reserve_write(key, engine.chunk_bytes, tag=engine.layout_tag)
             if slot == "cached":
                 cached += 1
+                continue
+            if slot == "conflict":
+                self._warn_conflict(engine)
+                conflicts += 1
                 continue
             if slot == "no_space":
                 no_space = True
@@ -140,7 +148,10 @@ class Copies:
             except BaseException:
                 self.l1.abort_write(slot)
                 raise
-            stored += self.l1.commit_write(slot)
+            if self.l1.commit_write(slot):
+                stored += 1
+                if self.on_stored is not None:
+                    self.on_stored(key, engine.layout_tag)
         elapsed = time.perf_counter() - start
         tokens = stored * self.chunk_size
         if stored:
@@ -150,9 +161,20 @@ class Copies:
             logger.warning("L1 is full of locked chunks: stored %d of %d chunks", stored, len(keys))
         self.metrics.stored_tokens.inc(tokens)
         self.metrics.stored_bytes.inc(stored * engine.chunk_bytes)
+        c = self.chunk_size
         return StoreReply(
-            id=rid, stored_tokens=tokens, cached_tokens=cached * self.chunk_size, no_space=no_space
-        )
+            id=rid, stored_tokens=tokens, cached_tokens=cached * c, no_space=no_space,
+            conflict_tokens=conflicts * c,
+        )  # fmt: skip
+
+    def _warn_conflict(self, engine: Engine) -> None:
+        if engine.instance_id not in self._conflicts_logged:
+            self._conflicts_logged.add(engine.instance_id)
+            logger.warning(
+                "GPU ID %d stores chunks already cached with another layout under the same "
+                "model identity; give engines with different layouts different kv_spec values",
+                engine.instance_id,
+            )
 
     def _read(
         self,

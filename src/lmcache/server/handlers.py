@@ -42,7 +42,8 @@ from lmcache.protocol.messages import (
 )
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
-from lmcache.server.sessions import Sessions
+from lmcache.server.sessions import Session, Sessions
+from lmcache.server.tiers import RankLayout, TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace, object_key
 from lmcache.storage.l1 import L1Cache
@@ -66,6 +67,7 @@ class RequestHandler:
         server_token: str,
         lock_ttl: float,
         pool_name: str = "",
+        tiers: TieredStore | None = None,
     ) -> None:
         self.l1 = l1
         self.registry = registry
@@ -77,7 +79,10 @@ class RequestHandler:
         self.lock_ttl = lock_ttl
         self.pool_name = pool_name
         self.prepared = PreparedTransfers(l1, sessions, metrics, self.chunk_size, lock_ttl)
-        self.copies = Copies(l1, registry, sessions, hasher, metrics)
+        self.tiers = tiers
+        on_stored = tiers.stored if tiers is not None else None
+        self.copies = Copies(l1, registry, sessions, hasher, metrics, on_stored=on_stored)
+        self.prepared.on_stored = on_stored
         self._digests: dict[tuple[str, int, str, str, str], list[bytes]] = {}
         self._inline: dict[type[Any], Callable[[Any], Reply]] = {
             Ping: self._ping,
@@ -186,11 +191,32 @@ class RequestHandler:
                 groups.append([object_key(d, h) for d in digests])
                 yield groups[-1]
 
-        lease = self.l1.acquire_prefix(chunk_groups(), owner=req.request_id, ttl=self.lock_ttl)
-        session = self.sessions.start(req.request_id, lease, groups)
+        chunks = chunk_groups()
+        lease = self.l1.acquire_prefix(chunks, owner=req.request_id, ttl=self.lock_ttl)
         self.metrics.lookup_requested_tokens.inc(num_tokens)
+        layouts = (
+            self._l2_layouts(req) if lease.hit_groups < num_tokens // self.chunk_size else None
+        )
+        if layouts is None or self.tiers is None:
+            session = self.sessions.start(req.request_id, lease, groups)
+            self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
+            return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
+        rest = groups[lease.hit_groups :] + list(chunks)  # L1 missed these: ask L2
+        session = self.sessions.start(req.request_id, lease, groups, pending=True)
+        self.tiers.prefetch(session, rest, layouts, self._count_hit)
+        return LookupReply(id=req.id, hit_tokens=None)
+
+    def _count_hit(self, session: Session) -> None:
         self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
-        return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
+
+    def _l2_layouts(self, req: Lookup) -> list[RankLayout] | None:
+        """Every rank's chunk layout, if every rank's engine is registered (else no L2)."""
+        if self.tiers is None:
+            return None
+        engines = self.registry.find(req.model_name, req.world_size, req.dtype, req.kv_spec)
+        if engines is None:
+            return None
+        return [RankLayout(e.layout_tag, e.chunk_bytes) for e in engines]
 
     def _lookup_digests(self, req: Lookup) -> list[bytes]:
         """Namespace digests of every rank, memoized (a lookup is on the hot path)."""

@@ -44,6 +44,40 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "lmcache_l1_evictions", "chunks evicted from L1", value=s["l1"]["evictions"]
         )
+        yield from _l2_metrics(s.get("l2", []))
+
+
+# (metric, help, kind, stats field) for every L2 adapter, labelled by adapter name
+_L2 = [
+    ("lmcache_l2_objects", "objects in the adapter", "gauge", "objects"),
+    ("lmcache_l2_bytes", "bytes in the adapter", "gauge", "bytes"),
+    ("lmcache_l2_hits", "objects found", "counter", "hits"),
+    ("lmcache_l2_misses", "objects not found (or corrupt)", "counter", "misses"),
+    ("lmcache_l2_errors", "failed operations", "counter", "errors"),
+    ("lmcache_l2_up", "1 while the adapter answers", "gauge", "healthy"),
+    ("lmcache_l2_queue_depth", "chunks waiting to be copied to L2", "gauge", "queue_depth"),
+    ("lmcache_l2_store_skipped", "chunks not copied: queue full", "counter", "queue_skipped_full"),
+    (
+        "lmcache_l2_prefetched_objects",
+        "objects loaded from L2 into L1",
+        "counter",
+        "prefetched_objects",
+    ),
+]
+
+
+def _l2_metrics(adapters: list[dict[str, Any]]) -> Iterator[Metric]:
+    for name, doc, kind, field in _L2:
+        family: GaugeMetricFamily | CounterMetricFamily
+        if kind == "gauge":
+            family = GaugeMetricFamily(name, doc, labels=["adapter"])
+        else:
+            family = CounterMetricFamily(name, doc, labels=["adapter"])
+        for a in adapters:
+            value = a.get(field)
+            if isinstance(value, int | float):
+                family.add_metric([str(a.get("name", "?"))], float(value))
+        yield family
 
 
 class Metrics:

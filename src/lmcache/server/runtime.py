@@ -30,11 +30,13 @@ from lmcache.logs import setup_logging
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
+from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.l1 import L1Cache
+from lmcache.storage.l2 import make_adapter
 from lmcache.storage.shm import ShmSegment, unlink_stale_segments
 from lmcache.transport.zmq_server import ZmqServer
 
@@ -56,6 +58,7 @@ class ServerRuntime:
         self._segment: ShmSegment | None = None
         self._zmq: ZmqServer | None = None
         self._prepared: PreparedTransfers | None = None
+        self.tiers: TieredStore | None = None
         self._stop = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, name="lmcache-maintenance", daemon=True
@@ -74,6 +77,7 @@ class ServerRuntime:
             "chunk_size=%d, max_workers=%d",
             s.l1_size_gb, s.eviction_policy, s.chunk_size, s.max_workers,
         )  # fmt: skip
+        adapters = [make_adapter(config) for config in s.l2_adapter]  # bad config: fail first
         for prefix in (POOL_PREFIX, KV_SEGMENT_PREFIX):
             for name in unlink_stale_segments(prefix):
                 logger.warning("Removed shared-memory segment /%s of a dead process", name)
@@ -82,6 +86,11 @@ class ServerRuntime:
         )
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
+        if adapters:
+            self.tiers = TieredStore(self.l1, self.sessions, adapters)
+            self.tiers.start()
+            for adapter in adapters:
+                logger.info("L2 adapter %s", adapter.name)
         handler = RequestHandler(
             l1=self.l1,
             registry=self.registry,
@@ -91,6 +100,7 @@ class ServerRuntime:
             server_token=self.server_token,
             lock_ttl=s.lock_ttl_s,
             pool_name=self._segment.name,
+            tiers=self.tiers,
         )
         self._prepared = handler.prepared
         self._zmq = ZmqServer(s.zmq_bind_endpoint, handler.dispatch, s.max_workers)
@@ -107,6 +117,8 @@ class ServerRuntime:
         self._stop.set()
         if self._zmq is not None:
             self._zmq.stop()  # waits for running copies: nothing touches the pool after this
+        if self.tiers is not None:
+            self.tiers.stop()
         self.registry.close()
         if self._segment is not None:
             self._segment.close()
@@ -156,6 +168,15 @@ class ServerRuntime:
             problems.append(f"eviction failed: {self.l1.eviction_error}")
         return problems
 
+    def degraded(self) -> list[str]:
+        """Parts that are down while the server still serves (an L2 adapter, say)."""
+        return self.tiers.problems() if self.tiers is not None else []
+
+    def clear_l2(self) -> int:
+        removed = self.tiers.clear() if self.tiers is not None else 0
+        logger.info("L2 cleared via HTTP API (%d objects)", removed)
+        return removed
+
     def clear(self) -> int:
         if self.l1 is None:
             raise RuntimeError("server is not ready")
@@ -178,7 +199,7 @@ class ServerRuntime:
                 **(self.l1.stats() if self.l1 else {}),
                 "shm_segment": self._segment.name if self._segment else None,
             },
-            "l2_adapters": [],
+            "l2_adapters": self.tiers.status() if self.tiers else [],
             "workers": [
                 {
                     "name": "zmq-loop",
@@ -203,7 +224,7 @@ class ServerRuntime:
                 "active": len(self.sessions) if self.sessions else 0,
                 "items": self.sessions.snapshot() if self.sessions else [],
             },
-            "config": self.settings.model_dump(),
+            "config": self.settings.redacted(),
         }
 
     def _metric_state(self) -> dict[str, Any]:
@@ -212,6 +233,7 @@ class ServerRuntime:
             "l1": self.l1.stats() if self.l1 else empty,
             "engines": len(self.registry.engines()),
             "sessions": len(self.sessions) if self.sessions else 0,
+            "l2": self.tiers.status() if self.tiers else [],
         }
 
 

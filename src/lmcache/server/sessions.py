@@ -47,11 +47,14 @@ class Sessions:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def start(self, request_id: str, lease: Lease, groups: list[list[ObjectKey]]) -> Session:
+    def start(
+        self, request_id: str, lease: Lease, groups: list[list[ObjectKey]], pending: bool = False
+    ) -> Session:
+        """A lookup's result; ``pending`` while L2 chunks are still being loaded."""
         session = Session(
             request_id,
             lease,
-            lease.hit_groups * self._chunk_size,
+            None if pending else lease.hit_groups * self._chunk_size,
             self._chunk_size,
             groups[: lease.hit_groups],
             time.monotonic() + self._ttl,
@@ -62,6 +65,12 @@ class Sessions:
         if old is not None:  # a repeated lookup (e.g. after preemption) replaces the old one
             self._l1.release(old.lease)
         return session
+
+    def finish(self, session: Session, loaded: list[list[ObjectKey]]) -> None:
+        """The L2 prefetch of a pending lookup is done: ``loaded`` chunks are now pinned."""
+        with self._lock:
+            session.groups.extend(loaded)
+            session.hit_tokens = len(session.groups) * self._chunk_size
 
     def get(self, request_id: str) -> Session | None:
         return self._sessions.get(request_id)

@@ -22,6 +22,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmcache.engine.registry import Engine
@@ -43,6 +44,7 @@ class _Pending:
     started: float
     expires: float
     chunk_bytes: int
+    tag: bytes
     slots: list[WriteSlot]
     lease: Lease | None
     tokens: int
@@ -58,6 +60,7 @@ class PreparedTransfers:
         self._chunk_size = chunk_size
         self._ttl = ttl
         self._pending: dict[int, _Pending] = {}
+        self.on_stored: Callable[[ObjectKey, bytes], None] | None = None
         self._lock = threading.Lock()
 
     def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], engine: Engine) -> Prepared:
@@ -70,14 +73,14 @@ class PreparedTransfers:
             if slot == "no_space":
                 no_space = True
                 break
-            if slot == "cached":
-                offsets.append(-1)
+            if slot == "cached" or slot == "conflict":  # noqa: PLR1714 (narrows the type)
+                offsets.append(-1)  # nothing to write
                 continue
             offsets.append(slot.offset)
             slots.append(slot)
         if no_space:
             self._metrics.store_no_space.inc()
-        tid = self._add(self._new("store", req, chunk_bytes, slots=slots))
+        tid = self._add(self._new("store", req, engine, slots=slots))
         return Prepared(
             id=req.id, transfer_id=tid, offsets=offsets, chunk_bytes=chunk_bytes,
             ttl_s=self._ttl, no_space=no_space,
@@ -95,7 +98,7 @@ class PreparedTransfers:
                 f"chunks for tokens [{req.start}, {req.end}) are not cached; recompute them"
             )
         self._sessions.release(req.request_id, keys)
-        pending = self._new("retrieve", req, chunk_bytes, lease=lease, tokens=req.end - req.start)
+        pending = self._new("retrieve", req, engine, lease=lease, tokens=req.end - req.start)
         tid = self._add(pending)
         return Prepared(
             id=req.id, transfer_id=tid, offsets=[o for o, _ in lease.offsets(keys)],
@@ -128,7 +131,12 @@ class PreparedTransfers:
             for slot in pending.slots:
                 self._l1.abort_write(slot)
             return Committed(id=req.id, tokens=0)
-        stored = sum(self._l1.commit_write(slot) for slot in pending.slots)
+        stored = 0
+        for slot in pending.slots:
+            if self._l1.commit_write(slot):
+                stored += 1
+                if self.on_stored is not None:
+                    self.on_stored(slot.key, pending.tag)
         tokens = stored * self._chunk_size
         if stored:
             logger.info("Stored %d tokens in %.3f seconds", tokens, elapsed)
@@ -157,10 +165,11 @@ class PreparedTransfers:
         return tid
 
     def _new(
-        self, kind: str, req: PrepareStore | PrepareRetrieve, chunk_bytes: int, *,
+        self, kind: str, req: PrepareStore | PrepareRetrieve, engine: Engine, *,
         slots: list[WriteSlot] | None = None, lease: Lease | None = None, tokens: int = 0,
     ) -> _Pending:  # fmt: skip
         now = time.perf_counter(), time.monotonic() + self._ttl
         return _Pending(
-            kind, req.instance_id, req.request_id, *now, chunk_bytes, slots or [], lease, tokens
-        )
+            kind, req.instance_id, req.request_id, *now, engine.chunk_bytes, engine.layout_tag,
+            slots or [], lease, tokens,
+        )  # fmt: skip

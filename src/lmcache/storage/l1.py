@@ -86,7 +86,7 @@ class Lease:
         return [(self.objects[k].extent.offset, self.objects[k].extent.nbytes) for k in keys]
 
 
-Reserve = WriteSlot | Literal["cached", "no_space"]
+Reserve = WriteSlot | Literal["cached", "conflict", "no_space"]
 
 
 class L1Cache:
@@ -114,11 +114,14 @@ class L1Cache:
         """Allocate an object for ``key``, evicting unpinned objects if needed.
 
         Returns ``"cached"`` when the key exists (READY or being written by
-        someone else) and ``"no_space"`` when nothing more can be evicted.
+        someone else), ``"conflict"`` when it exists with another layout ``tag``
+        (this writer could never read it back), and ``"no_space"`` when nothing
+        more can be evicted.
         """
         with self._lock:
-            if key in self._index:
-                return "cached"
+            existing = self._index.get(key)
+            if existing is not None:
+                return "cached" if existing.tag == tag else "conflict"
             if self._alloc.pages_for(nbytes) > self._alloc.total_pages:
                 return "no_space"  # could never fit: do not evict everything trying
             extent = self._allocate(nbytes)
@@ -169,19 +172,7 @@ class L1Cache:
         with self._lock:
             lease = self._new_lease(owner, kind, ttl)
             try:
-                for group in groups:
-                    objs = [self._index.get(k) for k in group]
-                    if not all(
-                        o is not None
-                        and o.state is ObjState.READY
-                        and (tag is None or o.tag == tag)
-                        for o in objs
-                    ):
-                        break
-                    for obj in objs:
-                        assert obj is not None
-                        self._pin(lease, obj)
-                    lease.hit_groups += 1
+                self._pin_groups(lease, groups, tag)
             except BaseException:  # e.g. a failing key generator: leave no pins behind
                 for obj in lease.objects.values():
                     obj.pins -= 1
@@ -190,6 +181,35 @@ class L1Cache:
                 del self._leases[lease.id]
                 raise
             return lease
+
+    def extend(
+        self, lease: Lease, groups: Iterable[Sequence[ObjectKey]], tag: bytes | None = None
+    ) -> int:
+        """Pin more groups into a live lease (as `acquire_prefix` would); returns how many.
+
+        Nothing is pinned into a lease that was released, cleared or expired meanwhile.
+        """
+        with self._lock:
+            if lease.id not in self._leases or lease.expired:
+                return 0
+            before = lease.hit_groups
+            self._pin_groups(lease, groups, tag)
+            return lease.hit_groups - before
+
+    def _pin_groups(
+        self, lease: Lease, groups: Iterable[Sequence[ObjectKey]], tag: bytes | None
+    ) -> None:
+        for group in groups:
+            objs = [self._index.get(k) for k in group]
+            if not all(
+                o is not None and o.state is ObjState.READY and (tag is None or o.tag == tag)
+                for o in objs
+            ):
+                break
+            for obj in objs:
+                assert obj is not None
+                self._pin(lease, obj)
+            lease.hit_groups += 1
 
     def acquire_all(
         self,
@@ -231,6 +251,11 @@ class L1Cache:
                 obj = self._index.get(key)
                 if obj is not None and obj.state is ObjState.READY:
                     self._touch(obj)
+
+    def tag_of(self, key: ObjectKey) -> bytes | None:
+        with self._lock:
+            obj = self._index.get(key)
+            return obj.tag if obj is not None and obj.state is ObjState.READY else None
 
     def contains(self, key: ObjectKey) -> bool:
         with self._lock:

@@ -1,0 +1,368 @@
+"""`RedisL2`: objects in Redis / Valkey (single server or Cluster) via redis-py.
+
+One object = one meta key + its payload cut into parts of ``part_mb`` MiB::
+
+    lmcache:{<key hex>}:m      header (80 B): length, xxh3_64, part size   ── written LAST
+    lmcache:{<key hex>}:0      payload[0 : part]
+    lmcache:{<key hex>}:1      payload[part : 2*part] ...
+
+    put:  MULTI  GET m, SET 0.., SET m  EXEC            one round trip, atomic
+    get:  MULTI  GET m, GET 0..n-1      EXEC            n from len(out); verify, copy into out
+    exists: EXISTS m per key in one pipeline (one round trip per server)
+
+The ``{key hex}`` hash tag keeps an object in one Cluster slot, so the transactions
+work on Cluster too. A reader sees a whole object or none: the transaction is
+atomic, and even without it the meta key (what `exists` and readers look at) comes
+last. A part that is missing (Redis evicted it under ``maxmemory``) or wrong makes
+the object a miss, and the object is deleted. Racing writers of one key can at
+worst leave it torn, which reads as a miss; never wrong bytes.
+
+Failures: every socket operation has ``timeout_s``; refused or dropped connections
+are retried ``retries`` times with exponential backoff (a restart or failover),
+timeouts are not (the budget is spent), so a dead or stalled Redis raises
+`L2Error` after about ``timeout_s``. Credentials come from the URL or from
+``LMCACHE_REDIS_USERNAME`` / ``LMCACHE_REDIS_PASSWORD`` and appear nowhere else:
+``name`` is the URL without them, and error texts are scrubbed.
+
+``stats()`` reports ``objects`` and ``bytes`` as None: Redis may be shared and
+counting this prefix would need a scan of the whole keyspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.connection import Connection, PythonRespSerializer, SSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+
+from lmcache.storage.l2.base import Health, L2Error, byte_view, check_key, config_error
+from lmcache.storage.l2.format import Header, copy_hashing, hasher, header_for, unpack_header
+from lmcache.types import ObjectKey
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
+_GLOB = re.compile(r"([*?\[\]\\])")
+_BATCH = 1000  # keys per SCAN step and per UNLINK in clear()
+_ERRORS = (RedisError, RedisClusterException, OSError)
+
+Client = redis.Redis | RedisCluster
+
+
+def _encode(value: object) -> bytes | bytearray | memoryview:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return value
+    return (value if isinstance(value, str) else repr(value)).encode()
+
+
+# With hiredis installed, redis-py packs commands with hiredis, which copies every value
+# twice (bytes(memoryview), then the packed command): puts of big parts ran 4x slower.
+# The pure-Python packer sends a memoryview as it is; hiredis still parses the replies.
+_PACKER = PythonRespSerializer(6000, _encode)
+
+
+class _Connection(Connection):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(command_packer=_PACKER, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class _SSLConnection(SSLConnection):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(command_packer=_PACKER, **kwargs)
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed URL: where to connect (no credentials in ``url``) and with what."""
+
+    url: str
+    name: str
+    cluster: bool
+    tls: bool
+    username: str | None
+    password: str | None
+    secrets: tuple[str, ...]
+
+
+def parse_url(url: str, cluster: bool = False) -> RedisTarget:
+    if not url or not isinstance(url, str):
+        raise config_error("redis", "'url' is required")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError:
+        raise config_error("redis", "'url' is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    base, plus, variant = scheme.partition("+")
+    if base not in _SCHEMES or (plus and variant != "cluster"):
+        raise config_error(
+            "redis",
+            f"'url' scheme must be redis://, rediss://, valkey:// or valkeys:// "
+            f"(or one of them +cluster, e.g. redis+cluster://), got {scheme + '://'!r}",
+        )
+    cluster = cluster or variant == "cluster"
+    if not parts.hostname:
+        raise config_error("redis", "'url' has no host")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    path = parts.path.strip("/")
+    if not path.isdigit() and path:
+        raise config_error("redis", f"'url' path must be a database number, got {path!r}")
+    db = int(path or 0)
+    if cluster and db != 0:
+        raise config_error("redis", "'url' database must be 0 with Redis Cluster")
+    query = parse_qs(parts.query)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    username = username or os.environ.get("LMCACHE_REDIS_USERNAME") or None
+    password = password or os.environ.get("LMCACHE_REDIS_PASSWORD") or None
+    # Always redis://: TLS is chosen by connection class (see RedisL2._make_client).
+    client_url = f"redis://{host}:{port}" + ("" if cluster else f"/{db}")
+    if parts.query:
+        client_url += f"?{parts.query}"
+    return RedisTarget(
+        url=client_url,
+        name=f"{scheme}://{host}:{port}/{db}",
+        cluster=cluster,
+        tls=_SCHEMES[base] == "rediss",
+        username=username,
+        password=password,
+        secrets=tuple(s for s in (password, *query.get("password", [])) if s),
+    )
+
+
+class RedisL2:
+    def __init__(
+        self,
+        url: str,
+        part_mb: int = 4,
+        timeout_s: float = 2.0,
+        retries: int = 2,
+        key_prefix: str = "lmcache:",
+        *,
+        cluster: bool = False,
+    ) -> None:
+        target = parse_url(url, cluster)
+        _check_number("part_mb", part_mb, 1, 512, integer=True)
+        _check_number("timeout_s", timeout_s, 0.001, 3600)
+        _check_number("retries", retries, 0, 10, integer=True)
+        if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
+            raise config_error(
+                "redis", f"'key_prefix' must be a string without braces, got {key_prefix!r}"
+            )
+        self.name = target.name
+        self.cluster = target.cluster
+        self.part_size = int(part_mb) * MiB
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.key_prefix = key_prefix
+        self._target = target
+        self._health = Health(scrub=target.secrets)
+        self._client: Client | None = None
+        self._client_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisL2({self.name!r})"
+
+    # ----- connection --------------------------------------------------------------------
+
+    def _connect(self) -> Client:
+        """The client, created on first use (a Cluster client connects when created)."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is None:
+                if self._closed:
+                    raise L2Error(f"{self.name}: adapter is closed")
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> Client:
+        backoff = ExponentialBackoff(cap=min(0.5, self.timeout_s / 4), base=0.02)
+        # The Cluster client retries timeouts too (as failovers): split the budget.
+        timeout = self.timeout_s / (self.retries + 1) if self.cluster else self.timeout_s
+        options: dict[str, Any] = {
+            "username": self._target.username,
+            "password": self._target.password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "socket_keepalive": True,
+            "socket_read_size": 1 << 20,
+            "connection_class": _SSLConnection if self._target.tls else _Connection,
+            # Only connection errors are retried: a timeout has already used the budget.
+            "retry": Retry(backoff, self.retries, supported_errors=(RedisConnectionError,)),
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self._target.url, **options)
+        return redis.Redis.from_url(self._target.url, **options)
+
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[Client]:
+        """Yield the client; turn any backend failure into `L2Error`, track health."""
+        if self._closed:
+            raise L2Error(f"{self.name}: adapter is closed")
+        try:
+            yield self._connect()
+        except _ERRORS as exc:
+            raise self._health.failed(f"{self.name}: {what}", exc) from exc
+        self._health.ok()
+
+    def _keys(self, key: ObjectKey) -> str:
+        """The key names' common start, ``<prefix>{<key hex>}:``."""
+        return f"{self.key_prefix}{{{key.hex()}}}:"
+
+    # ----- operations --------------------------------------------------------------------
+
+    def put(self, key: ObjectKey, data: memoryview | bytes) -> None:
+        check_key(key)
+        view = byte_view(data)
+        base, part = self._keys(key), self.part_size
+        header = header_for(key, view, part)
+        with self._calling("put") as client:
+            pipe = client.pipeline(transaction=True)
+            pipe.get(base + "m")
+            for i in range(header.parts):
+                pipe.set(base + str(i), view[i * part : (i + 1) * part])
+            pipe.set(base + "m", header.pack())
+            old = unpack_header(pipe.execute()[0], key)
+            if old is not None and old.parts > header.parts:  # a shorter object replaced it
+                client.unlink(*(base + str(i) for i in range(header.parts, old.parts)))
+        self._health.add("puts")
+
+    def exists(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        for key in keys:
+            check_key(key)
+        if not keys:
+            return []
+        with self._calling("exists") as client:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self._keys(key) + "m")
+            return [bool(n) for n in pipe.execute()]
+
+    def get_into(self, key: ObjectKey, out: memoryview) -> bool:
+        check_key(key)
+        out = byte_view(out)
+        base = self._keys(key)
+        with self._calling("get") as client:
+            meta, parts = self._fetch(client, base, len(out), self.part_size)
+            header = unpack_header(meta, key)
+            if header is not None and header.part_size != self.part_size and header.part_size:
+                # written with another part_mb: fetch its parts (meta must be unchanged)
+                meta2, parts = self._fetch(client, base, len(out), header.part_size)
+                header = header if meta2 == meta else None
+            if meta is None:
+                self._health.add("misses")
+                return False
+            if header is None or not _fill(out, header, parts):
+                self._discard(client, base, header, len(out))
+                self._health.add("corrupted")
+                self._health.add("misses")
+                return False
+        self._health.add("hits")
+        return True
+
+    def _fetch(
+        self, client: Client, base: str, nbytes: int, part_size: int
+    ) -> tuple[bytes | None, list[bytes | None]]:
+        pipe = client.pipeline(transaction=True)
+        pipe.get(base + "m")
+        for i in range(-(-nbytes // part_size)):
+            pipe.get(base + str(i))
+        meta, *parts = pipe.execute()
+        return meta, parts
+
+    def _discard(self, client: Client, base: str, header: Header | None, nbytes: int) -> None:
+        parts = header.parts if header is not None else -(-nbytes // self.part_size)
+        client.unlink(base + "m", *(base + str(i) for i in range(parts)))
+        logger.warning("%s: object %s failed verification; deleted", self.name, base)
+
+    def delete(self, key: ObjectKey) -> None:
+        check_key(key)
+        base = self._keys(key)
+        with self._calling("delete") as client:
+            pipe = client.pipeline(transaction=True)
+            pipe.get(base + "m")
+            pipe.unlink(base + "m")
+            header = unpack_header(pipe.execute()[0], key)
+            if header is not None and header.parts:
+                client.unlink(*(base + str(i) for i in range(header.parts)))
+
+    def clear(self) -> int:
+        """SCAN for this prefix's keys (exactly ``<prefix>{<96 hex>}:...``) and UNLINK them."""
+        pattern = _GLOB.sub(r"\\\1", self.key_prefix) + "{" + "?" * 96 + "}:*"
+        removed = 0
+        with self._calling("clear") as client:
+            batch: list[bytes] = []
+            for name in client.scan_iter(match=pattern, count=_BATCH):
+                batch.append(name)
+                removed += name.endswith(b":m")
+                if len(batch) >= _BATCH:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+        return removed
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "type": "redis",
+            "name": self.name,
+            "cluster": self.cluster,
+            "objects": None,
+            "bytes": None,
+            "capacity_bytes": None,
+            "part_mb": self.part_size // MiB,
+            "timeout_s": self.timeout_s,
+            **self._health.snapshot(),
+        }
+
+    def close(self) -> None:
+        with self._client_lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(*_ERRORS):
+                client.close()
+
+
+def _fill(out: memoryview, header: Header, parts: list[bytes | None]) -> bool:
+    """Copy the parts into ``out`` if they are exactly the object ``header`` describes."""
+    if header.payload_len != len(out) or len(parts) != header.parts:
+        return False
+    offset, h = 0, hasher()
+    for blob in parts:
+        if blob is None or not 0 < len(blob) <= header.part_size:
+            return False
+        end = offset + len(blob)
+        if end > len(out) or (end < len(out) and len(blob) != header.part_size):
+            return False
+        copy_hashing(out[offset:end], blob, h)
+        offset = end
+    return offset == len(out) and h.intdigest() == header.checksum
+
+
+def _check_number(
+    field: str, value: object, low: float, high: float, integer: bool = False
+) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise config_error(
+            "redis", f"{field!r} must be {what} in [{low:g}, {high:g}], got {value!r}"
+        )

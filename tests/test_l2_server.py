@@ -1,0 +1,135 @@
+"""L2 tiers behind a real server: filesystem and Redis, restarts, sharing, failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmcache.engine.shm_kv import ShmKVCache
+
+from .conftest import (
+    CHUNK,
+    ServerProcess,
+    fill_random,
+    lookup_hit,
+    register,
+    start_redis,
+    start_server,
+    unique_tokens,
+)
+
+MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+
+
+def fs_adapter(path: Path) -> str:
+    return f'{{"type": "fs", "path": "{path}"}}'
+
+
+def store_three_chunks(
+    server: ServerProcess, engine: ShmKVCache, iid: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    client = server.client()
+    register(client, engine, iid)
+    fill_random(engine, seed)
+    tokens = unique_tokens(3 * CHUNK)
+    assert (
+        client.store("s", iid, tokens, start=0, end=3 * CHUNK, block_ids=range(48)).stored_tokens
+        == 3 * CHUNK
+    )
+    return tokens, engine.blocks[:, :, :48].copy()
+
+
+def wait_l2_objects(server: ServerProcess, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while sum(a["stored_objects"] for a in server.http().get("/status").json()["l2_adapters"]) < n:
+        assert time.monotonic() < deadline, server.http().get("/status").json()["l2_adapters"]
+        time.sleep(0.05)
+
+
+def retrieve_is_exact(
+    server: ServerProcess, engine: ShmKVCache, iid: int, tokens: np.ndarray, original: np.ndarray
+) -> None:
+    client = server.client()
+    assert lookup_hit(client, "r", tokens, **MODEL) == 3 * CHUNK
+    engine.blocks[...] = 0
+    client.retrieve("r", iid, tokens, start=0, end=3 * CHUNK, block_ids=range(16, 64))
+    np.testing.assert_array_equal(engine.blocks[:, :, 16:64], original)
+    client.end_session("r")
+
+
+def test_fs_tier_survives_a_restart(tmp_path: Path, engine: ShmKVCache) -> None:
+    first = start_server("--l2-adapter", fs_adapter(tmp_path / "kv"))
+    try:
+        tokens, original = store_three_chunks(first, engine, 1, seed=1)
+        wait_l2_objects(first, 3)
+    finally:
+        first.stop()
+    second = start_server("--l2-adapter", fs_adapter(tmp_path / "kv"))  # empty L1
+    try:
+        client = second.client()
+        register(client, engine, 1)
+        assert client.lookup("p", tokens, **MODEL) is None  # pending: loading from L2
+        client.end_session("p")
+        retrieve_is_exact(second, engine, 1, tokens, original)
+        status = second.http().get("/status").json()
+        (fs,) = status["l2_adapters"]
+        assert fs["objects"] == 3 and fs["hits"] >= 3 and fs["prefetched_objects"] == 3
+        metrics = second.http().get("/metrics").text
+        assert 'lmcache_l2_objects{adapter="fs:' in metrics
+        # Evicting or clearing L1 does not touch L2; clearing L2 does.
+        second.http().post("/clear-cache")
+        assert second.http().get("/status").json()["l2_adapters"][0]["objects"] == 3
+        assert second.http().post("/clear-l2").json() == {"status": "ok", "removed": 3}
+        assert lookup_hit(client, "gone", tokens, **MODEL) == 0
+    finally:
+        second.stop()
+
+
+def test_two_servers_share_one_redis(engine: ShmKVCache) -> None:
+    redis = start_redis()
+    adapter = f'{{"type": "redis", "url": "{redis.url}"}}'
+    a, b = start_server("--l2-adapter", adapter), start_server("--l2-adapter", adapter)
+    try:
+        tokens, original = store_three_chunks(a, engine, 7, seed=2)
+        wait_l2_objects(a, 3)
+        register(b.client(), engine, 7)
+        retrieve_is_exact(b, engine, 7, tokens, original)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def test_dead_redis_means_misses_and_a_degraded_but_healthy_server(engine: ShmKVCache) -> None:
+    redis = start_redis()
+    server = start_server("--l2-adapter", f'{{"type": "redis", "url": "{redis.url}"}}')
+    try:
+        client = server.client()
+        register(client, engine, 9)
+        redis.stop()
+        for i in range(3):  # stores still land in L1; lookups of unknown prompts miss
+            tokens = unique_tokens(2 * CHUNK)
+            assert client.store(
+                f"s{i}", 9, tokens, start=0, end=2 * CHUNK, block_ids=range(32)
+            ).stored_tokens
+            assert lookup_hit(client, f"l{i}", tokens, **MODEL) == 2 * CHUNK
+            assert lookup_hit(client, f"m{i}", unique_tokens(2 * CHUNK), **MODEL) == 0
+        deadline = time.monotonic() + 10
+        while "degraded" not in (health := server.http().get("/healthcheck")).json():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health.status_code == 200 and "redis" in health.json()["degraded"][0]
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def test_invalid_adapter_config_names_the_field() -> None:
+    bad = start_server("--l2-adapter", '{"type": "fs"}', wait=False)
+    assert bad.proc.wait(timeout=30) == 1
+    assert "path" in bad.log()
+    worse = start_server("--l2-adapter", "not json", wait=False)
+    assert worse.proc.wait(timeout=30) != 0
+    assert "--l2-adapter" in worse.log()
