@@ -144,11 +144,11 @@ class FreeLookup(Message, frozen=True, tag="free_lookup"):
     end: Tokens | None = None
 
 
-class Store(Message, frozen=True, tag="store"):
-    """Copy blocks covering tokens ``[start, end)`` into L1 (whole chunks only).
+class ChunkRange(Message, frozen=True, kw_only=True):
+    """Whole chunks ``[start, end)`` of a request, for one engine rank.
 
-    ``tokens`` holds at least the first ``end`` tokens of the sequence;
-    ``block_ids`` holds one engine block per ``block_size`` tokens of the range.
+    ``tokens`` holds at least the first ``end`` tokens of the sequence (chunk keys
+    chain over everything before them). Every data request below is one of these.
     """
 
     request_id: str
@@ -156,44 +156,38 @@ class Store(Message, frozen=True, tag="store"):
     tokens: bytes
     start: Tokens
     end: Tokens
-    block_ids: list[Count]
     cache_salt: str = ""
 
 
-class Retrieve(Message, frozen=True, tag="retrieve"):
-    """Copy cached chunks ``[start, end)`` into blocks, leaving the first
+class Store(ChunkRange, frozen=True, kw_only=True, tag="store"):
+    """The server copies the range's blocks into L1 (one block id per engine block)."""
+
+    block_ids: list[Count]
+
+
+class Retrieve(ChunkRange, frozen=True, kw_only=True, tag="retrieve"):
+    """The server copies cached chunks into the blocks, leaving the first
     ``skip_tokens`` (already in the engine's own cache) untouched."""
 
-    request_id: str
-    instance_id: EngineId
-    tokens: bytes
-    start: Tokens
-    end: Tokens
     block_ids: list[Count]
     skip_tokens: Tokens = 0
-    cache_salt: str = ""
 
 
-class PrepareStore(Message, frozen=True, tag="prepare_store"):
-    """Reserve L1 slots for chunks ``[start, end)``; the worker writes them, then commits."""
-
-    request_id: str
-    instance_id: EngineId
-    tokens: bytes
-    start: Tokens
-    end: Tokens
-    cache_salt: str = ""
+class PrepareStore(ChunkRange, frozen=True, kw_only=True, tag="prepare_store"):
+    """Reserve L1 slots for the range; the worker writes them, then commits."""
 
 
-class PrepareRetrieve(Message, frozen=True, tag="prepare_retrieve"):
-    """Lock cached chunks ``[start, end)`` and say where they are; the worker reads them."""
+class PrepareRetrieve(ChunkRange, frozen=True, kw_only=True, tag="prepare_retrieve"):
+    """Lock the cached chunks and say where they are; the worker reads them, then commits."""
 
-    request_id: str
-    instance_id: EngineId
-    tokens: bytes
-    start: Tokens
-    end: Tokens
-    cache_salt: str = ""
+
+class StoreBytes(ChunkRange, frozen=True, kw_only=True, tag="store_bytes"):
+    """Store chunks whose bytes follow as data frames, one per chunk (for engines that
+    share no memory with the server, e.g. on another host)."""
+
+
+class RetrieveBytes(ChunkRange, frozen=True, kw_only=True, tag="retrieve_bytes"):
+    """Return the cached chunks as data frames after the reply, one per chunk."""
 
 
 class Commit(Message, frozen=True, tag="commit"):
@@ -202,29 +196,6 @@ class Commit(Message, frozen=True, tag="commit"):
     instance_id: EngineId
     transfer_id: EngineId
     success: bool = True
-
-
-class StoreBytes(Message, frozen=True, tag="store_bytes"):
-    """Store chunks ``[start, end)`` whose bytes follow as data frames, one per chunk
-    (for engines that share no memory with the server, e.g. on another host)."""
-
-    request_id: str
-    instance_id: EngineId
-    tokens: bytes
-    start: Tokens
-    end: Tokens
-    cache_salt: str = ""
-
-
-class RetrieveBytes(Message, frozen=True, tag="retrieve_bytes"):
-    """Return cached chunks ``[start, end)`` as data frames after the reply, one per chunk."""
-
-    request_id: str
-    instance_id: EngineId
-    tokens: bytes
-    start: Tokens
-    end: Tokens
-    cache_salt: str = ""
 
 
 class EndSession(Message, frozen=True, tag="end_session"):

@@ -24,8 +24,7 @@ from lmcache.engine.registry import Engine, EngineRegistry, check_identity
 from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import (
     ChunkData,
-    PrepareRetrieve,
-    PrepareStore,
+    ChunkRange,
     Retrieve,
     RetrieveBytes,
     RetrieveReply,
@@ -41,7 +40,6 @@ from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
-RangeRequest = Store | Retrieve | PrepareStore | PrepareRetrieve | StoreBytes | RetrieveBytes
 Fill = Callable[[int, np.ndarray], None]  # (chunk index, L1 destination bytes)
 
 
@@ -216,7 +214,7 @@ class Copies:
         blocks = (req.end - req.start) // engine.layout.block_size
         return keys, engine.check_block_ids(req.block_ids, blocks)
 
-    def range_keys(self, engine: Engine, req: RangeRequest) -> list[ObjectKey]:
+    def range_keys(self, engine: Engine, req: ChunkRange) -> list[ObjectKey]:
         """Validate a chunk-aligned token range and return the keys of its chunks."""
         start, end, c = req.start, req.end, self.chunk_size
         if end < start or start % c or end % c:
