@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from lmcache.engine.transfer import BlockCopier
-from lmcache.errors import BadRequestError, LMCacheError
+from lmcache.errors import BadRequestError, LMCacheError, ServerUnavailableError
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.link import ServerLink
@@ -33,6 +33,15 @@ from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, WorkerCopy
 from lmcache.storage.shm import ShmSegment
 
 logger = logging.getLogger("lmcache.integration")
+
+
+class _Span(TypedDict):
+    request_id: str
+    instance_id: int
+    tokens: list[int]
+    start: int
+    end: int
+    cache_salt: str
 
 
 class WorkerSide:
@@ -157,7 +166,7 @@ class WorkerSide:
                     ok = True
                 except LMCacheError as exc:
                     logger.warning("load of request %s failed: %s", spec.request_id, exc)
-                    if type(exc).__name__ == "ServerUnavailableError":
+                    if isinstance(exc, ServerUnavailableError):
                         self.link.mark_down(exc)
                 except Exception:
                     logger.exception("load of request %s failed", spec.request_id)
@@ -168,22 +177,15 @@ class WorkerSide:
     def _load(self, spec: LoadSpec) -> None:
         client = self.link.client
         if self.inline:
-            frames = client.retrieve_bytes(
-                spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
-                cache_salt=spec.cache_salt,
-            )  # fmt: skip
+            frames = client.retrieve_bytes(**self._span(spec))
             self._scatter_chunks(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
             return
         if self.mode == "engine_driven" and isinstance(self._memory, ShmMemory):
             client.retrieve(
-                spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
-                block_ids=spec.block_ids, skip_tokens=spec.skip_tokens, cache_salt=spec.cache_salt,
-            )  # fmt: skip
+                **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
+            )
             return
-        prepared = client.prepare_retrieve(
-            spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
-            cache_salt=spec.cache_salt,
-        )  # fmt: skip
+        prepared = client.prepare_retrieve(**self._span(spec))
         ok = False
         try:
             pool = self._pool_array()
@@ -203,7 +205,7 @@ class WorkerSide:
                 self._store(spec)
             except LMCacheError as exc:
                 logger.warning("store of request %s skipped: %s", spec.request_id, exc)
-                if type(exc).__name__ == "ServerUnavailableError":
+                if isinstance(exc, ServerUnavailableError):
                     self.link.mark_down(exc)
                     return
             except Exception:
@@ -217,21 +219,12 @@ class WorkerSide:
                 for _ in range(spec.start, spec.end, self.chunk_size)
             ]
             self._gather_chunks(spec, list(enumerate(bufs)))
-            client.store_bytes(
-                spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
-                chunks=bufs, cache_salt=spec.cache_salt,
-            )  # fmt: skip
+            client.store_bytes(**self._span(spec), chunks=bufs)
             return
         if self.mode == "engine_driven" and isinstance(self._memory, ShmMemory):
-            client.store(
-                spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
-                block_ids=spec.block_ids, cache_salt=spec.cache_salt,
-            )  # fmt: skip
+            client.store(**self._span(spec), block_ids=spec.block_ids)
             return
-        prepared = client.prepare_store(
-            spec.request_id, self.instance_id, spec.tokens, start=spec.start, end=spec.end,
-            cache_salt=spec.cache_salt,
-        )  # fmt: skip
+        prepared = client.prepare_store(**self._span(spec))
         ok = False
         try:
             pool = self._pool_array()
@@ -263,6 +256,13 @@ class WorkerSide:
             segment.unlink()  # the mapping stays valid for vLLM until the process exits
 
     # ----- helpers ------------------------------------------------------------------------
+
+    def _span(self, spec: LoadSpec | StoreSpec) -> _Span:
+        """The arguments every range request of the client takes."""
+        return _Span(
+            request_id=spec.request_id, instance_id=self.instance_id, tokens=spec.tokens,
+            start=spec.start, end=spec.end, cache_salt=spec.cache_salt,
+        )  # fmt: skip
 
     def _pool_array(self) -> np.ndarray:
         if self._pool is None:
