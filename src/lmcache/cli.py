@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     server = sub.add_parser("server", help="run the cache server (ZMQ + HTTP)")
     _add_settings_flags(server)
+    bench = sub.add_parser(
+        "bench",
+        help="measure store/retrieve, lookups, eviction and L2 against same-run ceilings",
+        description="Drive a real `lmcache server` with synthetic engines of a real model's KV "
+        "geometry and print every result as a ratio to a ceiling measured in the same run.",
+    )
+    from lmcache.bench.runner import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -81,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lmcache.server.runtime import run_server
 
         return run_server(settings_from_args(args))
+    if command == "bench":
+        from lmcache.bench.runner import run
+
+        return run(argparse.Namespace(**args))
     return 2
 
 

@@ -1,0 +1,195 @@
+"""L2 tiers through a real server: write-behind store and prefetch-on-lookup GB/s.
+
+    store     an engine stores fresh chunks into L1; the server's writer thread copies
+              them to L2. Timed from the store call until /status shows every chunk
+              in L2 (so it includes the L1 store and the queue).
+    prefetch  L1 is cleared (POST /clear-cache); a lookup answers "pending" while the
+              server loads the chunks from L2 into L1; timed until the lookup reports
+              the full hit. The loaded KV is checked byte for byte once.
+
+Ceilings: the same number of objects of the same size written / read with plain
+files in the same directory, and with redis-py SET / GET against the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .ceilings import RawFiles, RawRedis
+from .harness import GB, ServerProc, free_port, median
+from .report import Row, Target
+from .shapes import ModelShape
+from .transfers import Scenario, SyntheticEngine, model_fields
+
+REDIS_TARGET = Target("value", ">=", 1.0)  # GB/s on loopback
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port (no persistence)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not self._pong():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def _wait_stored(server: ServerProc, want: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        tier = server.status()["l2_adapters"][0]
+        if tier["stored_objects"] >= want and tier["queue_depth"] == 0:
+            return
+        if tier.get("queue_skipped_full"):
+            raise RuntimeError("the L2 write-behind queue overflowed; lower --tokens")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"L2 stored {tier['stored_objects']} of {want} objects in time")
+        time.sleep(0.005)
+
+
+def _wait_hit(engine: SyntheticEngine, tokens: bytes, rid: str, timeout: float = 300) -> None:
+    fields = model_fields(engine.shape)
+    hit = engine.client.lookup(rid, tokens, **fields)
+    deadline = time.monotonic() + timeout
+    while hit is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("prefetch from L2 did not finish in time")
+        time.sleep(0.001)
+        hit = engine.client.query_lookup(rid)
+    engine.client.end_session(rid)
+    if hit != engine.tokens:
+        raise RuntimeError(f"after prefetch the lookup hit {hit} of {engine.tokens} tokens")
+
+
+def measure_tier(
+    *,
+    name: str, adapter: dict[str, Any], raw: RawFiles | RawRedis, shape: ModelShape,
+    tokens: int, reps: int,
+) -> tuple[list[Row], dict[str, Any]]:  # fmt: skip
+    sc = Scenario(block_tokens=16, chunk_tokens=256, mode="engine_driven", engines=1)
+    server = ServerProc.start("--l2-adapter", json.dumps(adapter), "--l1-size-gb", "4")
+    engine: SyntheticEngine | None = None
+    t: dict[str, list[float]] = {"store": [], "prefetch": [], "raw_write": [], "raw_read": []}
+    try:
+        engine = SyntheticEngine(shape, sc, tokens, server.port, instance_id=400)
+        chunks = tokens // sc.chunk_tokens
+        stored = 0
+        for rep in range(reps + 1):  # rep 0 warms up
+            prompt = engine.fresh_tokens()
+            t0 = time.perf_counter()
+            engine.store(prompt)
+            stored += chunks
+            _wait_stored(server, stored)
+            t_store = time.perf_counter() - t0
+            server.http("POST", "/clear-cache")
+            t0 = time.perf_counter()
+            _wait_hit(engine, prompt, f"bench-l2-{rep}")
+            t_prefetch = time.perf_counter() - t0
+            if rep == 0:
+                _check_bytes(engine, prompt)
+            else:
+                t["store"].append(t_store)
+                t["prefetch"].append(t_prefetch)
+                t["raw_write"].append(raw.write())
+                t["raw_read"].append(raw.read())
+        tier_status = server.status()["l2_adapters"][0]
+        nbytes = engine.kv_bytes
+    finally:
+        if engine is not None:
+            engine.close()
+        raw.close()
+        server.stop()
+    g = {k: nbytes / median(v) / GB for k, v in t.items()}
+    raw_name = "redis-py SET" if isinstance(raw, RawRedis) else "open+write files"
+    raw_read = "redis-py GET" if isinstance(raw, RawRedis) else "open+readinto files"
+    target = REDIS_TARGET if name == "redis" else None
+    sec = "L2 tiers through the server (GB/s)"
+    rows = [
+        Row(sec, f"{name}: store (L1 + write-behind)", g["store"], "GB/s", raw_name,
+            g["raw_write"], target),
+        Row(sec, f"{name}: prefetch into L1 on lookup", g["prefetch"], "GB/s", raw_read,
+            g["raw_read"], target),
+    ]  # fmt: skip
+    return rows, {"seconds": t, "server_status": tier_status}
+
+
+def _check_bytes(engine: SyntheticEngine, prompt: bytes) -> None:
+    """The prefetched KV, retrieved into poisoned blocks, equals what was stored."""
+    blocks = engine.kv.blocks
+    expected = blocks[:, :, engine.src_ids].copy()
+    blocks[:, :, engine.dst_ids] = 0xAB
+    engine.retrieve(prompt)
+    if not np.array_equal(blocks[:, :, engine.dst_ids], expected):
+        raise RuntimeError("KV prefetched from L2 differs from the stored KV")
+
+
+def measure_l2(
+    *,
+    shape: ModelShape, tokens: int, reps: int, l2_dir: Path | None, redis_url: str | None,
+    with_redis: bool,
+) -> tuple[list[Row], dict[str, Any]]:  # fmt: skip
+    rows: list[Row] = []
+    raw_out: dict[str, Any] = {}
+    chunk_bytes = shape.token_bytes() * 256
+    objects = tokens // 256
+    base = Path(tempfile.mkdtemp(prefix="lmcache-bench-l2-", dir=l2_dir))
+    try:
+        adapter = {"type": "fs", "path": str(base / "fs")}
+        r, raw_out["fs"] = measure_tier(
+            name=f"fs ({base.parent})", adapter=adapter, raw=RawFiles(base, objects, chunk_bytes),
+            shape=shape, tokens=tokens, reps=reps,
+        )  # fmt: skip
+        rows += r
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if not with_redis:
+        return rows, raw_out
+    redis = None if redis_url else RedisServer()
+    url = redis_url or (redis.url if redis else "")
+    try:
+        adapter = {"type": "redis", "url": url}
+        r, raw_out["redis"] = measure_tier(
+            name="redis", adapter=adapter, raw=RawRedis(url, objects, chunk_bytes),
+            shape=shape, tokens=tokens, reps=reps,
+        )  # fmt: skip
+        rows += r
+    finally:
+        if redis is not None:
+            redis.stop()
+    return rows, raw_out

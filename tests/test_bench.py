@@ -1,0 +1,76 @@
+"""`lmcache bench`: the command runs every phase against a real server and reports ratios.
+
+Only behaviour is checked here (phases run, KV round trips are byte-exact, rows carry
+ceilings and verdicts); how fast things are is the benchmark's business, not a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmcache.bench.report import Row, Target, summary
+from lmcache.bench.shapes import PRESETS, parse_shape
+
+
+def test_shape_presets_and_custom_shapes() -> None:
+    qwen = PRESETS["qwen3-14b"]
+    assert qwen.block_bytes(16) == 65536  # 2 x 16 x 8 x 128 x 2 bytes
+    assert qwen.token_bytes() == 40 * 4096
+    custom = parse_shape("4:2:64:4")
+    assert (custom.layers, custom.kv_heads, custom.head_dim, custom.dtype_bytes) == (4, 2, 64, 4)
+    for bad in ("nope", "1:2", "0:2:64", "a:b:c"):
+        with pytest.raises(ValueError, match="unknown model shape"):
+            parse_shape(bad)
+
+
+def test_targets_judge_ratio_or_value() -> None:
+    fast = Row("s", "store", 4.5, "GB/s", "gather", 5.0, Target("ratio", ">=", 0.85))
+    slow = Row("s", "lookup p50", 500.0, "us", "raw", 100.0, Target("ratio", "<=", 3.0))
+    rate = Row("s", "lookups/s", 9000.0, "/s", "raw", 30000.0, Target("value", ">=", 8000))
+    assert (fast.met, slow.met, rate.met) == (True, False, True)
+    assert "2 of 3 met" in summary([fast, slow, rate])
+    assert "MISS s / lookup p50: 5 (want ratio <= 3)" in summary([fast, slow, rate])
+
+
+@pytest.mark.timeout(600)
+def test_bench_command_runs_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "lmcache.cli", "bench", "--model-shape", "2:2:64",
+        "--tokens", "1024", "--reps", "1", "--lookups", "40", "--concurrency", "1", "3",
+        "--concurrency-seconds", "0.3", "--l1-size-gb", "0.25", "--l2-dir", str(tmp_path),
+        "--no-progress", "--json", str(out),
+    ]  # fmt: skip
+    if shutil.which("redis-server") is None and os.environ.get("LMCACHE_REQUIRE_REDIS") != "1":
+        cmd.append("--no-redis")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {r["metric"]: r for r in doc["rows"]}
+    # 12 store/retrieve scenarios x 3 rows, eviction, 4 latency rows, 2 rates, L2 rows
+    scenario_rows = [m for m in rows if m.startswith(("store: ", "retrieve: "))]
+    assert len(scenario_rows) == 24
+    assert any("lmcache_driven, 4 engines" in m for m in scenario_rows)
+    assert any("chunk 16," in m for m in scenario_rows)
+    for name in (
+        "lookup hit p50",
+        "lookups/s, concurrency 3",
+        "store, L1 100% full (steady eviction)",
+    ):
+        assert rows[name]["value"] > 0 and rows[name]["ceiling_value"] > 0
+        assert rows[name]["ratio"] == pytest.approx(
+            rows[name]["value"] / rows[name]["ceiling_value"], rel=1e-3
+        )
+    assert rows["lookups/s, concurrency 3"]["target"] is None  # the target is for 16 threads
+    assert rows["lookup hit p50"]["met"] in (True, False)
+    l2 = [m for m in rows if "prefetch into L1" in m]
+    assert len(l2) == (1 if "--no-redis" in cmd else 2)
+    assert doc["server_exit"] == {"256": 0, "16": 0}
+    assert "targets:" in proc.stdout and "ratio" in proc.stdout
