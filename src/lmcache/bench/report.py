@@ -68,7 +68,7 @@ def _num(x: float) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'metric':<58}{'result':>16}  {'ceiling (same run)':<34}{'value':>12}{'ratio':>7}"
+    head = f"{'metric':<66}{'result':>16}  {'ceiling (same run)':<34}{'value':>12}{'ratio':>7}"
     lines: list[str] = []
     section = None
     for r in rows:
@@ -81,7 +81,7 @@ def format_table(rows: list[Row]) -> str:
             verdict = f"  {'PASS' if r.met else 'MISS'} ({r.target})"
         ceil_val = _num(r.ceiling_value) if r.ceiling else ""
         lines.append(
-            f"{r.metric:<58}{_num(r.value) + ' ' + r.unit:>16}  {r.ceiling:<34}"
+            f"{r.metric:<66}{_num(r.value) + ' ' + r.unit:>16}  {r.ceiling:<34}"
             f"{ceil_val:>12}{ratio:>7}{verdict}"
         )
         if r.note:

@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (default: 5)")
     p.add_argument(
+        "--match",
+        default="",
+        metavar="TEXT",
+        help="only the store/retrieve scenarios whose label contains TEXT, "
+        "e.g. 'block 128' or 'lmcache_driven, 4 engines'",
+    )
+    p.add_argument(
         "--phases",
         nargs="+",
         choices=PHASES,
@@ -132,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
 
     if "transfers" in args.phases:
-        plan += [(sc.label(), copies(chunk, sc)) for chunk, sc in scenarios()]
+        plan += [
+            (sc.label(), copies(chunk, sc)) for chunk, sc in scenarios() if args.match in sc.label()
+        ]
     if "eviction" in args.phases:
         plan.append(("eviction steady state", eviction))
     if "lookups" in args.phases:

@@ -58,11 +58,14 @@ def shm_path(name: str) -> str:
 class ShmSegment:
     """One mapped segment. ``array`` is a writable uint8 view of all of it."""
 
-    def __init__(self, name: str, fd: int, size: int, owner: bool) -> None:
+    def __init__(self, name: str, fd: int, size: int, owner: bool, populate: bool = True) -> None:
         self.name = "/" + name.lstrip("/")
         self.size = size  # data bytes, without the seal page
         self.owner = owner
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if owner else 0)
+        # MAP_POPULATE builds this process's page tables now. Without it every first touch
+        # of a 4 KiB page in a copy is a minor fault: measured, a 671 MB worker copy into a
+        # fresh mapping of the L1 pool ran at 1.4 GB/s instead of 5.3 (164k faults).
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
         try:
             self._mmap: mmap.mmap | None = mmap.mmap(fd, size + SEAL_BYTES, flags=flags)
         finally:
@@ -100,8 +103,12 @@ class ShmSegment:
         return segment
 
     @classmethod
-    def attach(cls, name: str, token: bytes) -> ShmSegment:
-        """Map a segment created by another process of this user, if its seal is ``token``."""
+    def attach(cls, name: str, token: bytes, populate: bool = True) -> ShmSegment:
+        """Map a segment created by another process of this user, if its seal is ``token``.
+
+        Attaching happens at registration, off the data path, so by default it pre-faults
+        the mapping (``populate``); pass False to map a segment only to read a little of it.
+        """
         path = shm_path(name)
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
@@ -115,7 +122,7 @@ class ShmSegment:
         except BaseException:
             os.close(fd)
             raise
-        segment = cls(name, fd, st.st_size - SEAL_BYTES, owner=False)
+        segment = cls(name, fd, st.st_size - SEAL_BYTES, owner=False, populate=populate)
         if segment._seal[: len(SEAL_MAGIC)].tobytes() != SEAL_MAGIC or segment.token != token:
             segment.close()
             raise ValueError(
