@@ -7,7 +7,8 @@ One object = one meta key + its payload cut into parts of ``part_mb`` MiB::
     lmcache:{<key hex>}:1      payload[part : 2*part] ...
 
     put:  MULTI  GET m, SET 0.., SET m  EXEC            one round trip, atomic
-    get:  MULTI  GET m, GET 0..n-1      EXEC            n from len(out); verify, copy into out
+    get:  GET m, then GET 0..n-1 pipelined, each read straight into out (`resp`);
+          verify. TLS / Cluster: MULTI GET m, GET 0..n-1 EXEC, then copy into out
     exists: EXISTS m per key in one pipeline (one round trip per server)
 
 The ``{key hex}`` hash tag keeps an object in one Cluster slot, so the transactions
@@ -34,10 +35,11 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -50,6 +52,7 @@ from redis.retry import Retry
 
 from lmcache.storage.l2.base import Health, L2Error, byte_view, check_key, config_error
 from lmcache.storage.l2.format import Header, copy_hashing, hasher, header_for, unpack_header
+from lmcache.storage.l2.resp import read_bulk_into
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger(__name__)
@@ -260,22 +263,37 @@ class RedisL2:
         out = byte_view(out)
         base = self._keys(key)
         with self._calling("get") as client:
-            meta, parts = self._fetch(client, base, len(out), self.part_size)
-            header = unpack_header(meta, key)
-            if header is not None and header.part_size != self.part_size and header.part_size:
-                # written with another part_mb: fetch its parts (meta must be unchanged)
-                meta2, parts = self._fetch(client, base, len(out), header.part_size)
-                header = header if meta2 == meta else None
+            if isinstance(client, redis.Redis) and not self._target.tls:
+                meta = _bytes_or_none(client.get(base + "m"))
+                header = unpack_header(meta, key)
+                ok = header is not None and _read_parts(client, base, header, out)
+                if not ok and meta is not None and client.get(base + "m") != meta:
+                    self._health.add("misses")  # a writer replaced it meanwhile: not corrupt
+                    return False
+            else:
+                meta, header, ok = self._get_buffered(client, base, key, out)
             if meta is None:
                 self._health.add("misses")
                 return False
-            if header is None or not _fill(out, header, parts):
+            if not ok:
                 self._discard(client, base, header, len(out))
                 self._health.add("corrupted")
                 self._health.add("misses")
                 return False
         self._health.add("hits")
         return True
+
+    def _get_buffered(
+        self, client: Client, base: str, key: ObjectKey, out: memoryview
+    ) -> tuple[bytes | None, Header | None, bool]:
+        """Meta and parts in one transaction, through redis-py (TLS and Cluster)."""
+        meta, parts = self._fetch(client, base, len(out), self.part_size)
+        header = unpack_header(meta, key)
+        if header is not None and header.part_size != self.part_size and header.part_size:
+            # written with another part_mb: fetch its parts (meta must be unchanged)
+            meta2, parts = self._fetch(client, base, len(out), header.part_size)
+            header = header if meta2 == meta else None
+        return meta, header, header is not None and _fill(out, header, parts)
 
     def _fetch(
         self, client: Client, base: str, nbytes: int, part_size: int
@@ -339,6 +357,38 @@ class RedisL2:
         if client is not None:
             with contextlib.suppress(*_ERRORS):
                 client.close()
+
+
+def _read_parts(client: redis.Redis, base: str, header: Header, out: memoryview) -> bool:
+    """GET every part straight into ``out`` (see `resp`); True if all match the header."""
+    part = header.part_size
+    if header.payload_len != len(out) or part <= 0:
+        return False
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    in_step = False
+    try:
+        names = [f"{base}{i}" for i in range(header.parts)]
+        packed = conn.pack_commands([("GET", n) for n in names])  # type: ignore[no-untyped-call]
+        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        sock = cast(socket.socket, conn._sock)
+        h, good = hasher(), True
+        for i in range(header.parts):
+            view = out[i * part : (i + 1) * part]
+            if read_bulk_into(sock, view):
+                h.update(view)
+            else:
+                good = False  # keep reading: every reply must leave the socket
+        in_step = True
+        return good and h.intdigest() == header.checksum
+    finally:
+        if not in_step:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # a half-read reply must not be read as the next one
+        pool.release(conn)
+
+
+def _bytes_or_none(value: object) -> bytes | None:
+    return value if isinstance(value, bytes) else None
 
 
 def _fill(out: memoryview, header: Header, parts: list[bytes | None]) -> bool:
