@@ -120,15 +120,91 @@ def test_lease_and_remote_write_ttl() -> None:
 
 
 @pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
-def test_heap_stays_bounded_under_many_touches(policy: str) -> None:
+def test_hits_never_grow_the_eviction_heap(policy: str) -> None:
     l1 = make_l1(4, policy)
     for i in range(4):
         put(l1, key(i))
     for _ in range(5000):
         l1.touch([key(0), key(1)])
-    assert len(l1._heap) <= 2 * 4 + 1024
+        l1.release(l1.acquire_prefix([[key(2)], [key(3)]], owner="r"))
+    assert len(l1._heap) == 4  # one entry per object: hits only bump access stats
     put(l1, key(9))
     assert l1.stats()["evictions"] == 1
+
+
+@pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])
+def test_lazy_eviction_picks_the_policys_minimum(policy: str) -> None:
+    """Random puts, lookups and pins: every eviction takes the unpinned object with the
+    smallest current priority, exactly as an eager heap would."""
+    rng = np.random.default_rng(7)
+    l1 = make_l1(8, policy)
+    leases: list[object] = []
+    next_key = 0
+    for _ in range(3000):
+        live = list(l1._index)
+        op = rng.integers(0, 4)
+        if op == 0 and live:  # a lookup that keeps its pins for a while
+            picks = [live[i] for i in rng.choice(len(live), size=min(2, len(live)))]
+            leases.append(l1.acquire_prefix([[k] for k in picks], owner="hold"))
+        elif op == 1 and leases:
+            l1.release(leases.pop(int(rng.integers(0, len(leases)))))  # type: ignore[arg-type]
+        elif op == 2 and live:
+            l1.touch([live[int(rng.integers(0, len(live)))]])
+        else:
+            candidates = [o for o in l1._index.values() if o.pins == 0]
+            expected = (
+                min(candidates, key=lambda o: l1.policy.priority(o.stats)).key
+                if len(live) == 8 and candidates
+                else None
+            )
+            before = set(l1._index)
+            slot = l1.reserve_write(key(next_key), PAGE)
+            next_key += 1
+            if not isinstance(slot, WriteSlot):
+                assert slot == "no_space" and not candidates
+                continue
+            assert l1.commit_write(slot)
+            evicted = before - set(l1._index)
+            assert evicted == ({expected} if expected is not None else set())
+        assert len(l1._heap) == len(l1._index)
+
+
+def test_recent_prompt_hash_chains_are_reused_and_exact() -> None:
+    hasher = ChunkHasher(4)
+    fresh = ChunkHasher(4, cache_bytes=0)  # no cache: the reference
+    a = np.arange(20, dtype="<u4").tobytes()
+    # A lookup that stops at its first miss caches the chunks it hashed ...
+    it = hasher.iter_hashes(a, 5)
+    assert next(it) == fresh.hashes(a, 1)[0]
+    del it
+    assert hasher._cache.get(a) == tuple(fresh.hashes(a, 1))
+    # ... a later call continues the chain from there, and shorter calls reuse it.
+    assert hasher.hashes(bytes(bytearray(a)), 5) == fresh.hashes(a, 5)
+    assert len(hasher._cache.get(a)) == 5
+    assert hasher.hashes(a, 3) == fresh.hashes(a, 3)
+    # Same length and same last 64 tokens, another first token: a fingerprint
+    # collision must recompute, never reuse the other prompt's chain.
+    long = np.arange(400, dtype="<u4")
+    b, c = long.tobytes(), long.copy()
+    c[0] = 999
+    assert hasher.hashes(b, 100) == fresh.hashes(b, 100)
+    assert hasher.hashes(c.tobytes(), 100) == fresh.hashes(c.tobytes(), 100)
+    assert hasher.hashes(b, 100) == fresh.hashes(b, 100)
+    # Mutable buffers are never cached (their bytes could change under the entry).
+    buf = bytearray(np.arange(8, 16, dtype="<u4").tobytes())
+    assert hasher.hashes(buf, 2) == fresh.hashes(bytes(buf), 2)  # type: ignore[arg-type]
+    assert hasher._cache.get(bytes(buf)) == ()
+
+
+def test_hash_chain_cache_is_bounded_by_bytes() -> None:
+    hasher = ChunkHasher(4, cache_bytes=20_000)
+    prompts = [np.arange(i, i + 256, dtype="<u4").tobytes() for i in range(100)]
+    for p in prompts:
+        hasher.hashes(p, 64)
+    cache = hasher._cache
+    assert 0 < len(cache) < 100 and cache._bytes <= 20_000
+    assert cache.get(prompts[-1]) and not cache.get(prompts[0])  # least recently used go
+    ChunkHasher(4, cache_bytes=100).hashes(prompts[0], 64)  # bigger than the cache: skipped
 
 
 def test_chained_hashes_depend_on_every_earlier_token() -> None:

@@ -45,7 +45,7 @@ from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Session, Sessions
 from lmcache.server.tiers import RankLayout, TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
-from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace, object_key
+from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace
 from lmcache.storage.l1 import L1Cache
 from lmcache.types import ObjectKey
 
@@ -183,13 +183,18 @@ class RequestHandler:
             raise BadRequestError("tokens must be little-endian uint32 (a multiple of 4 bytes)")
         num_tokens = len(req.tokens) // TOKEN_BYTES
         digests = self._lookup_digests(req)
+        hashes = self.hasher.iter_hashes(req.tokens, num_tokens // self.chunk_size)
         groups: list[list[ObjectKey]] = []
 
         def chunk_groups() -> Iterator[list[ObjectKey]]:
-            # Lazy: hashing stops at the first chunk that misses.
-            for h in self.hasher.iter_hashes(req.tokens, num_tokens // self.chunk_size):
-                groups.append([object_key(d, h) for d in digests])
-                yield groups[-1]
+            # Lazy: hashing stops at the first chunk that misses. Keys built inline (no
+            # `object_key` call, no comprehension for one rank): this runs for every chunk
+            # of every lookup.
+            only = digests[0] if len(digests) == 1 else None
+            for h in hashes:
+                group = [ObjectKey(only + h)] if only else [ObjectKey(d + h) for d in digests]
+                groups.append(group)
+                yield group
 
         chunks = chunk_groups()
         lease = self.l1.acquire_prefix(chunks, owner=req.request_id, ttl=self.lock_ttl)

@@ -20,7 +20,7 @@ from lmcache.storage.l1 import L1Cache, Lease
 from lmcache.types import ObjectKey
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     request_id: str
     lease: Lease

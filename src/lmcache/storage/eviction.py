@@ -10,6 +10,10 @@ objects are skipped by the container, not by the policy.
 
 Times are a logical clock (a counter bumped on every access), so orders are
 exact and tests are deterministic.
+
+A priority must never decrease when an object is accessed: the L1 re-sorts
+touched objects lazily, at eviction time, and relies on a stale priority being
+a lower bound of the current one.
 """
 
 from __future__ import annotations
@@ -29,15 +33,12 @@ class AccessStats:
 
 class EvictionPolicy(Protocol):
     name: str
-    # True when the priority changes on access (FIFO: no re-heap on every hit).
-    tracks_access: bool
 
     def priority(self, stats: AccessStats) -> tuple[int, ...]: ...
 
 
 class LRU:
     name = "LRU"
-    tracks_access = True
 
     def priority(self, stats: AccessStats) -> tuple[int, ...]:
         return (stats.last_access,)
@@ -45,7 +46,6 @@ class LRU:
 
 class LFU:
     name = "LFU"
-    tracks_access = True
 
     def priority(self, stats: AccessStats) -> tuple[int, ...]:
         return (stats.hits, stats.last_access)
@@ -53,7 +53,6 @@ class LFU:
 
 class FIFO:
     name = "FIFO"
-    tracks_access = False
 
     def priority(self, stats: AccessStats) -> tuple[int, ...]:
         return (stats.created,)

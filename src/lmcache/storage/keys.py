@@ -10,11 +10,19 @@ equal prefixes. The namespace holds what must never be shared between entries
 16 bytes so every key is a flat 48-byte string that an L2 can store as is.
 
 Tokens travel as little-endian uint32 bytes; hashing slices them without copies.
+
+The same prompt is hashed again and again: by every lookup of a request that is
+still waiting, then by its retrieve and its store (all send the same whole-chunk
+tokens). Hashing costs ~2 us per chunk, most of a lookup's server time, so
+`ChunkHasher` remembers the chains of recent prompts (bounded by bytes, LRU).
+Entries are found by a cheap fingerprint and only used after a full byte
+comparison, so a fingerprint collision costs a recomputation, never a wrong key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +34,9 @@ from lmcache.types import ChunkHash, ObjectKey
 TOKEN_BYTES = 4
 _SEED = b"lmcache-chunk-hash-v1"
 MAX_SALT_LEN = 256
+DEFAULT_CACHE_BYTES = 64 << 20  # ~4,000 prompts of 4k tokens
+_TAIL_BYTES = 256  # fingerprint: length + last 64 tokens (O(1), unlike hashing the prompt)
+_ENTRY_OVERHEAD = 200  # bytes an entry costs beyond its tokens and hashes
 
 
 def _hasher(algorithm: str) -> Callable[[], Any]:
@@ -61,13 +72,16 @@ class Namespace:
 
 
 class ChunkHasher:
-    def __init__(self, chunk_size: int, algorithm: str = "sha256") -> None:
+    def __init__(
+        self, chunk_size: int, algorithm: str = "sha256", cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self.chunk_size = chunk_size
         self.algorithm = algorithm
         self._new = _hasher(algorithm)
         seed = self._new()
         seed.update(_SEED)
         self._seed = seed.digest()
+        self._cache = _ChainCache(cache_bytes)
 
     def hashes(self, tokens: bytes, num_chunks: int) -> list[ChunkHash]:
         """Hashes of the first ``num_chunks`` whole chunks of ``tokens`` (uint32 LE)."""
@@ -81,16 +95,73 @@ class ChunkHasher:
                 f"{num_chunks} chunks need {num_chunks * self.chunk_size} tokens, "
                 f"got {len(tokens) // TOKEN_BYTES}"
             )
-        return self._chain(memoryview(tokens), step, num_chunks)
+        known = self._cache.get(tokens)
+        if len(known) >= num_chunks:
+            return iter(known[:num_chunks])
+        return self._chain(tokens, step, num_chunks, known)
 
-    def _chain(self, view: memoryview, step: int, num_chunks: int) -> Iterator[ChunkHash]:
-        prev = self._seed
-        for i in range(num_chunks):
-            h = self._new()
-            h.update(prev)
-            h.update(view[i * step : (i + 1) * step])
-            prev = h.digest()
-            yield ChunkHash(prev)
+    def _chain(
+        self, tokens: bytes, step: int, num_chunks: int, known: tuple[ChunkHash, ...]
+    ) -> Iterator[ChunkHash]:
+        yield from known
+        view = memoryview(tokens)
+        computed: list[ChunkHash] = []
+        prev = known[-1] if known else self._seed
+        try:
+            for i in range(len(known), num_chunks):
+                h = self._new()
+                h.update(prev)
+                h.update(view[i * step : (i + 1) * step])
+                prev = ChunkHash(h.digest())
+                computed.append(prev)
+                yield prev
+        finally:  # also when the caller stops early (a lookup stops at its first miss)
+            if computed:
+                self._cache.put(tokens, known + tuple(computed))
+
+
+class _ChainCache:
+    """Hash chains of recent prompts: fingerprint -> (tokens, hashes of its first chunks)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._entries: dict[tuple[int, bytes], tuple[bytes, tuple[ChunkHash, ...]]] = {}
+        self._lock = threading.Lock()  # lookups on the loop thread, copies on the pool
+
+    @staticmethod
+    def _cost(tokens: bytes, hashes: tuple[ChunkHash, ...]) -> int:
+        return len(tokens) + 32 * len(hashes) + _ENTRY_OVERHEAD
+
+    def get(self, tokens: bytes) -> tuple[ChunkHash, ...]:
+        if type(tokens) is not bytes or not self._max_bytes:  # mutable buffers: never cached
+            return ()
+        fp = (len(tokens), tokens[-_TAIL_BYTES:])
+        with self._lock:
+            entry = self._entries.pop(fp, None)
+            if entry is None:
+                return ()
+            self._entries[fp] = entry  # most recently used last
+        return entry[1] if entry[0] == tokens else ()
+
+    def put(self, tokens: bytes, hashes: tuple[ChunkHash, ...]) -> None:
+        if type(tokens) is not bytes or self._cost(tokens, hashes) > self._max_bytes:
+            return
+        fp = (len(tokens), tokens[-_TAIL_BYTES:])
+        with self._lock:
+            old = self._entries.pop(fp, None)
+            if old is not None:
+                self._bytes -= self._cost(*old)
+                if old[0] == tokens and len(old[1]) > len(hashes):
+                    hashes = old[1]  # a concurrent caller got further down the same chain
+            self._entries[fp] = (tokens, hashes)
+            self._bytes += self._cost(tokens, hashes)
+            while self._bytes > self._max_bytes:
+                evicted = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= self._cost(*evicted)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def object_key(namespace_digest: bytes, chunk_hash: ChunkHash) -> ObjectKey:

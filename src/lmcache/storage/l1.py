@@ -21,6 +21,14 @@ no thread ever reads pages that were handed to another object.
 
 Thread-safe: one lock guards the index, the allocator and the eviction heap;
 byte copies happen outside it, on pinned objects.
+
+Eviction order is lazy: every READY object has exactly one heap entry, made at
+commit with its priority then. A hit only bumps the object's access stats (a
+lookup pins many chunks; a heap push per pin was most of its cost). Priorities
+only grow with access, so a stored priority is a lower bound: eviction pops the
+smallest entry, and if the object was used since, pushes it back with its
+current priority instead of evicting it. The first entry popped whose priority
+is current is the true minimum, so the policy's order is exact.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ class _Obj:
     state: ObjState
     stats: AccessStats
     pins: int = 0
-    heap_version: int = 0
+    heap_seq: int = 0  # the sequence number of its one live heap entry
     write_deadline: float | None = None
     doomed: bool = False  # out of the index, pages still in use by a copy
     freed: bool = False  # pages returned to the allocator
@@ -70,7 +78,7 @@ class WriteSlot:
     _obj: _Obj = field(repr=False, compare=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """Pins on READY objects. ``hit_groups`` = groups acquired by `acquire_prefix`."""
 
@@ -87,6 +95,8 @@ class Lease:
 
 
 Reserve = WriteSlot | Literal["cached", "conflict", "no_space"]
+# (priority when pushed, sequence number, object): the sequence breaks ties in push order
+_HeapEntry = tuple[tuple[int, ...], int, _Obj]
 
 
 class L1Cache:
@@ -95,7 +105,8 @@ class L1Cache:
         self.policy = policy
         self._alloc = PageAllocator(pool.nbytes, page_size)
         self._index: dict[ObjectKey, _Obj] = {}
-        self._heap: list[tuple[tuple[int, ...], int, int, ObjectKey]] = []
+        self._heap: list[_HeapEntry] = []
+        self._seq = itertools.count(1)
         self._leases: dict[int, Lease] = {}
         self._clock = itertools.count(1)
         self._ids = itertools.count(1)
@@ -199,16 +210,20 @@ class L1Cache:
     def _pin_groups(
         self, lease: Lease, groups: Iterable[Sequence[ObjectKey]], tag: bytes | None
     ) -> None:
+        # The hot loop of every lookup: locals and inlined `_touch`, no helper calls.
+        index, ready, pinned, clock = self._index, ObjState.READY, lease.objects, self._clock
         for group in groups:
-            objs = [self._index.get(k) for k in group]
-            if not all(
-                o is not None and o.state is ObjState.READY and (tag is None or o.tag == tag)
-                for o in objs
-            ):
-                break
-            for obj in objs:
-                assert obj is not None
-                self._pin(lease, obj)
+            for k in group:
+                o = index.get(k)
+                if o is None or o.state is not ready or (tag is not None and o.tag != tag):
+                    return
+            for k in group:
+                if k not in pinned:
+                    o = pinned[k] = index[k]
+                    o.pins += 1
+                    stats = o.stats
+                    stats.last_access = next(clock)
+                    stats.hits += 1
             lease.hit_groups += 1
 
     def acquire_all(
@@ -239,8 +254,9 @@ class L1Cache:
             intact = True
             for obj in objs:
                 obj.pins -= 1
-                intact = intact and not obj.doomed
-                self._free_if_doomed(obj)
+                if obj.doomed:
+                    intact = False
+                    self._free_if_doomed(obj)
             if not lease.objects:
                 self._leases.pop(lease.id, None)
             return intact and not lease.expired
@@ -340,37 +356,18 @@ class L1Cache:
         self._leases[lease.id] = lease
         return lease
 
-    def _pin(self, lease: Lease, obj: _Obj) -> None:
-        if obj.key in lease.objects:
-            return
-        lease.objects[obj.key] = obj
-        obj.pins += 1
-        self._touch(obj)
-
     def _touch(self, obj: _Obj) -> None:
-        obj.stats.last_access = next(self._clock)
-        obj.stats.hits += 1
-        if self.policy.tracks_access:
-            self._push(obj)
+        """Record an access; the heap entry is corrected lazily, at eviction time."""
+        stats = obj.stats
+        stats.last_access = next(self._clock)
+        stats.hits += 1
 
     def _push(self, obj: _Obj) -> None:
-        obj.heap_version += 1
-        heapq.heappush(
-            self._heap, (self.policy.priority(obj.stats), obj.heap_version, id(obj), obj.key)
-        )
-        if len(self._heap) > 2 * len(self._index) + 1024:
-            self._rebuild_heap()
-
-    def _rebuild_heap(self) -> None:
-        self._heap = [
-            (self.policy.priority(o.stats), o.heap_version, id(o), o.key)
-            for o in self._index.values()
-            if o.state is ObjState.READY
-        ]
-        heapq.heapify(self._heap)
+        obj.heap_seq = seq = next(self._seq)
+        heapq.heappush(self._heap, (self.policy.priority(obj.stats), seq, obj))
 
     def _allocate(self, nbytes: int) -> Extent | None:
-        skipped: list[tuple[tuple[int, ...], int, int, ObjectKey]] = []
+        skipped: list[_HeapEntry] = []
         try:
             while (extent := self._alloc.allocate(nbytes)) is None:
                 if not self._evict_one(skipped):
@@ -383,14 +380,17 @@ class L1Cache:
             for entry in skipped:
                 heapq.heappush(self._heap, entry)
 
-    def _evict_one(self, skipped: list[tuple[tuple[int, ...], int, int, ObjectKey]]) -> bool:
+    def _evict_one(self, skipped: list[_HeapEntry]) -> bool:
         while self._heap:
             entry = heapq.heappop(self._heap)
-            obj = self._index.get(entry[3])
-            if obj is None or obj.heap_version != entry[1] or obj.state is not ObjState.READY:
-                continue  # stale entry: the object was touched, removed or rewritten
+            priority, seq, obj = entry
+            if obj.heap_seq != seq or self._index.get(obj.key) is not obj:
+                continue  # defensive: an entry of an object that left the index
             if obj.pins > 0:
                 skipped.append(entry)
+                continue
+            if priority != self.policy.priority(obj.stats):
+                self._push(obj)  # used since it was pushed: back in, at its current priority
                 continue
             del self._index[obj.key]
             self._free(obj)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ class ZmqTransport:
         self.timeout = timeout
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._lock = threading.Lock()
+        self._rcvtimeo = -1  # the socket's current RCVTIMEO (ms), set only when it changes
         self._sock = self._connect()
 
     def _connect(self) -> zmq.Socket[bytes]:
@@ -47,27 +49,48 @@ class ZmqTransport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.connect(self.endpoint)
+        self._rcvtimeo = -1
         return sock
 
     def call(
         self, request: Request, timeout: float | None = None, data: Sequence[Any] = ()
     ) -> tuple[Reply, Data]:
         timeout = self.timeout if timeout is None else timeout
+        payload = encode(request)
         with self._lock:
+            sock = self._sock
             try:
-                self._sock.send_multipart([encode(request), *data], zmq.NOBLOCK, copy=False)
+                if data:
+                    sock.send_multipart([payload, *data], zmq.NOBLOCK, copy=False)
+                else:
+                    sock.send(payload, zmq.NOBLOCK)  # small: a plain copy, no Frame object
             except zmq.Again:
                 self._reset()
                 raise ServerUnavailableError(f"cannot send to {self.endpoint}") from None
-            remaining_ms = int(timeout * 1000)
-            while self._sock.poll(remaining_ms, zmq.POLLIN):
-                frames = self._sock.recv_multipart(copy=False)
+            # A blocking recv with RCVTIMEO waits like a poll but in one call (the GIL
+            # is released inside); replies to earlier, timed-out calls are skipped.
+            deadline = time.monotonic() + timeout
+            wait_ms = int(timeout * 1000)  # the same every call: no setsockopt then
+            while wait_ms > 0:
+                if wait_ms != self._rcvtimeo:
+                    sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                    self._rcvtimeo = wait_ms
                 try:
-                    reply = decode_reply(frames[0].bytes)
+                    frame = sock.recv(copy=False)
+                except zmq.Again:
+                    break
+                header = frame.bytes
+                frames = []
+                while frame.more:  # cheaper than getsockopt(RCVMORE)
+                    frame = sock.recv(copy=False)  # data frames: zero-copy, may be large
+                    frames.append(frame)
+                try:
+                    reply: Reply | None = decode_reply(header)
                 except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue  # not ours to understand; keep waiting for our reply
-                if reply.id == request.id:
-                    return reply, [memoryview(f.buffer) for f in frames[1:]]
+                    reply = None  # not ours to understand; keep waiting for our reply
+                if reply is not None and reply.id == request.id:
+                    return reply, [memoryview(f.buffer) for f in frames]
+                wait_ms = int((deadline - time.monotonic()) * 1000)
             self._reset()
         raise ServerUnavailableError(
             f"no reply from the LMCache server at {self.endpoint} within {timeout:g}s "

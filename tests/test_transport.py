@@ -1,0 +1,270 @@
+"""The ZMQ transport on both ends, in process, and lookups under concurrency on a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import msgspec
+import numpy as np
+import pytest
+import zmq
+
+from lmcache.engine.registry import EngineRegistry
+from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.errors import ServerUnavailableError
+from lmcache.protocol.codec import decode_reply, encode
+from lmcache.protocol.messages import (
+    ChunkData,
+    EndSession,
+    ErrorReply,
+    Lookup,
+    LookupReply,
+    Ok,
+    Ping,
+    Pong,
+    Reply,
+    Request,
+    Store,
+    StoreBytes,
+)
+from lmcache.server.handlers import RequestHandler
+from lmcache.server.metrics import Metrics
+from lmcache.server.sessions import Sessions
+from lmcache.storage.eviction import make_policy
+from lmcache.storage.keys import ChunkHasher
+from lmcache.storage.l1 import L1Cache
+from lmcache.transport.zmq_client import ZmqTransport
+from lmcache.transport.zmq_server import Frames, Outcome, ZmqServer
+
+from .conftest import CHUNK, ServerProcess, free_port, register, unique_tokens
+
+MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+SLOW = 999  # Ping(instance_id=SLOW) answers late, from the pool
+
+
+class Echo:
+    """A dispatch that answers pings inline and echoes data frames reversed, from the pool."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, set[str]] = {"inline": set(), "pooled": set()}
+
+    def __call__(self, req: Request, data: Frames) -> Reply | Callable[[], Outcome]:
+        if isinstance(req, Ping) and req.instance_id != SLOW:
+            self.threads["inline"].add(threading.current_thread().name)
+            return Pong(id=req.id, server_token="t", chunk_size=1, version=str(req.instance_id))
+
+        def work() -> Outcome:
+            self.threads["pooled"].add(threading.current_thread().name)
+            if isinstance(req, Ping):
+                time.sleep(0.5)
+                return Pong(id=req.id, server_token="late", chunk_size=1, version="late")
+            frames = [bytes(d)[::-1] for d in data]
+            return ChunkData(id=req.id, chunks=len(frames), chunk_bytes=len(frames[0])), frames
+
+        return work
+
+
+@pytest.fixture
+def echo() -> Iterator[tuple[Echo, str]]:
+    dispatch = Echo()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = ZmqServer(endpoint, dispatch, max_workers=2)
+    server.start()
+    yield dispatch, endpoint
+    server.stop()
+
+
+def store_bytes(rid: int) -> StoreBytes:
+    return StoreBytes(id=rid, request_id="r", instance_id=1, tokens=b"", start=0, end=0)
+
+
+def test_inline_replies_on_the_loop_and_data_frames_through_the_pool(
+    echo: tuple[Echo, str],
+) -> None:
+    dispatch, endpoint = echo
+    client = ZmqTransport(endpoint)
+    try:
+        reply, frames = client.call(Ping(id=1, instance_id=5))
+        assert isinstance(reply, Pong) and reply.version == "5" and frames == []
+        big = np.random.default_rng(0).bytes(3 << 20)  # above pyzmq's copy threshold
+        reply, frames = client.call(store_bytes(2), data=[big, b"small"])
+        assert isinstance(reply, ChunkData) and reply.chunks == 2
+        assert [bytes(f) for f in frames] == [big[::-1], b"llams"]
+    finally:
+        client.close()
+    assert dispatch.threads["inline"] == {"lmcache-zmq-loop"}
+    assert all(name.startswith("lmcache-worker") for name in dispatch.threads["pooled"])
+
+
+def test_malformed_frames_get_typed_errors_echoing_the_id(echo: tuple[Echo, str]) -> None:
+    _, endpoint = echo
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    try:
+        for frames, want_id in [
+            ([b""], -1),  # an empty header
+            ([b"\xc1garbage"], -1),
+            ([encode(Ping(id=41))[:-3]], -1),  # truncated
+            ([encode(Ok(id=42))], 42),  # a reply type sent as a request
+            ([b"\x82\xa2id\x2b\xa2op\xa4nope"], 43),  # {"id": 43, "op": "nope"}
+        ]:
+            sock.send_multipart(frames)
+            parts = sock.recv_multipart()
+            reply = decode_reply(parts[0])
+            assert len(parts) == 1 and isinstance(reply, ErrorReply), frames
+            assert reply.id == want_id and reply.code == "bad_request", reply
+        # The loop is still serving.
+        sock.send(encode(Ping(id=44, instance_id=1)))
+        assert decode_reply(sock.recv()).id == 44
+    finally:
+        sock.close(linger=0)
+
+
+def test_many_threads_each_get_their_own_replies(echo: tuple[Echo, str]) -> None:
+    _, endpoint = echo
+    errors: list[BaseException] = []
+
+    def body(t: int) -> None:
+        client = ZmqTransport(endpoint)
+        try:
+            for i in range(150):
+                n = t * 1000 + i
+                if i % 10 == 0:  # every tenth through the pool, with a data frame
+                    reply, frames = client.call(store_bytes(n), data=[n.to_bytes(4, "big")])
+                    assert reply.id == n and bytes(frames[0]) == n.to_bytes(4, "big")[::-1]
+                else:
+                    reply, _ = client.call(Ping(id=n, instance_id=n))
+                    assert isinstance(reply, Pong) and reply.version == str(n)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors, errors[0]
+
+
+def test_a_late_reply_is_never_taken_for_the_next_answer(echo: tuple[Echo, str]) -> None:
+    _, endpoint = echo
+    client = ZmqTransport(endpoint)
+    try:
+        with pytest.raises(ServerUnavailableError, match="no reply"):
+            client.call(Ping(id=1, instance_id=SLOW), timeout=0.1)
+        reply, _ = client.call(Ping(id=2, instance_id=7), timeout=5)
+        assert reply.id == 2 and isinstance(reply, Pong) and reply.version == "7"
+        time.sleep(0.6)  # the late reply has been sent by now (to the replaced socket)
+        reply, _ = client.call(Ping(id=3, instance_id=8), timeout=5)
+        assert reply.id == 3 and isinstance(reply, Pong) and reply.version == "8"
+    finally:
+        client.close()
+
+
+def test_lookups_are_answered_inline_and_copies_deferred() -> None:
+    l1 = L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU"))
+    handler = RequestHandler(
+        l1=l1,
+        registry=EngineRegistry(CHUNK),
+        sessions=Sessions(l1, CHUNK, 30),
+        hasher=ChunkHasher(CHUNK),
+        metrics=Metrics(lambda: {}),
+        server_token="t",
+        lock_ttl=30,
+    )
+    tokens = unique_tokens(2 * CHUNK).astype("<u4").tobytes()
+    lookup = Lookup(id=1, request_id="r", tokens=tokens, **MODEL)  # type: ignore[arg-type]
+    assert handler.dispatch(lookup) == LookupReply(id=1, hit_tokens=0)
+    assert handler.dispatch(EndSession(id=2, request_id="r")) == Ok(id=2)
+    store = Store(id=3, request_id="r", instance_id=1, tokens=tokens, start=0, end=CHUNK,
+                  block_ids=list(range(16)))  # fmt: skip
+    deferred = handler.dispatch(store)
+    assert callable(deferred)
+    outcome = deferred()  # run here instead of on the pool: still a typed reply
+    assert isinstance(outcome, ErrorReply) and outcome.id == 3 and outcome.code == "unknown_engine"
+
+
+def test_concurrent_lookups_pin_until_their_session_ends(
+    server: ServerProcess, engine: ShmKVCache
+) -> None:
+    """16 clients look up one cached prompt at once: each gets the full hit and pins the
+    chunks for its own session; ending (or re-looking-up) a session releases its pins."""
+    setup = server.client()
+    register(setup, engine, 31)
+    tokens = unique_tokens(2 * CHUNK)
+    assert setup.store("s", 31, tokens, start=0, end=2 * CHUNK, block_ids=range(32)).stored_tokens
+    errors: list[BaseException] = []
+
+    def body(t: int) -> None:
+        client = server.client()
+        try:
+            for i in range(60):
+                rid = f"conc-{t}"
+                assert client.lookup(rid, tokens, **MODEL) == 2 * CHUNK  # type: ignore[arg-type]
+                if i % 3 == 0:
+                    client.end_session(rid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors[0]
+    status = httpx.get(f"{server.url}/status").json()
+    # The last lookup of every thread (i = 59) is still open: both chunks stay pinned.
+    assert status["sessions"]["active"] == 16 and status["l1"]["locked"] == 2
+    assert status["l1"]["leases"] == 16
+    for t in range(16):
+        setup.end_session(f"conc-{t}")
+    status = httpx.get(f"{server.url}/status").json()
+    assert status["l1"]["locked"] == 0 and status["l1"]["leases"] == 0
+
+
+def test_stray_replies_are_skipped_within_the_deadline() -> None:
+    """Undecodable frames and replies to other requests are dropped; they never extend
+    the caller's timeout."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            identity, header = router.recv_multipart()
+            rid = msgspec.msgpack.decode(header)["id"]
+            if rid == 9:  # the garbage-only request: answer with noise, forever
+                while not stop.wait(0.05):
+                    router.send_multipart([identity, b"\xc1noise"])
+                return
+            router.send_multipart([identity, b"\xc1noise"])
+            router.send_multipart([identity, encode(Ok(id=rid + 100))])
+            router.send_multipart([identity, encode(Ok(id=rid))])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = ZmqTransport(f"tcp://127.0.0.1:{port}")
+    try:
+        reply, _ = client.call(EndSession(id=5, request_id="x"), timeout=5)
+        assert reply == Ok(id=5)
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailableError):
+            client.call(EndSession(id=9, request_id="x"), timeout=0.3)
+        assert time.monotonic() - t0 < 2
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        client.close()
+        router.close(linger=0)
