@@ -90,7 +90,7 @@ def step(
 def test_full_prompt_hit_recomputes_the_last_token() -> None:
     s, _ = side(FakeClient(hit=512))
     req = request("a", 512)
-    assert s.get_num_new_matched_tokens(req, 0) == (511, True)
+    assert s.get_num_new_matched_tokens(req, 0) == (511, False)
     s.update_state_after_alloc(req, blocks([7, 3, 9, 4]), 511)
     load = s.build_connector_meta(step([], {})).loads[0]
     assert (load.start, load.end, load.skip_tokens, load.block_ids) == (0, 512, 0, [7, 3, 9, 4])
@@ -101,7 +101,7 @@ def test_vllm_prefix_hit_is_skipped_and_its_locks_freed() -> None:
     client = FakeClient(hit=768)
     s, _ = side(client)
     req = request("a", 1000)
-    assert s.get_num_new_matched_tokens(req, 384) == (384, True)  # vLLM already has 384
+    assert s.get_num_new_matched_tokens(req, 384) == (384, False)  # vLLM already has 384
     s.update_state_after_alloc(req, blocks(list(range(8))), 384)
     load = s.build_connector_meta(step([], {})).loads[0]
     assert (load.start, load.end, load.skip_tokens) == (256, 768, 128)
@@ -114,8 +114,8 @@ def test_lookup_pending_then_answered_and_idempotent() -> None:
     s, _ = side(client)
     req = request("a", 600)
     assert s.get_num_new_matched_tokens(req, 0) == (None, False)
-    assert s.get_num_new_matched_tokens(req, 0) == (256, True)
-    assert s.get_num_new_matched_tokens(req, 0) == (256, True)
+    assert s.get_num_new_matched_tokens(req, 0) == (256, False)
+    assert s.get_num_new_matched_tokens(req, 0) == (256, False)
     assert [c[0] for c in client.calls] == ["lookup", "query"]
     assert client.calls[0][1] == ("a", 512)  # only whole chunks are looked up
 
@@ -160,7 +160,7 @@ def test_roles(role: str) -> None:
         assert got == (0, False) and not meta.loads and meta.stores
         assert not [c for c in client.calls if c[0] == "lookup"]
     else:
-        assert got == (512, True) and meta.loads and not meta.stores
+        assert got == (512, False) and meta.loads and not meta.stores
 
 
 def test_server_down_means_misses_never_exceptions() -> None:
@@ -182,7 +182,7 @@ def test_abort_before_scheduling_and_failed_load() -> None:
     s, _ = side(client)
     s.request_finished(request("never-seen", 10))  # no tracker: nothing to do, no error
     req = request("a", 600)
-    assert s.get_num_new_matched_tokens(req, 0) == (512, True)
+    assert s.get_num_new_matched_tokens(req, 0) == (512, False)
     s.update_state_after_alloc(req, blocks([0, 1, 2, 3, 4]), 512)
     s.build_connector_meta(step([], {}))
     # vLLM asks again: the load failed and the request was reset. Compute it instead.
@@ -199,7 +199,7 @@ def test_preempted_request_is_looked_up_again() -> None:
     s.update_state_after_alloc(req, blocks([0, 1, 2, 3, 4]), 512)
     s.build_connector_meta(step([], {}))
     req.status = SimpleNamespace(name="PREEMPTED")
-    assert s.get_num_new_matched_tokens(req, 0) == (512, True)
+    assert s.get_num_new_matched_tokens(req, 0) == (512, False)
     assert len([c for c in client.calls if c[0] == "lookup"]) == 2
 
 

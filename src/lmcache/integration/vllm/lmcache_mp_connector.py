@@ -89,9 +89,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        if self._worker is None:
-            return None, None
-        return None, self._worker.finished_loads() or None
+        return None, None  # loads finish inside the step that needs them (sync); stores too
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.load_errors() if self._worker is not None else set()

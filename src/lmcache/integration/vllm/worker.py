@@ -70,7 +70,6 @@ class WorkerSide:
         self._memory: KVMemory | None = None
         self._view: Any = None
         self.inline = False  # bytes in the messages (no shared memory with the server)
-        self._finished_loads: set[str] = set()
         self._load_errors: set[int] = set()
         link.instance_id = self.instance_id
         link.on_recover = self._register
@@ -158,7 +157,6 @@ class WorkerSide:
 
     def start_load(self, meta: Metadata) -> None:
         for spec in meta.loads:
-            self._finished_loads.add(spec.request_id)
             ok = False
             if self.can_load and self.link.healthy:
                 try:
@@ -237,10 +235,6 @@ class WorkerSide:
             client.commit(self.instance_id, prepared.transfer_id, success=ok)
 
     # ----- completion ------------------------------------------------------------------------
-
-    def finished_loads(self) -> set[str]:
-        done, self._finished_loads = self._finished_loads, set()
-        return done
 
     def load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
