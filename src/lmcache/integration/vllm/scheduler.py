@@ -133,9 +133,9 @@ class SchedulerSide:
         need = hit - num_computed_tokens
         # A synchronous load: the worker copies the blocks in `start_load_kv` of the very
         # step that computes the rest of the prompt. An asynchronous one costs a step of
-        # its own plus a step to notice it finished (the warm TTFT of an 8000-token prompt
-        # went from 94 to ~60 ms without them). A failed copy is reported through
-        # `get_block_ids_with_load_errors`, and vLLM recomputes those blocks.
+        # its own (profiled: the copy ran in a forward-less step) plus one to notice it
+        # finished. A failed copy is reported through `get_block_ids_with_load_errors`,
+        # and vLLM recomputes those blocks (the connector sets the "recompute" policy).
         return (need, False) if need > 0 else (0, False)
 
     def _lookup(self, tracker: _Tracker) -> int | None:
