@@ -18,14 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
+from lmcache.bench.harness import free_port
 from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from lmcache.bench.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("recompute", "vllm-prefix", "lmcache", "upstream")
@@ -43,12 +44,6 @@ ENV = {
 }
 MODEL_ARGS = ("--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "4")
 L1_SIZE_GB = "2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
