@@ -14,6 +14,7 @@ chunk is really written; L1 is cleared between repetitions so that nothing evict
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -22,7 +23,7 @@ import numpy as np
 from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.engine.transfer import BlockCopier
-from lmcache.protocol.messages import WorkerCopy
+from lmcache.protocol.messages import Prepared, WorkerCopy
 from lmcache.storage.shm import ShmSegment
 
 from .harness import random_tokens
@@ -108,18 +109,13 @@ class SyntheticEngine:
             raise RuntimeError(f"store wrote {stored} of {n} tokens (is L1 too small?)")
 
     def _worker_copy_store(self, rid: str, tokens: bytes) -> int:
-        assert self.pool is not None and self.copier is not None
         prep = self.client.prepare_store(rid, self.instance_id, tokens, start=0, end=self.tokens)
-        pool, size, bpc, ok = self.pool.array, prep.chunk_bytes, self.bpc, False
-        try:
-            for i, off in enumerate(prep.offsets):
-                if off >= 0:
-                    dst = pool[off : off + size].reshape(self.chunk_shape)
-                    self.copier.gather(self.src_ids[i * bpc : (i + 1) * bpc], dst)
-            ok = True
-        finally:
-            stored = self.client.commit(self.instance_id, prep.transfer_id, success=ok)
-        return stored
+
+        def copy(chunk: np.ndarray, ids: np.ndarray) -> None:
+            assert self.copier is not None
+            self.copier.gather(ids, chunk)
+
+        return self._copy_and_commit(prep, self.src_ids, copy)
 
     def retrieve(self, tokens: bytes) -> None:
         rid, n = self._rid("retrieve"), self.tokens
@@ -137,17 +133,33 @@ class SyntheticEngine:
             raise RuntimeError(f"retrieve returned {got} of {n} tokens")
 
     def _worker_copy_retrieve(self, rid: str, tokens: bytes) -> int:
-        assert self.pool is not None and self.copier is not None
         prep = self.client.prepare_retrieve(rid, self.instance_id, tokens, start=0, end=self.tokens)
+
+        def copy(chunk: np.ndarray, ids: np.ndarray) -> None:
+            assert self.copier is not None
+            self.copier.scatter(chunk, ids)
+
+        return self._copy_and_commit(prep, self.dst_ids, copy)
+
+    def _copy_and_commit(
+        self,
+        prep: Prepared,
+        block_ids: np.ndarray,
+        copy: Callable[[np.ndarray, np.ndarray], None],
+    ) -> int:
+        """Copy every prepared chunk (offset -1: already cached, skip), then commit, as the
+        vLLM worker does in ``lmcache_driven`` mode; returns the committed tokens."""
+        assert self.pool is not None
         pool, size, bpc, ok = self.pool.array, prep.chunk_bytes, self.bpc, False
         try:
             for i, off in enumerate(prep.offsets):
-                src = pool[off : off + size].reshape(self.chunk_shape)
-                self.copier.scatter(src, self.dst_ids[i * bpc : (i + 1) * bpc])
+                if off >= 0:
+                    chunk = pool[off : off + size].reshape(self.chunk_shape)
+                    copy(chunk, block_ids[i * bpc : (i + 1) * bpc])
             ok = True
         finally:
-            got = self.client.commit(self.instance_id, prep.transfer_id, success=ok)
-        return got
+            tokens = self.client.commit(self.instance_id, prep.transfer_id, success=ok)
+        return tokens
 
     def verify_roundtrip(self) -> None:
         """Store random KV, retrieve it into poisoned blocks, compare byte for byte."""
