@@ -81,6 +81,7 @@ from lmcache.protocol.messages import (
     encode_tokens,
 )
 from lmcache.storage.shm import shm_path
+from lmcache.transport.peers import local_socket_path
 
 from .conftest import (
     BLOCK,
@@ -106,12 +107,13 @@ MAX_FUZZ_FRAME = 1 << 20  # data frames the fuzzers send stay this small (runtim
 
 BAD, UNKNOWN_ENGINE, MISS = ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_ENGINE, ErrorCode.MISS
 TRANSFER_FAILED = ErrorCode.TRANSFER_FAILED
+FORBIDDEN = ErrorCode.FORBIDDEN
 # What each request that decodes may get back: (normal reply types, allowed error codes).
 # "internal" is never allowed: it means an exception that the handler did not expect. A
 # request that does not decode must get exactly the codec's bad_request (`check_reply`).
 ALLOWED: dict[type[Any], tuple[tuple[type[Any], ...], frozenset[str]]] = {
     Ping: ((Pong,), frozenset()),
-    RegisterKV: ((Ok,), frozenset({BAD})),
+    RegisterKV: ((Ok,), frozenset({BAD, FORBIDDEN})),  # forbidden: not a KV segment name
     UnregisterKV: ((Ok,), frozenset()),
     Lookup: ((LookupReply,), frozenset({BAD})),
     QueryLookup: ((LookupReply,), frozenset()),
@@ -181,7 +183,8 @@ class Wire:
 
     def __init__(self, port: int) -> None:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._endpoint = f"tcp://127.0.0.1:{port}"
+        # The local endpoint: the fuzzer is a trusted peer (server's uid), who may do most.
+        self._endpoint = f"ipc://{local_socket_path(port)}"
         self.sock = self._connect()
 
     def _connect(self) -> zmq.Socket[bytes]:
@@ -236,7 +239,7 @@ class Corpus:
         self.tokens = tokens  # 3 chunks + a tail each; the first two chunks of two are cached
         self.segment, self.seal = kv.memory.segments[0], kv.memory.tokens[0]  # the real engine
         self.layout = kv.layout  # ... and its layout
-        self.pool, self.pool_seal = pool.l1_pool, pool.server_token  # the server's L1 pool
+        self.pool, self.pool_seal = pool.l1_pool, pool.l1_pool_seal  # the server's L1 pool
         self.foreign, self.foreign_seal = foreign.memory.segments[0], foreign.memory.tokens[0]
         # Names under the segment directory that are not segments to map: a file of the
         # right size with no seal, a symlink to the real segment, a directory, a FIFO.
@@ -907,7 +910,7 @@ def _check_result(
     req = call.req
     if isinstance(reply, Pong):
         assert reply.chunk_size == CHUNK and reply.protocol == PROTOCOL_VERSION
-        assert reply.l1_pool == corpus.pool and reply.server_token == corpus.pool_seal
+        assert reply.l1_pool == corpus.pool and reply.l1_pool_seal == corpus.pool_seal
         if req.instance_id == ENGINE_ID:
             assert reply.engine_registered
     elif isinstance(req, RegisterKV):
@@ -1557,15 +1560,16 @@ def test_segments_are_mapped_only_with_their_seal(
             ([name], [], "one seal per segment"),
             ([name], [seal, seal], "one seal per segment"),
             ([name], ["not hex"], "is not hex"),
-            ([pong.l1_pool], [seal], "its seal does not match"),  # the pool, with another seal
-            ([unsealed], [seal], "its seal does not match"),
+            ([pong.l1_pool], [pong.l1_pool_seal], "not an engine KV segment"),  # the pool
+            ([unsealed], [seal], "not an engine KV segment"),
         ):
             memory = ShmMemory(segments=segments, tokens=tokens)
             req = RegisterKV(
                 id=next(_ids), instance_id=8, rank=0, layout=cache.layout, memory=memory, **MODEL
             )
             reply = probe_wire.call(encode(req))
-            assert isinstance(reply, ErrorReply) and reply.code == BAD, (memory, reply)
+            code = FORBIDDEN if "not an engine" in why else BAD
+            assert isinstance(reply, ErrorReply) and reply.code == code, (memory, reply)
             assert why in reply.message and reply.id == req.id, (memory, reply)
             assert not server.client().ping(instance_id=8).engine_registered
     finally:

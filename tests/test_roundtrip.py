@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmcache.engine.shm_kv import ShmKVCache
-from lmcache.errors import BadRequestError, CacheMissError, UnknownEngineError
+from lmcache.errors import BadRequestError, CacheMissError, ForbiddenError, UnknownEngineError
 from lmcache.protocol.messages import ShmMemory, WorkerCopy
 
 from .conftest import BLOCK, CHUNK, ServerProcess, fill_random, register, unique_tokens
@@ -127,9 +127,9 @@ def test_bad_requests_get_typed_errors(server: ServerProcess, engine: ShmKVCache
     with pytest.raises(BadRequestError, match="does not exist"):
         client.register(
             107, model_name="m", world_size=1, rank=0, dtype="bf16",
-            layout=engine.layout, memory=ShmMemory(segments=["/lmcache_kv_nope"], tokens=["00"]),
+            layout=engine.layout, memory=ShmMemory(segments=["/lmcache_kv_0_999"], tokens=["00"]),
         )  # fmt: skip
-    with pytest.raises(BadRequestError, match="invalid shared-memory segment name"):
+    with pytest.raises(ForbiddenError, match="not an engine KV segment"):
         client.register(
             107, model_name="m", world_size=1, rank=0, dtype="bf16",
             layout=engine.layout, memory=ShmMemory(segments=["../../etc/passwd"], tokens=["00"]),

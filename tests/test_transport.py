@@ -36,6 +36,7 @@ from lmcache.server.sessions import Sessions
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.l1 import L1Cache
+from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
 from lmcache.transport.zmq_server import Frames, Outcome, ZmqServer
 
@@ -51,7 +52,7 @@ class Echo:
     def __init__(self) -> None:
         self.threads: dict[str, set[str]] = {"inline": set(), "pooled": set()}
 
-    def __call__(self, req: Request, data: Frames) -> Reply | Callable[[], Outcome]:
+    def __call__(self, req: Request, data: Frames, peer: Peer) -> Reply | Callable[[], Outcome]:
         if isinstance(req, Ping) and req.instance_id != SLOW:
             self.threads["inline"].add(threading.current_thread().name)
             return Pong(id=req.id, server_token="t", chunk_size=1, version=str(req.instance_id))

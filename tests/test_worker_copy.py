@@ -36,7 +36,7 @@ def setup_worker(
         layout=kv.layout, memory=WorkerCopy(),
     )  # fmt: skip
     pong = client.ping()
-    pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.server_token))
+    pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.l1_pool_seal))
     return client, pool
 
 

@@ -8,16 +8,22 @@
 
 Error replies are raised as the matching `lmcache.errors.ServerError` subclass;
 a server that does not answer raises `ServerUnavailableError`.
+
+A client made by `connect` moves by itself to the server's local endpoint (a Unix
+socket of our uid, announced in the first ping) when it can: only there does the
+server know it is an engine of its own uid (see README, "Threat model"). Over plain
+TCP a peer may only ping, unless it authenticates with CurveZMQ keys (``curve``).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-from lmcache.errors import ServerError, error_from_code
+from lmcache.errors import ServerError, ServerUnavailableError, error_from_code
 from lmcache.protocol.messages import (
     ChunkData,
     Clear,
@@ -50,7 +56,14 @@ from lmcache.protocol.messages import (
     encode_tokens,
 )
 from lmcache.transport.base import Data, Transport
-from lmcache.transport.zmq_client import ZmqTransport, next_request_id, normalize_endpoint
+from lmcache.transport.zmq_client import (
+    CurveClientKeys,
+    ZmqTransport,
+    local_endpoint_for,
+    local_endpoint_usable,
+    next_request_id,
+    normalize_endpoint,
+)
 
 R = TypeVar("R", bound=Reply)
 Tokens = Sequence[int] | np.ndarray | bytes
@@ -61,14 +74,50 @@ def _token_bytes(tokens: Tokens) -> bytes:
 
 
 class LMCacheClient:
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, prefer_local: bool = False) -> None:
         self.transport = transport
+        self._resolve_pending = prefer_local  # switch to the local endpoint at first contact
+        self._resolve_lock = threading.Lock()
 
     @classmethod
     def connect(
-        cls, host: str = "localhost", port: int = 5555, timeout: float = 5.0
+        cls,
+        host: str = "localhost",
+        port: int = 5555,
+        timeout: float = 5.0,
+        curve: CurveClientKeys | None = None,
     ) -> LMCacheClient:
-        return cls(ZmqTransport(normalize_endpoint(host, port), timeout))
+        endpoint = normalize_endpoint(host, port)
+        local = local_endpoint_for(endpoint)
+        if local_endpoint_usable(local):  # our uid's server on this host: go straight there
+            return cls(ZmqTransport(local, timeout))
+        return cls(ZmqTransport(endpoint, timeout, curve), prefer_local=True)
+
+    @property
+    def endpoint(self) -> str:
+        return str(getattr(self.transport, "endpoint", "in-process"))
+
+    def _resolve(self, timeout: float | None) -> None:
+        """First contact: ping over the given endpoint; if the server announces a local
+        endpoint that we may use, and it is the same server instance, move there."""
+        reply, _ = self.transport.call(Ping(id=next_request_id()), timeout)
+        self._resolve_pending = False
+        if not isinstance(reply, Pong) or not local_endpoint_usable(reply.local_endpoint):
+            return
+        current = self.transport
+        if not isinstance(current, ZmqTransport) or current.endpoint == reply.local_endpoint:
+            return
+        local = ZmqTransport(reply.local_endpoint, current.timeout)
+        try:
+            there, _ = local.call(Ping(id=next_request_id()), timeout)
+        except ServerUnavailableError:
+            local.close()
+            return
+        if not isinstance(there, Pong) or there.server_token != reply.server_token:
+            local.close()  # another server instance: stay where we were told to go
+            return
+        self.transport = local
+        current.close()
 
     def close(self) -> None:
         self.transport.close()
@@ -79,6 +128,10 @@ class LMCacheClient:
     def _call_data(
         self, request: Request, expect: type[R], timeout: float | None = None, data: Any = ()
     ) -> tuple[R, Data]:
+        if self._resolve_pending:
+            with self._resolve_lock:
+                if self._resolve_pending:
+                    self._resolve(timeout)
         reply, frames = self.transport.call(request, timeout, data)
         if isinstance(reply, ErrorReply):
             raise error_from_code(reply.code, reply.message)

@@ -7,7 +7,8 @@
      │    ├── UnknownEngineError    the instance id is not registered (re-register)
      │    ├── CacheMissError        retrieve of chunks that are not (or no longer) cached
      │    ├── NoSpaceError          L1 is full of locked objects
-     │    └── TransferError         a copy failed or was interrupted (e.g. by a clear)
+     │    ├── TransferError         a copy failed or was interrupted (e.g. by a clear)
+     │    └── ForbiddenError        this peer may not do that (untrusted, or not the owner)
      └── ServerUnavailableError  no reply in time: server down, restarting or overloaded
 
 `ServerError.code` is the wire error code (see `lmcache.protocol.messages.ErrorCode`),
@@ -61,9 +62,20 @@ class TransferError(ServerError):
     code = "transfer_failed"
 
 
+class ForbiddenError(ServerError):
+    code = "forbidden"
+
+
 _BY_CODE: dict[str, type[ServerError]] = {
     cls.code: cls
-    for cls in (BadRequestError, UnknownEngineError, CacheMissError, NoSpaceError, TransferError)
+    for cls in (
+        BadRequestError,
+        UnknownEngineError,
+        CacheMissError,
+        NoSpaceError,
+        TransferError,
+        ForbiddenError,
+    )
 }
 
 

@@ -40,7 +40,15 @@ class ServerSettings(BaseSettings):
         '\'{"type": "redis", "url": "redis://host:6379/0"}\'',
     )
     engine_timeout_s: float = Field(
-        0.0, ge=0, description="unregister engines silent this long (0 = never)"
+        60.0,
+        ge=0,
+        description="unregister engines silent this long (0 = never; the vLLM connector "
+        "pings every second; engines whose process is gone are forgotten at once)",
+    )
+    curve_keys_dir: str | None = Field(
+        None,
+        description="directory of CurveZMQ keys: TCP peers must authenticate with a key in "
+        "DIR/authorized (server key pair created in DIR on first use)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 

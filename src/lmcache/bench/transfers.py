@@ -83,7 +83,7 @@ class SyntheticEngine:
         )
         if sc.mode == "lmcache_driven":
             pong = self.client.ping(instance_id)
-            self.pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.server_token))
+            self.pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.l1_pool_seal))
             self.copier = BlockCopier(self.kv.layout, [self.kv.segment.array])
 
     @property

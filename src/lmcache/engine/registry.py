@@ -1,8 +1,16 @@
-"""Registered engine workers: one entry per KV-cache rank (instance id)."""
+"""Registered engine workers: one entry per KV-cache rank (instance id).
+
+Each registration has an owner (the peer that made it, see `lmcache.transport.peers`):
+only that owner may replace or remove it. The server maps only segments named like an
+engine's KV segment (``/lmcache_kv_<pid>_<idx>``), of its own uid, whose seal matches
+and whose size holds the layout; the number of registrations is bounded.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.engine.transfer import KVTransfer, ShmTransfer
-from lmcache.errors import BadRequestError, UnknownEngineError
+from lmcache.errors import BadRequestError, ForbiddenError, UnknownEngineError
 from lmcache.protocol.messages import KVLayout, KVMemory, RegisterKV, ShmMemory
 from lmcache.storage.keys import MAX_SALT_LEN, Namespace
 from lmcache.storage.shm import ShmSegment
@@ -20,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 MAX_WORLD_SIZE = 4096
 MAX_NAME_LEN = 512
+MAX_ENGINES = 1024  # registrations held at once (each may map segments)
+# Engines' KV segments only (engine/shm_kv.py): never the L1 pool or anything else.
+KV_SEGMENT_RE = re.compile(r"^/?lmcache_kv_[0-9]{1,10}_[0-9]{1,10}$")
 
 
 @dataclass(eq=False)
@@ -35,6 +46,8 @@ class Engine:
     layout: KVLayout
     transfer: KVTransfer | None  # None: the worker copies itself (prepare/commit)
     blocks_per_chunk: int
+    owner: str = ""
+    pid: int | None = None  # its process, as the kernel reported it (None: unknown)
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     _digests: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -95,6 +108,7 @@ class Engine:
             "dtype": self.dtype,
             "kv_spec": self.kv_spec,
             "transfer": self.transfer.kind if self.transfer else "worker_copy",
+            "owner": self.owner,
             "num_layers": lay.num_layers,
             "num_blocks": lay.num_blocks,
             "block_size": lay.block_size,
@@ -104,6 +118,17 @@ class Engine:
             "registered_at": self.registered_at,
             "idle_s": round(time.monotonic() - self.last_seen, 3),
         }
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this PID namespace) exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_identity(model_name: str, world_size: int, dtype: str, cache_salt: str = "") -> None:
@@ -125,8 +150,9 @@ class EngineRegistry:
         self._engines: dict[int, Engine] = {}
         self._lock = threading.Lock()
 
-    def register(self, msg: RegisterKV) -> Engine:
+    def register(self, msg: RegisterKV, owner: str = "", pid: int | None = None) -> Engine:
         check_identity(msg.model_name, msg.world_size, msg.dtype)
+        self._check_room(msg.instance_id, owner)
         if not 0 <= msg.rank < msg.world_size:
             raise BadRequestError(f"rank {msg.rank} outside world_size {msg.world_size}")
         lay = msg.layout
@@ -155,13 +181,32 @@ class EngineRegistry:
             layout=lay,
             transfer=transfer,
             blocks_per_chunk=self.chunk_size // lay.block_size,
+            owner=owner,
+            pid=pid,
         )
         with self._lock:
-            old = self._engines.pop(msg.instance_id, None)
-            self._engines[msg.instance_id] = engine
+            old = self._engines.get(msg.instance_id)
+            taken = old is not None and old.owner != owner  # registered meanwhile by another
+            if not taken:
+                self._engines[msg.instance_id] = engine
+        if taken:
+            if transfer is not None:
+                transfer.close()
+            raise ForbiddenError(f"GPU ID {msg.instance_id} belongs to another client")
         if old is not None and old.transfer is not None:
             old.transfer.close()
         return engine
+
+    def _check_room(self, instance_id: int, owner: str) -> None:
+        with self._lock:
+            old = self._engines.get(instance_id)
+            if old is not None and old.owner != owner:
+                raise ForbiddenError(f"GPU ID {instance_id} belongs to another client")
+            if old is None and len(self._engines) >= MAX_ENGINES:
+                raise BadRequestError(
+                    f"too many registered engines ({MAX_ENGINES}); silent ones are "
+                    "unregistered after --engine-timeout-s"
+                )
 
     @staticmethod
     def _open(memory: KVMemory, layout: KVLayout) -> KVTransfer | None:
@@ -175,6 +220,12 @@ class EngineRegistry:
             raise BadRequestError("memory.segments must list 1..4096 segment names")
         if len(memory.tokens) != len(memory.segments):
             raise BadRequestError("memory.tokens must hold one seal per segment")
+        for name in memory.segments:
+            if not KV_SEGMENT_RE.match(name):
+                raise ForbiddenError(
+                    f"segment {name[:100]!r} is not an engine KV segment "
+                    "(/lmcache_kv_<pid>_<idx>): the server maps nothing else"
+                )
         segments: list[ShmSegment] = []
         try:
             for name, token in zip(memory.segments, memory.tokens, strict=True):
@@ -199,11 +250,13 @@ class EngineRegistry:
                 segment.close()
             raise
 
-    def unregister(self, instance_id: int) -> bool:
+    def unregister(self, instance_id: int, only: Engine | None = None) -> bool:
+        """Forget an engine (``only``: if that registration is still the current one)."""
         with self._lock:
-            engine = self._engines.pop(instance_id, None)
-        if engine is None:
-            return False
+            engine = self._engines.get(instance_id)
+            if engine is None or (only is not None and engine is not only):
+                return False
+            del self._engines[instance_id]
         if engine.transfer is not None:
             engine.transfer.close()
         return True
@@ -218,17 +271,16 @@ class EngineRegistry:
         engine.last_seen = time.monotonic()
         return engine
 
-    def touch(self, instance_id: int | None) -> bool:
-        engine = self._engines.get(instance_id) if instance_id is not None else None
-        if engine is not None:
-            engine.last_seen = time.monotonic()
-        return engine is not None
+    def peek(self, instance_id: int) -> Engine | None:
+        return self._engines.get(instance_id)
 
-    def reap(self, idle_s: float) -> list[int]:
-        """Unregister engines not heard from for ``idle_s`` seconds."""
-        now = time.monotonic()
-        stale = [e.instance_id for e in list(self._engines.values()) if now - e.last_seen > idle_s]
-        return [i for i in stale if self.unregister(i)]
+    def touch(self, instance_id: int | None, owner: str | None = None) -> bool:
+        """Note that an engine is alive (only its owner's pings count, if given)."""
+        engine = self._engines.get(instance_id) if instance_id is not None else None
+        if engine is None or (owner is not None and engine.owner != owner):
+            return False
+        engine.last_seen = time.monotonic()
+        return True
 
     def find(
         self, model_name: str, world_size: int, dtype: str, kv_spec: str

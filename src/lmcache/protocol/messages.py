@@ -37,6 +37,20 @@ Size = Annotated[int, Meta(ge=0, le=1 << 48)]  # byte sizes, offsets and strides
 Count = Annotated[int, Meta(ge=0, le=1 << 31)]  # layers, blocks, ranks, block ids
 EngineId = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
+# Bounded fields (limits in the README, "Limits"): a message beyond them is a decode
+# error (bad_request) before any work, so no single message can hold much memory or
+# keep the socket loop busy (the largest, 2M tokens, hashes in ~20 ms).
+MAX_TOKENS = 1 << 21  # tokens per request (8 MiB on the wire)
+MAX_REQUEST_ID = 512  # characters
+MAX_NAME = 512  # model names, segment names
+MAX_SPEC = 1024  # kv_spec, dtype
+MAX_LIST = 1 << 17  # layers, block ids of one request (2M tokens / 16-token blocks)
+RequestIdField = Annotated[str, Meta(max_length=MAX_REQUEST_ID)]
+NameField = Annotated[str, Meta(max_length=MAX_NAME)]
+SpecField = Annotated[str, Meta(max_length=MAX_SPEC)]
+SaltField = Annotated[str, Meta(max_length=256)]  # = storage.keys.MAX_SALT_LEN
+TokenBytes = Annotated[bytes, Meta(max_length=MAX_TOKENS * 4)]
+
 
 class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
@@ -44,6 +58,7 @@ class ErrorCode(enum.StrEnum):
     MISS = "miss"
     NO_SPACE = "no_space"
     TRANSFER_FAILED = "transfer_failed"
+    FORBIDDEN = "forbidden"  # this peer may not do that (see README, "Threat model")
     INTERNAL = "internal"
 
 
@@ -74,7 +89,7 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     block_size: Count  # tokens per block
     block_bytes: Size  # bytes of one block of one layer, all planes
     block_stride: Size
-    layers: list[LayerPlacement]
+    layers: Annotated[list[LayerPlacement], Meta(max_length=MAX_LIST)]
     planes: Count = 1
     plane_stride: Size = 0
 
@@ -86,8 +101,8 @@ class ShmMemory(msgspec.Struct, frozen=True, tag="shm", forbid_unknown_fields=Tr
     server maps a segment only if its seal matches.
     """
 
-    segments: list[str]
-    tokens: list[str]
+    segments: Annotated[list[NameField], Meta(max_length=4096)]
+    tokens: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=4096)]
 
 
 class WorkerCopy(msgspec.Struct, frozen=True, tag="worker_copy", forbid_unknown_fields=True):
@@ -107,13 +122,13 @@ class Ping(Message, frozen=True, tag="ping"):
 
 class RegisterKV(Message, frozen=True, tag="register"):
     instance_id: EngineId
-    model_name: str
+    model_name: NameField
     world_size: Count
     rank: Count
-    dtype: str
+    dtype: SpecField
     layout: KVLayout
     memory: KVMemory
-    kv_spec: str = ""
+    kv_spec: SpecField = ""
 
 
 class UnregisterKV(Message, frozen=True, tag="unregister"):
@@ -123,23 +138,23 @@ class UnregisterKV(Message, frozen=True, tag="unregister"):
 class Lookup(Message, frozen=True, tag="lookup"):
     """Find (and read-lock) the longest cached prefix of ``tokens`` for all ranks."""
 
-    request_id: str
-    model_name: str
+    request_id: RequestIdField
+    model_name: NameField
     world_size: Count
-    dtype: str
-    tokens: bytes
-    kv_spec: str = ""
-    cache_salt: str = ""
+    dtype: SpecField
+    tokens: TokenBytes
+    kv_spec: SpecField = ""
+    cache_salt: SaltField = ""
 
 
 class QueryLookup(Message, frozen=True, tag="query_lookup"):
-    request_id: str
+    request_id: RequestIdField
 
 
 class FreeLookup(Message, frozen=True, tag="free_lookup"):
     """Release lookup locks on chunks in ``[start, end)`` tokens (end None = all)."""
 
-    request_id: str
+    request_id: RequestIdField
     start: Tokens = 0
     end: Tokens | None = None
 
@@ -151,25 +166,25 @@ class ChunkRange(Message, frozen=True, kw_only=True):
     chain over everything before them). Every data request below is one of these.
     """
 
-    request_id: str
+    request_id: RequestIdField
     instance_id: EngineId
-    tokens: bytes
+    tokens: TokenBytes
     start: Tokens
     end: Tokens
-    cache_salt: str = ""
+    cache_salt: SaltField = ""
 
 
 class Store(ChunkRange, frozen=True, kw_only=True, tag="store"):
     """The server copies the range's blocks into L1 (one block id per engine block)."""
 
-    block_ids: list[Count]
+    block_ids: Annotated[list[Count], Meta(max_length=MAX_LIST)]
 
 
 class Retrieve(ChunkRange, frozen=True, kw_only=True, tag="retrieve"):
     """The server copies cached chunks into the blocks, leaving the first
     ``skip_tokens`` (already in the engine's own cache) untouched."""
 
-    block_ids: list[Count]
+    block_ids: Annotated[list[Count], Meta(max_length=MAX_LIST)]
     skip_tokens: Tokens = 0
 
 
@@ -199,7 +214,7 @@ class Commit(Message, frozen=True, tag="commit"):
 
 
 class EndSession(Message, frozen=True, tag="end_session"):
-    request_id: str
+    request_id: RequestIdField
 
 
 class Clear(Message, frozen=True, tag="clear"):
@@ -244,7 +259,14 @@ class Pong(Message, frozen=True, tag="pong"):
     version: str
     protocol: int = PROTOCOL_VERSION
     engine_registered: bool = False
-    l1_pool: str = ""  # shared-memory segment of the L1 pool (for worker copies)
+    # Only for local peers of an allowed uid (who could open the pool anyway): the L1
+    # pool's segment and its seal, which proves the right segment was found.
+    l1_pool: str = ""
+    l1_pool_seal: str = ""
+    # The server's Unix-socket endpoint (``ipc://...``): engines on this host switch to
+    # it, where the kernel tells the server their uid. Empty if it has none.
+    local_endpoint: str = ""
+    trusted: bool = True  # False: this connection may only ping (see README, "Threat model")
 
 
 class LookupReply(Message, frozen=True, tag="lookup_result"):

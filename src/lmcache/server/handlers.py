@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from lmcache import __version__
-from lmcache.engine.registry import EngineRegistry, check_identity
+from lmcache.engine.registry import EngineRegistry, check_identity, pid_alive
 from lmcache.errors import BadRequestError, ServerError
 from lmcache.protocol.codec import error_reply
 from lmcache.protocol.messages import (
@@ -40,6 +40,7 @@ from lmcache.protocol.messages import (
     StoreBytes,
     UnregisterKV,
 )
+from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Session, Sessions
@@ -47,11 +48,13 @@ from lmcache.server.tiers import RankLayout, TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace
 from lmcache.storage.l1 import L1Cache
+from lmcache.transport.peers import IN_PROCESS, Peer, Trust
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
 Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data frames
+_MAX_MEMO_DIGESTS = 1 << 16  # namespace digests remembered for lookups (~6 MB at most)
 Deferred = Callable[[], Outcome]
 
 
@@ -67,6 +70,8 @@ class RequestHandler:
         server_token: str,
         lock_ttl: float,
         pool_name: str = "",
+        pool_seal: str = "",
+        local_endpoint: str = "",
         tiers: TieredStore | None = None,
     ) -> None:
         self.l1 = l1
@@ -78,17 +83,18 @@ class RequestHandler:
         self.server_token = server_token
         self.lock_ttl = lock_ttl
         self.pool_name = pool_name
+        self.pool_seal = pool_seal
+        self.local_endpoint = local_endpoint
+        self.access = AccessPolicy(registry)
         self.prepared = PreparedTransfers(l1, sessions, metrics, self.chunk_size, lock_ttl)
         self.tiers = tiers
         on_stored = tiers.stored if tiers is not None else None
         self.copies = Copies(l1, registry, sessions, hasher, metrics, on_stored=on_stored)
         self.prepared.on_stored = on_stored
         self._digests: dict[tuple[str, int, str, str, str], list[bytes]] = {}
+        self._digest_count = 0  # namespace digests held by `_digests` (bounded)
         self._inline: dict[type[Any], Callable[[Any], Reply]] = {
-            Ping: self._ping,
-            RegisterKV: self._register,
             UnregisterKV: self._unregister,
-            Lookup: self._lookup,
             QueryLookup: self._query_lookup,
             FreeLookup: self._free_lookup,
             EndSession: self._end_session,
@@ -108,8 +114,18 @@ class RequestHandler:
 
     # ----- dispatch -------------------------------------------------------------------
 
-    def dispatch(self, req: Request, data: list[memoryview] | None = None) -> Reply | Deferred:
-        """Answer now, or return the work to run on the pool. ``data``: raw data frames."""
+    def dispatch(
+        self, req: Request, data: list[memoryview] | None = None, peer: Peer = IN_PROCESS
+    ) -> Reply | Deferred:
+        """Answer now, or return the work to run on the pool. ``data``: raw data frames;
+        ``peer``: who sent it, as its connection authenticated (see `access`)."""
+        denied = self.access.check(req, peer)
+        if denied is not None:
+            refused = str(req.__struct_config__.tag)
+            logger.warning("%s request %d refused: %s", refused, req.id, denied)
+            self.metrics.observe_request(refused, ErrorCode.FORBIDDEN.value, 0.0)
+            return error_reply(req.id, ErrorCode.FORBIDDEN, denied)
+        req = self.access.scoped(req, peer)
         with_data = self._with_data.get(type(req))
         if with_data is not None:
             frames = data or []
@@ -117,6 +133,12 @@ class RequestHandler:
         if data:
             op = req.__struct_config__.tag
             return error_reply(req.id, ErrorCode.BAD_REQUEST, f"{op} takes no data frames")
+        if isinstance(req, Ping):
+            return cast(Reply, self._run(lambda r: self._ping(r, peer), req))
+        if isinstance(req, RegisterKV):
+            return cast(Reply, self._run(lambda r: self._register(r, peer), req))
+        if isinstance(req, Lookup):
+            return cast(Reply, self._run(lambda r: self._lookup(r, peer.pid), req))
         handler = self._inline.get(type(req))
         if handler is not None:
             return cast(Reply, self._run(handler, req))  # inline handlers return bare replies
@@ -142,18 +164,22 @@ class RequestHandler:
 
     # ----- control --------------------------------------------------------------------
 
-    def _ping(self, req: Ping) -> Reply:
+    def _ping(self, req: Ping, peer: Peer) -> Reply:
+        local = peer.is_local
         return Pong(
             id=req.id,
             server_token=self.server_token,
             chunk_size=self.chunk_size,
             version=__version__,
-            engine_registered=self.registry.touch(req.instance_id),
-            l1_pool=self.pool_name,
+            engine_registered=self.registry.touch(req.instance_id, peer.owner),
+            l1_pool=self.pool_name if local else "",
+            l1_pool_seal=self.pool_seal if local else "",
+            local_endpoint=self.local_endpoint,
+            trusted=peer.trust is not Trust.NONE,
         )
 
-    def _register(self, req: RegisterKV) -> Reply:
-        engine = self.registry.register(req)
+    def _register(self, req: RegisterKV, peer: Peer) -> Reply:
+        engine = self.registry.register(req, owner=peer.owner, pid=peer.pid)
         logger.info(
             "Registered KV cache for GPU ID %d with %d layers",
             req.instance_id,
@@ -173,9 +199,37 @@ class RequestHandler:
         logger.info("Cleared %d chunks from L1", removed)
         return Ok(id=req.id)
 
+    # ----- dead and silent engines -------------------------------------------------------
+
+    def reap(self, idle_s: float) -> list[str]:
+        """Forget engines whose process is gone (the kernel told us its pid when it
+        connected) or that were silent for ``idle_s`` seconds (0: never): their
+        registrations, mappings, prepared transfers and lookup locks. Returns log lines."""
+        lines = []
+        dead = {p for p in {e.pid for e in self.registry.engines() if e.pid} | self.sessions.pids()
+                if not pid_alive(p)}  # fmt: skip
+        for engine in self.registry.engines():
+            why = None
+            if engine.pid in dead:
+                why = f"its process {engine.pid} is gone"
+            elif idle_s and time.monotonic() - engine.last_seen > idle_s:
+                why = f"silent for {idle_s:g} s (--engine-timeout-s)"
+            if why is None or not self.registry.unregister(engine.instance_id, engine):
+                continue
+            dropped = self.prepared.drop_engine(engine.instance_id)
+            lines.append(
+                f"Unregistered GPU ID {engine.instance_id}: {why}; released {dropped} "
+                "prepared transfers and unmapped its memory"
+            )
+        if dead:
+            ended = self.sessions.end_pids(dead)
+            if ended:
+                lines.append(f"Released the lookup locks of {ended} requests of dead processes")
+        return lines
+
     # ----- lookups ----------------------------------------------------------------------
 
-    def _lookup(self, req: Lookup) -> Reply:
+    def _lookup(self, req: Lookup, pid: int | None = None) -> Reply:
         check_identity(req.model_name, req.world_size, req.dtype, req.cache_salt)
         if not req.request_id:
             raise BadRequestError("request_id must not be empty")
@@ -203,11 +257,11 @@ class RequestHandler:
             self._l2_layouts(req) if lease.hit_groups < num_tokens // self.chunk_size else None
         )
         if layouts is None or self.tiers is None:
-            session = self.sessions.start(req.request_id, lease, groups)
+            session = self.sessions.start(req.request_id, lease, groups, pid=pid)
             self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
         rest = groups[lease.hit_groups :] + list(chunks)  # L1 missed these: ask L2
-        session = self.sessions.start(req.request_id, lease, groups, pending=True)
+        session = self.sessions.start(req.request_id, lease, groups, pending=True, pid=pid)
         self.tiers.prefetch(session, rest, layouts, self._count_hit)
         return LookupReply(id=req.id, hit_tokens=None)
 
@@ -228,8 +282,10 @@ class RequestHandler:
         ident = (req.model_name, req.world_size, req.dtype, req.kv_spec, req.cache_salt)
         digests = self._digests.get(ident)
         if digests is None:
-            if len(self._digests) > 4096:
-                self._digests.clear()
+            if self._digest_count + req.world_size > _MAX_MEMO_DIGESTS:
+                self._digests.clear()  # bounded by digests, not entries: ranks vary
+                self._digest_count = 0
+            self._digest_count += req.world_size
             digests = [
                 Namespace(ident[0], ident[1], rank, ident[2], ident[3], ident[4]).digest
                 for rank in range(req.world_size)

@@ -13,6 +13,7 @@ Startup runs in a thread beside uvicorn so that ``/healthcheck`` answers 503
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import make_adapter
 from lmcache.storage.shm import ShmSegment, unlink_stale_segments
+from lmcache.transport.peers import CurveServerKeys, local_socket_path
 from lmcache.transport.zmq_server import ZmqServer
 
 logger = logging.getLogger("lmcache.server")
@@ -45,6 +47,15 @@ logger = logging.getLogger("lmcache.server")
 POOL_PREFIX = "lmcache_l1_pool_"
 KV_SEGMENT_PREFIX = "lmcache_kv_"  # engine workers' KV segments (see engine/shm_kv.py)
 MAINTENANCE_PERIOD_S = 1.0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerRuntime:
@@ -58,6 +69,7 @@ class ServerRuntime:
         self._segment: ShmSegment | None = None
         self._zmq: ZmqServer | None = None
         self._prepared: PreparedTransfers | None = None
+        self._handler: RequestHandler | None = None
         self.tiers: TieredStore | None = None
         self._stop = threading.Event()
         self._maintenance = threading.Thread(
@@ -78,12 +90,13 @@ class ServerRuntime:
             s.l1_size_gb, s.eviction_policy, s.chunk_size, s.max_workers,
         )  # fmt: skip
         adapters = [make_adapter(config) for config in s.l2_adapter]  # bad config: fail first
+        local_path = local_socket_path(s.port)
         for prefix in (POOL_PREFIX, KV_SEGMENT_PREFIX):
             for name in unlink_stale_segments(prefix):
                 logger.warning("Removed shared-memory segment /%s of a dead process", name)
-        self._segment = ShmSegment.create(
-            f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes, token=bytes.fromhex(self.server_token)
-        )
+        # The pool's seal is its own random token, told only to local peers: it proves
+        # that a worker found the right segment, and is never a credential.
+        self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
         if adapters:
@@ -100,13 +113,31 @@ class ServerRuntime:
             server_token=self.server_token,
             lock_ttl=s.lock_ttl_s,
             pool_name=self._segment.name,
+            pool_seal=self._segment.token.hex(),
+            local_endpoint=f"ipc://{local_path}",
             tiers=self.tiers,
         )
         self._prepared = handler.prepared
-        self._zmq = ZmqServer(s.zmq_bind_endpoint, handler.dispatch, s.max_workers)
+        self._handler = handler
+        curve = CurveServerKeys.from_dir(s.curve_keys_dir) if s.curve_keys_dir else None
+        self._zmq = ZmqServer(
+            s.zmq_bind_endpoint, handler.dispatch, s.max_workers, local_path=local_path,
+            curve=curve,
+        )  # fmt: skip
         self._zmq.start()
         self._maintenance.start()
-        logger.info("ZMQ server listening on %s", s.zmq_bind_endpoint)
+        logger.info("ZMQ server listening on %s and ipc://%s", s.zmq_bind_endpoint, local_path)
+        if curve is not None:
+            logger.info(
+                "CurveZMQ on %s: %d authorized client keys in %s/authorized; clients need %s",
+                s.zmq_bind_endpoint, len(curve.authorized), s.curve_keys_dir,
+                os.path.join(s.curve_keys_dir or "", "server.key"),
+            )  # fmt: skip
+        elif not _is_loopback(s.host):
+            logger.warning(
+                "ZMQ listens on %s without --curve-keys-dir: network peers can only ping "
+                "(they are not authenticated); see README, \"Threat model\"", s.zmq_bind_endpoint,
+            )  # fmt: skip
         self.ready = True
 
     def stop(self) -> None:
@@ -145,9 +176,9 @@ class ServerRuntime:
                 "Expired %d locks, %d unfinished writes and %d sessions past their TTL",
                 leases, writes, sessions,
             )  # fmt: skip
-        if self.settings.engine_timeout_s:
-            for instance_id in self.registry.reap(self.settings.engine_timeout_s):
-                logger.warning("Unregistered silent engine GPU ID %d", instance_id)
+        if self._handler is not None:
+            for line in self._handler.reap(self.settings.engine_timeout_s):
+                logger.warning("%s", line)
 
     # ----- views for HTTP -----------------------------------------------------------------
 
@@ -191,10 +222,11 @@ class ServerRuntime:
             "ready": self.ready,
             "healthy": not self.health(),
             "problems": self.health(),
-            "server_token": self.server_token,
+            "server_token": self.server_token,  # an instance id, not a secret (no seal)
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "zmq_endpoint": self.settings.zmq_bind_endpoint,
+            "local_endpoint": self._zmq.local_endpoint if self._zmq else None,
             "l1": {
                 **(self.l1.stats() if self.l1 else {}),
                 "shm_segment": self._segment.name if self._segment else None,

@@ -16,8 +16,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from lmcache.errors import BadRequestError
 from lmcache.storage.l1 import L1Cache, Lease
 from lmcache.types import ObjectKey
+
+MAX_SESSIONS = 1 << 16  # open lookups held at once (each pins chunks until its TTL)
 
 
 @dataclass(eq=False, slots=True)
@@ -29,6 +32,7 @@ class Session:
     # Keys of the hit chunks, chunk-major: groups[i] = every rank's key for chunk i.
     groups: list[list[ObjectKey]] = field(default_factory=list)
     expires: float = 0.0
+    pid: int | None = None  # the process that looked it up (None: unknown)
 
     def keys_in(self, start: int, end: int | None) -> Iterator[ObjectKey]:
         first = start // self.chunk_size
@@ -48,7 +52,12 @@ class Sessions:
         self._lock = threading.Lock()
 
     def start(
-        self, request_id: str, lease: Lease, groups: list[list[ObjectKey]], pending: bool = False
+        self,
+        request_id: str,
+        lease: Lease,
+        groups: list[list[ObjectKey]],
+        pending: bool = False,
+        pid: int | None = None,
     ) -> Session:
         """A lookup's result; ``pending`` while L2 chunks are still being loaded."""
         session = Session(
@@ -58,10 +67,18 @@ class Sessions:
             self._chunk_size,
             groups[: lease.hit_groups],
             time.monotonic() + self._ttl,
+            pid,
         )
         with self._lock:
-            old = self._sessions.pop(request_id, None)
-            self._sessions[request_id] = session
+            full = len(self._sessions) >= MAX_SESSIONS and request_id not in self._sessions
+            old = None if full else self._sessions.pop(request_id, None)
+            if not full:
+                self._sessions[request_id] = session
+        if full:
+            self._l1.release(lease)
+            raise BadRequestError(
+                f"too many open lookups ({MAX_SESSIONS}); end_session releases them"
+            )
         if old is not None:  # a repeated lookup (e.g. after preemption) replaces the old one
             self._l1.release(old.lease)
         return session
@@ -101,6 +118,16 @@ class Sessions:
         with self._lock:
             stale = [s.request_id for s in self._sessions.values() if s.expires < now]
         return sum(self.end(request_id) for request_id in stale)
+
+    def pids(self) -> set[int]:
+        with self._lock:
+            return {s.pid for s in self._sessions.values() if s.pid}
+
+    def end_pids(self, pids: set[int]) -> int:
+        """End the sessions that the processes ``pids`` (now dead) started."""
+        with self._lock:
+            doomed = [s.request_id for s in self._sessions.values() if s.pid in pids]
+        return sum(self.end(request_id) for request_id in doomed)
 
     def __len__(self) -> int:
         return len(self._sessions)

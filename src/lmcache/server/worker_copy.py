@@ -35,6 +35,8 @@ from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
+MAX_PENDING = 4096  # prepared transfers awaiting a commit, all engines together
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -153,15 +155,37 @@ class PreparedTransfers:
                 del self._pending[tid]
         return len(stale)
 
+    def drop_engine(self, instance_id: int) -> int:
+        """Abandon an engine's transfers now (it died): slots and pins are released."""
+        with self._lock:
+            mine = [tid for tid, p in self._pending.items() if p.instance_id == instance_id]
+            dropped = [self._pending.pop(tid) for tid in mine]
+        for pending in dropped:
+            for slot in pending.slots:
+                self._l1.abort_write(slot)
+            if pending.lease is not None:
+                self._l1.release(pending.lease)
+        return len(dropped)
+
     def __len__(self) -> int:
         return len(self._pending)
 
     def _add(self, pending: _Pending) -> int:
         with self._lock:
+            full = len(self._pending) >= MAX_PENDING
             tid = secrets.randbits(63)  # unguessable: only its engine can finish it
             while tid in self._pending:
                 tid = secrets.randbits(63)
-            self._pending[tid] = pending
+            if not full:
+                self._pending[tid] = pending
+        if full:  # release outside our lock: that takes the L1's
+            for slot in pending.slots:
+                self._l1.abort_write(slot)
+            if pending.lease is not None:
+                self._l1.release(pending.lease)
+            raise BadRequestError(
+                f"too many prepared transfers ({MAX_PENDING}) waiting for their commit"
+            )
         return tid
 
     def _new(

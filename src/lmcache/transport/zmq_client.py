@@ -6,14 +6,22 @@ Python client can get. Use one transport per thread for concurrency.
 
 On a timeout the socket is replaced, so a late reply can never be taken for the
 answer to a later request; replies whose id does not match are dropped.
+
+`local_endpoint_usable` decides whether a server's Unix-socket endpoint (where the
+server learns our uid from the kernel) may be used: only a socket file of our own
+uid, so that nobody else can stand in for the server there.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -35,10 +43,63 @@ def normalize_endpoint(host: str, port: int) -> str:
     return f"{scheme}://{rest}:{port}"
 
 
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def local_endpoint_for(endpoint: str) -> str:
+    """The Unix-socket endpoint a server on ``tcp://<loopback>:<port>`` of this host binds
+    (``ipc://<shm dir>/lmcache_zmq_<port>.sock``), or "" for any other endpoint."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not port.isdigit() or host not in _LOOPBACK_HOSTS:
+        return ""
+    from lmcache.transport.peers import local_socket_path
+
+    return f"ipc://{local_socket_path(int(port))}"
+
+
+def local_endpoint_usable(endpoint: str) -> bool:
+    """``ipc://path`` names a socket file that this uid owns (so the server made it)."""
+    if not endpoint.startswith("ipc://"):
+        return False
+    try:
+        st = os.stat(endpoint.removeprefix("ipc://"))
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """CurveZMQ keys of a client on another host: the server's public key, our key pair (Z85)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key: str, client_cert: str) -> CurveClientKeys:
+        """``server_key``: the server's ``server.key`` file (or its Z85 public key itself);
+        ``client_cert``: our ``*.key_secret`` file (from `zmq.auth.create_certificates`)."""
+        import zmq.auth
+
+        if len(server_key) == 40 and not Path(server_key).exists():
+            server_public = server_key.encode()
+        else:
+            server_public, _ = zmq.auth.load_certificate(server_key)
+        public, secret = zmq.auth.load_certificate(client_cert)
+        if secret is None:
+            raise ValueError(f"{client_cert} holds no secret key (use the .key_secret file)")
+        return cls(server_public, public, secret)
+
+
 class ZmqTransport:
-    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoint: str, timeout: float = 5.0, curve: CurveClientKeys | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.curve = curve if endpoint.startswith("tcp://") else None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._lock = threading.Lock()
         self._rcvtimeo = -1  # the socket's current RCVTIMEO (ms), set only when it changes
@@ -48,6 +109,10 @@ class ZmqTransport:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server_public)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
         sock.connect(self.endpoint)
         self._rcvtimeo = -1
         return sock

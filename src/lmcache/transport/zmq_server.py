@@ -8,11 +8,20 @@ sockets that the loop polls beside the ROUTER::
                                 ├─ cheap request: reply at once
                                 └─ data movement: worker pool ──PUSH──> PULL ─┐
     engines <─────────── ROUTER <──────────────────────────────────────────────┘
+
+Two ROUTERs share the loop: TCP (``--host``/``--port``, where nothing proves who a
+peer is unless CurveZMQ is on) and a Unix socket beside the shared-memory segments,
+where the kernel tells the server each peer's uid (see `lmcache.transport.peers`).
+Every request reaches the dispatcher with the `Peer` its connection authenticated as.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +31,25 @@ import zmq
 
 from lmcache.protocol.codec import decode_request, encode, error_reply
 from lmcache.protocol.messages import ErrorCode, ErrorReply, Reply, Request
+from lmcache.transport.peers import (
+    LOCAL_DOMAIN,
+    TCP_DOMAIN,
+    CurveServerKeys,
+    Peer,
+    ZapHandler,
+    peer_from_user_id,
+)
 
 logger = logging.getLogger(__name__)
 
 Frames = list[memoryview]
 Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data frames
-Dispatch = Callable[[Request, Frames], "Reply | Callable[[], Outcome]"]
-MAX_FRAME_BYTES = 256 << 20
+Dispatch = Callable[[Request, Frames, Peer], "Reply | Callable[[], Outcome]"]
+MAX_FRAME_BYTES = 256 << 20  # larger frames get a bad_request reply
+# libzmq drops a connection whose frame exceeds this, without a reply: beyond the
+# limit above, so that a frame a little too large is answered, not silently dropped.
+HARD_FRAME_BYTES = 2 * MAX_FRAME_BYTES
+_MAX_PEERS = 4096  # memo of user id -> Peer
 
 
 # Plain ints: pyzmq's flags are enum.Flag members, and `|` / `&` on those run Python code.
@@ -44,26 +65,50 @@ def _readable(sock: zmq.Socket[bytes]) -> bool:
 
 
 class ZmqServer:
-    def __init__(self, endpoint: str, dispatch: Dispatch, max_workers: int) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        dispatch: Dispatch,
+        max_workers: int,
+        *,
+        local_path: str | None = None,
+        curve: CurveServerKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
+        self.local_path = local_path
+        self.local_endpoint = f"ipc://{local_path}" if local_path else ""
         self._dispatch = dispatch
         self._ctx = zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._zap = ZapHandler(self._ctx, curve)  # before any bind: every connection asks it
+        self._router = self._router_socket(TCP_DOMAIN)
+        if curve is not None:
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
+        self._local = self._router_socket(LOCAL_DOMAIN) if local_path else None
+        self._routers = [self._router] + ([self._local] if self._local is not None else [])
         self._replies = self._ctx.socket(zmq.PULL)
         self._reply_addr = f"inproc://lmcache-replies-{id(self)}"
         self._replies.bind(self._reply_addr)
-        self._local = threading.local()
+        self._thread_local = threading.local()
         self._pushers: list[zmq.Socket[bytes]] = []
         self._pushers_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="lmcache-worker")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lmcache-zmq-loop", daemon=True)
+        self._peers: dict[bytes, Peer] = {}
+        self._bound_local = False
+        self._uid = os.getuid()
         self.max_workers = max_workers
         self.in_flight = 0
         self.error: str | None = None
+
+    def _router_socket(self, domain: bytes) -> zmq.Socket[bytes]:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.ZAP_DOMAIN, domain)
+        return sock
 
     def start(self) -> None:
         try:
@@ -71,6 +116,13 @@ class ZmqServer:
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise OSError(f"cannot bind ZMQ endpoint {self.endpoint}: {exc}") from exc
+        if self._local is not None and self.local_path:
+            try:
+                _bind_private_socket(self._local, self.local_path)
+            except OSError:
+                self._close_sockets()
+                raise
+            self._bound_local = True
         self._thread.start()
 
     @property
@@ -90,9 +142,13 @@ class ZmqServer:
             for sock in self._pushers:
                 sock.close(linger=0)
             self._pushers.clear()
-        self._router.close(linger=0)
+        for router in self._routers:
+            router.close(linger=0)
         self._replies.close(linger=0)
+        self._zap.close()
         self._ctx.term()
+        if self._bound_local and self.local_path:
+            _unlink_own_socket(self.local_path)
 
     # ----- loop thread ---------------------------------------------------------------
     #
@@ -107,14 +163,15 @@ class ZmqServer:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._replies, zmq.POLLIN)
-        poller.register(self._router, zmq.POLLIN)
+        for router in self._routers:
+            poller.register(router, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 for sock, _ in poller.poll(100):  # replies first: their work is done
                     if sock is self._replies:
                         self._drain_replies()
                     else:
-                        self._drain_requests()
+                        self._drain_requests(sock)
         except Exception as exc:  # the loop must never die silently: health reports it
             self.error = f"{type(exc).__name__}: {exc}"
             logger.exception("ZMQ loop crashed")
@@ -129,12 +186,12 @@ class ZmqServer:
             while frames[-1].more:
                 frames.append(replies.recv(_NOBLOCK, copy=False))
             self.in_flight -= 1
-            self._send(frames)
+            router = self._routers[frames[0].bytes[0]]  # which socket the request came on
+            self._send(router, frames[1:])
             if not _readable(replies):
                 return
 
-    def _drain_requests(self) -> None:
-        router = self._router
+    def _drain_requests(self, router: zmq.Socket[bytes]) -> None:
         for _ in range(256):  # bounded so replies are not starved
             # A multipart message arrives whole: once its first frame is here, all are, and
             # a ROUTER always puts at least one frame after the identity.
@@ -143,35 +200,62 @@ class ZmqServer:
             except zmq.Again:
                 return
             frame = router.recv(_NOBLOCK, copy=False)
+            peer = self._peer(frame)
             header = frame.bytes
             data: list[zmq.Frame] = []
             while frame.more:
                 frame = router.recv(_NOBLOCK, copy=False)
                 data.append(frame)
             try:
-                self._handle(identity, header, data)
+                self._handle(router, identity, header, data, peer)
             except Exception as exc:  # one bad message must not take the loop down
                 logger.exception("failed to handle a request")
                 reply = error_reply(-1, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-                self._send([identity, encode(reply)])
+                self._send(router, [identity, encode(reply)])
             if not _readable(router):
                 return
 
-    def _handle(self, identity: bytes, header: bytes, data: list[zmq.Frame]) -> None:
-        req = decode_request(header)
+    def _peer(self, frame: zmq.Frame) -> Peer:
+        """The peer this message's connection authenticated as (see `peers`)."""
+        user_id = frame.get("User-Id")
+        key = user_id.encode() if isinstance(user_id, str) else b""
+        peer = self._peers.get(key)
+        if peer is None:
+            if len(self._peers) >= _MAX_PEERS:
+                self._peers.clear()
+            peer = self._peers[key] = peer_from_user_id(key.decode(errors="replace"), self._uid)
+        return peer
+
+    def _handle(
+        self,
+        router: zmq.Socket[bytes],
+        identity: bytes,
+        header: bytes,
+        data: list[zmq.Frame],
+        peer: Peer,
+    ) -> None:
+        too_big = max([len(header), *(len(f) for f in data)])
+        if too_big > MAX_FRAME_BYTES:
+            req: Request | ErrorReply = error_reply(
+                -1, ErrorCode.BAD_REQUEST,
+                f"a frame of {too_big} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes",
+            )  # fmt: skip
+        else:
+            req = decode_request(header)
         if isinstance(req, ErrorReply):
-            logger.warning("rejected request %d: %s", req.id, req.message)
-            self._send([identity, encode(req)])
+            logger.warning("rejected request %d from %s: %s", req.id, peer.label, req.message)
+            self._send(router, [identity, encode(req)])
             return
-        result = self._dispatch(req, [memoryview(f.buffer) for f in data])
+        result = self._dispatch(req, [memoryview(f.buffer) for f in data], peer)
         if callable(result):
             self.in_flight += 1
-            self._pool.submit(self._run_deferred, identity, result)
+            tag = bytes([self._routers.index(router)])
+            self._pool.submit(self._run_deferred, tag, identity, result)
         else:
-            self._send([identity, encode(result)])
+            self._send(router, [identity, encode(result)])
 
-    def _send(self, frames: list[Any]) -> None:
-        router, last = self._router, len(frames) - 1
+    def _send(self, router: zmq.Socket[bytes], frames: list[Any]) -> None:
+        last = len(frames) - 1
         try:
             for i, frame in enumerate(frames):
                 flags = _NOBLOCK if i == last else _MORE
@@ -181,14 +265,55 @@ class ZmqServer:
 
     # ----- worker threads -------------------------------------------------------------
 
-    def _run_deferred(self, identity: bytes, work: Callable[[], Outcome]) -> None:
+    def _run_deferred(self, tag: bytes, identity: bytes, work: Callable[[], Outcome]) -> None:
         outcome = work()  # handlers turn every failure into an ErrorReply
         reply, data = outcome if isinstance(outcome, tuple) else (outcome, [])
-        sock = getattr(self._local, "push", None)
+        sock = getattr(self._thread_local, "push", None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
             sock.connect(self._reply_addr)
-            self._local.push = sock
+            self._thread_local.push = sock
             with self._pushers_lock:
                 self._pushers.append(sock)
-        sock.send_multipart([identity, encode(reply), *data], copy=False)
+        sock.send_multipart([tag, identity, encode(reply), *data], copy=False)
+
+
+def _bind_private_socket(router: zmq.Socket[bytes], path: str) -> None:
+    """Bind ``ipc://path`` so that only this uid can connect (mode 0600).
+
+    A socket file left by a crashed server is replaced; one that a live process still
+    accepts on, or that belongs to another user, is an error (never steal an endpoint).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+            raise OSError(
+                f"{path} exists and is not a socket of this user: remove it or use --port"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise OSError(f"another server is listening on {path} (same --port?)")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: its server is gone
+        finally:
+            probe.close()
+    # The umask makes the file 0600 from its creation: no window in which another
+    # uid could connect (connect needs write permission on the socket file).
+    old = os.umask(0o177)
+    try:
+        router.bind(f"ipc://{path}")
+    except zmq.ZMQError as exc:
+        raise OSError(f"cannot bind the local endpoint ipc://{path}: {exc}") from exc
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
+def _unlink_own_socket(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_uid == os.getuid():
+            os.unlink(path)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
 from lmcache.errors import ConfigError
+from lmcache.transport.zmq_client import CurveClientKeys
 
 logger = logging.getLogger("lmcache.integration")
 
@@ -24,6 +25,19 @@ class ConnectorConfig:
     mp_transfer_mode: str = "auto"  # auto | engine_driven | lmcache_driven
     rpc_timeout: float = 5.0  # seconds to wait for a reply before the server counts as down
     heartbeat_interval: float = 1.0  # seconds between pings (and reconnection attempts)
+    # A server on another host (README, "Threat model"): its server.key and our key_secret.
+    curve_server_key: str = ""
+    curve_client_cert: str = ""
+
+    def curve_keys(self) -> CurveClientKeys | None:
+        if not (self.curve_server_key or self.curve_client_cert):
+            return None
+        if not (self.curve_server_key and self.curve_client_cert):
+            raise ConfigError(f"set both {PREFIX}curve_server_key and {PREFIX}curve_client_cert")
+        try:
+            return CurveClientKeys.from_files(self.curve_server_key, self.curve_client_cert)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the CurveZMQ keys: {exc}") from None
 
     @property
     def transfer_mode(self) -> TransferMode:

@@ -37,9 +37,9 @@ class ServerLink:
         self.config = config
         self.instance_id = instance_id
         self.on_recover = on_recover
-        self.client = LMCacheClient.connect(config.host, config.port, config.rpc_timeout)
-        self._probe = LMCacheClient.connect(config.host, config.port, config.rpc_timeout)
-        self.endpoint = getattr(self.client.transport, "endpoint", "?")
+        curve = config.curve_keys()
+        self.client = LMCacheClient.connect(config.host, config.port, config.rpc_timeout, curve)
+        self._probe = LMCacheClient.connect(config.host, config.port, config.rpc_timeout, curve)
         self._healthy = threading.Event()
         self._healthy.set()
         self._stop = threading.Event()
@@ -52,6 +52,10 @@ class ServerLink:
                 f"Cannot reach the LMCache server at {self.endpoint}: {exc}. Is it running? "
                 + START_HINT
             ) from None
+
+    @property
+    def endpoint(self) -> str:
+        return self._probe.endpoint
 
     @property
     def chunk_size(self) -> int:

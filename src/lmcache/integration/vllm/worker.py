@@ -24,7 +24,12 @@ from typing import Any, TypedDict
 import numpy as np
 
 from lmcache.engine.transfer import BlockCopier
-from lmcache.errors import BadRequestError, LMCacheError, ServerUnavailableError
+from lmcache.errors import (
+    BadRequestError,
+    ForbiddenError,
+    LMCacheError,
+    ServerUnavailableError,
+)
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.link import ServerLink
@@ -104,10 +109,11 @@ class WorkerSide:
         if self._memory is None:
             return
         if isinstance(self._memory, WorkerCopy):
-            self._attach_pool(pong.l1_pool, bytes.fromhex(pong.server_token))
+            self._attach_pool(pong.l1_pool, pong.l1_pool_seal)
         try:
             self._send_registration()
-        except BadRequestError as exc:
+        except (BadRequestError, ForbiddenError) as exc:
+            # ForbiddenError: a remote (CurveZMQ) peer may not register shared memory.
             if not isinstance(self._memory, ShmMemory):
                 raise
             # The server cannot map our segments: it runs on another host.
@@ -132,7 +138,14 @@ class WorkerSide:
             self._view.layout.num_layers, self.link.endpoint, self.instance_id,
         )  # fmt: skip
 
-    def _attach_pool(self, name: str, token: bytes) -> None:
+    def _attach_pool(self, name: str, seal: str) -> None:
+        if not name:  # the server tells its pool only to local peers of its own uid
+            self._go_inline("the server did not offer its L1 pool to this connection")
+            return
+        try:
+            token = bytes.fromhex(seal)
+        except ValueError:
+            token = b""
         if self._pool is not None and self._pool.name == name and self._pool.token == token:
             return
         if self._pool is not None:
