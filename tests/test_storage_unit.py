@@ -115,8 +115,14 @@ def test_lease_and_remote_write_ttl() -> None:
     time.sleep(0.02)
     assert l1.expire() == (1, 1)
     stats = l1.stats()
-    assert stats["locked"] == 0 and stats["leases"] == 0 and stats["used_bytes"] == PAGE
-    assert l1.commit_write(slot) is False  # too late: its pages were reclaimed
+    assert stats["locked"] == 0 and stats["leases"] == 0
+    # The late writer's pages stay reserved (it may still be copying into them) ...
+    assert stats["used_bytes"] == 2 * PAGE and not l1.contains(key(2))
+    other = l1.reserve_write(key(3), PAGE)  # ... so nobody else gets them (key 1 goes)
+    assert isinstance(other, WriteSlot) and other.offset != slot.offset
+    assert l1.reserve_write(key(4), PAGE) == "no_space"
+    assert l1.commit_write(slot) is False  # too late: not stored, and its pages are freed
+    assert l1.stats()["used_bytes"] == PAGE
 
 
 @pytest.mark.parametrize("policy", ["LRU", "LFU", "FIFO"])

@@ -81,8 +81,8 @@ def test_late_commit_and_clear_fail_cleanly(wc_server: ServerProcess, engine: Sh
     client, pool = setup_worker(wc_server, engine, 402)
     tokens = unique_tokens(CHUNK)
     slow = client.prepare_store("slow", 402, tokens, start=0, end=CHUNK)
-    time.sleep(2.5)  # TTL 1 s: the slots are reclaimed by the maintenance thread
-    with pytest.raises(BadRequestError, match="expired"):
+    time.sleep(2.5)  # TTL 1 s: the slots leave the index (their pages stay ours)
+    with pytest.raises(TransferError, match="outlived its TTL"):
         client.commit(402, slow.transfer_id)
     assert client.lookup("slow-check", tokens, **MODEL) == 0
     client.end_session("slow-check")
@@ -97,4 +97,29 @@ def test_late_commit_and_clear_fail_cleanly(wc_server: ServerProcess, engine: Sh
         client.prepare_retrieve("reader", 402, tokens, start=0, end=CHUNK)
     l1 = wc_server.http().get("/status").json()["l1"]
     assert (l1["used_bytes"], l1["locked"], l1["writing"]) == (0, 0, 0)
+    pool.close()
+
+
+def test_a_stalled_writer_never_overwrites_another_chunk(
+    wc_server: ServerProcess, engine: ShmKVCache
+) -> None:
+    """A worker that writes after its prepare_store's TTL (it was stopped, swapped out)
+    must not land in pages that another chunk got meanwhile."""
+    late, pool = setup_worker(wc_server, engine, 403)
+    other = wc_server.client()
+    other.register(404, rank=0, layout=engine.layout, memory=WorkerCopy(), **MODEL)
+    x, y = unique_tokens(CHUNK), unique_tokens(CHUNK)
+    prepared = late.prepare_store("stalled", 403, x, start=0, end=CHUNK)
+    time.sleep(2.5)  # past the 1 s TTL
+    good = np.random.default_rng(5).integers(0, 256, prepared.chunk_bytes, dtype=np.uint8)
+    assert other.store_bytes("b", 404, y, start=0, end=CHUNK, chunks=[good]).stored_tokens
+    offset = prepared.offsets[0]
+    pool.array[offset : offset + prepared.chunk_bytes] = 0xEE  # the stalled worker wakes up
+    with pytest.raises(TransferError):
+        late.commit(403, prepared.transfer_id)
+    assert other.lookup("r", y, **MODEL) == CHUNK
+    (got,) = other.retrieve_bytes("r", 404, y, start=0, end=CHUNK)
+    assert bytes(got) == good.tobytes()
+    other.end_session("r")
+    other.unregister(404)
     pool.close()

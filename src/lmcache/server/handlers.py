@@ -223,7 +223,8 @@ class RequestHandler:
                 why = f"silent for {idle_s:g} s (--engine-timeout-s)"
             if why is None or not self.registry.unregister(engine.instance_id, engine):
                 continue
-            dropped = self.prepared.drop_engine(engine.instance_id)
+            dead_now = engine.pid in dead
+            dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
             lines.append(
                 f"Unregistered GPU ID {engine.instance_id}: {why}; released {dropped} "
                 "prepared transfers and unmapped its memory"

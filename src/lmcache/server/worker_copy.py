@@ -13,7 +13,10 @@ it hands out byte offsets in its own shared-memory pool::
       Commit(id) ────────────────────────>   unpin; fails if cleared or expired meanwhile
 
 A worker that dies mid-transfer loses its slots when their TTL passes; a commit
-that arrives later fails, so its data is never trusted.
+that arrives later fails, so its data is never trusted. The pages of an expired store
+stay reserved while its worker's process lives: a worker that was only stalled (swapped
+out, SIGSTOP, a frozen cgroup) may still be copying into them, and must never write into
+pages that another object got meanwhile. Its late commit, or its death, frees them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lmcache.engine.registry import Engine
+from lmcache.engine.registry import Engine, pid_alive
 from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import Commit, Committed, Prepared, PrepareRetrieve, PrepareStore
 from lmcache.server.metrics import Metrics
@@ -50,6 +53,13 @@ class _Pending:
     slots: list[WriteSlot]
     lease: Lease | None
     tokens: int
+    pid: int | None = None  # the writer's process, if the kernel told us (see `expire`)
+
+    def abort(self, l1: L1Cache) -> None:
+        for slot in self.slots:
+            l1.abort_write(slot)
+        if self.lease is not None:
+            l1.release(self.lease)
 
 
 class PreparedTransfers:
@@ -116,6 +126,11 @@ class PreparedTransfers:
                 pending = None  # another engine's transfer is not this caller's to finish
         if pending is None:
             raise BadRequestError(f"unknown or expired transfer {req.transfer_id}")
+        if pending.expires < time.monotonic():
+            pending.abort(self._l1)  # frees the pages the late writer kept reserved
+            raise TransferError(
+                f"transfer {req.transfer_id} outlived its TTL ({self._ttl:g} s): not stored"
+            )
         elapsed = time.perf_counter() - pending.started
         if pending.kind == "store":
             return self._commit_store(req, pending, elapsed)
@@ -147,24 +162,30 @@ class PreparedTransfers:
         return Committed(id=req.id, tokens=tokens)
 
     def expire(self, now: float | None = None) -> int:
-        """Forget transfers past their TTL (the L1 reclaims their slots and pins itself)."""
+        """Forget transfers past their TTL: retrieves at once (the L1 unpins them itself),
+        stores once their worker's process is gone or unknown (see the module docstring)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            stale = [tid for tid, p in self._pending.items() if p.expires < now]
-            for tid in stale:
-                del self._pending[tid]
-        return len(stale)
+            stale = [(tid, p) for tid, p in self._pending.items() if p.expires < now]
+        dropped = []
+        for tid, pending in stale:
+            if pending.kind == "store" and pending.pid and pid_alive(pending.pid):
+                continue  # stalled, maybe still writing: keep its pages until it commits
+            dropped.append(tid)
+        with self._lock:
+            gone = [p for p in (self._pending.pop(tid, None) for tid in dropped) if p]
+        for pending in gone:
+            pending.abort(self._l1)
+        return len(gone)
 
     def drop_engine(self, instance_id: int) -> int:
-        """Abandon an engine's transfers now (it died): slots and pins are released."""
+        """Abandon the transfers of an engine whose process is gone: slots and pins are
+        released now. (A silent but live engine's transfers wait for `expire`.)"""
         with self._lock:
             mine = [tid for tid, p in self._pending.items() if p.instance_id == instance_id]
             dropped = [self._pending.pop(tid) for tid in mine]
         for pending in dropped:
-            for slot in pending.slots:
-                self._l1.abort_write(slot)
-            if pending.lease is not None:
-                self._l1.release(pending.lease)
+            pending.abort(self._l1)
         return len(dropped)
 
     def __len__(self) -> int:
@@ -179,10 +200,7 @@ class PreparedTransfers:
             if not full:
                 self._pending[tid] = pending
         if full:  # release outside our lock: that takes the L1's
-            for slot in pending.slots:
-                self._l1.abort_write(slot)
-            if pending.lease is not None:
-                self._l1.release(pending.lease)
+            pending.abort(self._l1)
             raise BadRequestError(
                 f"too many prepared transfers ({MAX_PENDING}) waiting for their commit"
             )
@@ -195,5 +213,5 @@ class PreparedTransfers:
         now = time.perf_counter(), time.monotonic() + self._ttl
         return _Pending(
             kind, req.instance_id, req.request_id, *now, engine.chunk_bytes, engine.layout_tag,
-            slots or [], lease, tokens,
+            slots or [], lease, tokens, engine.pid,
         )  # fmt: skip

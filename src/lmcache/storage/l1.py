@@ -114,7 +114,7 @@ class L1Cache:
         self.evictions = 0
         self.eviction_error: str | None = None
         self.doomed_pending = 0
-        # Remote writes cleared mid-flight: freed at commit/abort, or at their TTL.
+        # Remote writes cleared or expired mid-flight: freed at their commit or abort.
         self._doomed_writes: dict[int, _Obj] = {}
 
     # ----- writes ---------------------------------------------------------------
@@ -293,16 +293,19 @@ class L1Cache:
             self.release(lease)
         writes = 0
         with self._lock:
-            # A remote writer that outlived its TTL forfeits its pages: its commit fails.
+            # A remote writer that outlived its TTL loses its object: the key leaves the
+            # index (readers miss, others may store it) and its commit fails. Its pages
+            # stay reserved until it commits or aborts (or its owner aborts for it when
+            # the writer's process is gone): a writer that was only stalled may still be
+            # copying into them, and pages handed to another object meanwhile would be
+            # served with its bytes (found by tests/chaos.py, freezing workers).
             for obj in list(self._index.values()):
                 if obj.write_deadline is not None and obj.write_deadline < now:
                     del self._index[obj.key]
-                    self._free(obj)
+                    obj.doomed = True
+                    self.doomed_pending += 1
+                    self._doomed_writes[id(obj)] = obj
                     writes += 1
-            for obj in list(self._doomed_writes.values()):
-                if obj.write_deadline is not None and obj.write_deadline < now:
-                    obj.pins = 0
-                    self._free_if_doomed(obj)
         return len(expired), writes
 
     def clear(self) -> int:
