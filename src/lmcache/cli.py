@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import typing
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+from pydantic_settings import SettingsError
 
 from lmcache import __version__
 from lmcache.settings import ServerSettings
@@ -72,15 +76,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(values: dict[str, object]) -> ServerSettings:
-    """Build settings from parsed flags; errors name the offending flag."""
+    """Build settings from parsed flags and ``LMCACHE_*`` variables.
+
+    A bad value exits 2 (as argparse does) with one line per problem that names the flag,
+    or the variable when the value came from the environment; never a traceback.
+    """
     try:
         return ServerSettings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            problems.append(f"--{field.replace('_', '-')}: {err['msg']}")
-        raise SystemExit("lmcache: invalid settings:\n  " + "\n  ".join(problems)) from None
+        problems = [
+            f"{_setting_name(str(err['loc'][0]) if err['loc'] else '?', values)}: {_reason(err)}"
+            for err in exc.errors()
+        ]
+    except SettingsError as exc:  # pydantic-settings could not decode a variable (JSON)
+        problems = [_settings_error(exc, values)]
+    if len(problems) == 1:
+        print(f"lmcache: invalid settings: {problems[0]}", file=sys.stderr)
+    else:
+        print("lmcache: invalid settings:\n  " + "\n  ".join(problems), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _setting_name(field: str, values: dict[str, object]) -> str:
+    """``--flag``, or ``LMCACHE_FIELD`` when the value came from the environment."""
+    env = "LMCACHE_" + field.upper()
+    if field not in values and any(key.upper() == env for key in os.environ):
+        return env
+    return "--" + field.replace("_", "-")
+
+
+def _reason(err: ErrorDetails) -> str:
+    if err["type"] == "list_type":
+        return 'must be a JSON list, e.g. \'[{"type": "fs", "path": "/data/kv"}]\''
+    if err["type"] == "finite_number":
+        return f"must be a finite number, got {err['input']!r}"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _settings_error(exc: SettingsError, values: dict[str, object]) -> str:
+    match = re.search(r'field "(\w+)"', str(exc))
+    if match is None:
+        return str(exc)
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        return f"{_setting_name(match.group(1), values)}: not valid JSON ({cause})"
+    return f"{_setting_name(match.group(1), values)}: {cause or exc}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lmcache.redact import redact
 
 EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
 HashAlgorithm = Literal["sha256", "blake2b"]
+MIN_L1_BYTES = 64 << 10  # 16 pages; tests run real servers with pools of 4 small chunks
 
 
 class ServerSettings(BaseSettings):
@@ -25,7 +28,23 @@ class ServerSettings(BaseSettings):
     port: int = Field(5555, ge=1, le=65535, description="ZMQ port for engines")
     http_host: str = Field("0.0.0.0", description="HTTP frontend bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP frontend port")
-    l1_size_gb: float = Field(4.0, gt=0, description="L1 shared-memory pool size in GiB")
+    http_max_connections: int = Field(
+        256,
+        ge=1,
+        le=1 << 20,
+        description="open HTTP connections at most: the longest-idle or half-open one is "
+        "closed to admit a new one, 503 when all are busy (lowered to keep half of the "
+        "file descriptors for ZMQ)",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds an HTTP connection may take to send its request line and headers",
+    )
+    l1_size_gb: float = Field(
+        4.0, gt=0, allow_inf_nan=False, description="L1 shared-memory pool size in GiB"
+    )
     eviction_policy: EvictionPolicyName = Field("LRU", description="L1 eviction policy")
     max_workers: int = Field(4, ge=1, le=256, description="worker threads for data movement")
     chunk_size: int = Field(256, ge=1, le=1 << 20, description="tokens per cached chunk")
@@ -50,7 +69,23 @@ class ServerSettings(BaseSettings):
         description="directory of CurveZMQ keys: TCP peers must authenticate with a key in "
         "DIR/authorized (server key pair created in DIR on first use)",
     )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="bearer token that lets non-loopback HTTP peers use POST/PUT/DELETE/PATCH "
+        "endpoints (/clear-cache, /clear-l2); without it they are loopback only. Prefer the "
+        "variable: a flag shows in the process list",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @field_validator("l1_size_gb")
+    @classmethod
+    def _at_least_64_kib(cls, value: float) -> float:
+        if value * (1 << 30) < MIN_L1_BYTES:
+            raise ValueError(
+                f"must be at least {MIN_L1_BYTES / (1 << 30):.6f} (64 KiB), got {value:g}: the "
+                "pool must hold at least one chunk (its size is known when an engine registers)"
+            )
+        return value
 
     @field_validator("eviction_policy", "log_level", mode="before")
     @classmethod
@@ -58,12 +93,9 @@ class ServerSettings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     def redacted(self) -> dict[str, Any]:
-        """The settings for display: credentials in L2 URLs are masked."""
-        data = self.model_dump()
-        data["l2_adapter"] = [
-            {k: _mask_url(v) if isinstance(v, str) and "://" in v else v for k, v in c.items()}
-            for c in data["l2_adapter"]
-        ]
+        """The settings for display (/status): secrets are "***" (`lmcache.redact`), at any
+        depth: URL credentials, secret query parameters, secret-named keys, the admin token."""
+        data: dict[str, Any] = redact(self.model_dump())
         return data
 
     @property
@@ -77,10 +109,3 @@ class ServerSettings(BaseSettings):
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"tcp://{host}:{self.port}"
-
-
-def _mask_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest.split("/", 1)[0]:
-        return url
-    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"

@@ -1,7 +1,12 @@
-"""HTTP endpoints: health, status, clear and Prometheus metrics. OpenAPI at /docs."""
+"""HTTP endpoints: health, status, clear and Prometheus metrics. OpenAPI at /docs.
+
+Every mutating route (POST, PUT, DELETE, PATCH) is loopback-only unless the caller
+presents the admin token: `lmcache.http.security.AdminGuard`, applied to the whole app.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -11,9 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmcache import __version__
+from lmcache.http.security import MIN_TOKEN_CHARS, AdminGuard
 
 if TYPE_CHECKING:
     from lmcache.server.runtime import ServerRuntime
+
+logger = logging.getLogger("lmcache.http")
 
 
 def create_app(runtime: ServerRuntime) -> FastAPI:
@@ -28,7 +36,18 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
             on_shutdown()
 
     app = FastAPI(title="LMCache server", version=__version__, lifespan=lifespan)
+    secret = runtime.settings.admin_token
+    token = secret.get_secret_value() if secret is not None else None
+    if token and len(token) < MIN_TOKEN_CHARS:
+        logger.warning(
+            "--admin-token is shorter than %d characters: easy to guess over the network "
+            "(e.g. `openssl rand -hex 32`)", MIN_TOKEN_CHARS,
+        )  # fmt: skip
+    app.add_middleware(AdminGuard, token=token)
 
+    # HEAD answers like GET (uvicorn sends no body); a route of its own, out of the
+    # OpenAPI schema, because one route with both methods gives a duplicate operation id.
+    @app.api_route("/healthcheck", methods=["HEAD"], include_in_schema=False)
     @app.get("/healthcheck", summary="200 when serving, 503 with the reasons otherwise")
     def healthcheck() -> JSONResponse:
         problems = runtime.health()

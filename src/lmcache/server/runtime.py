@@ -6,8 +6,17 @@
                 Maintenance thread (lock/session TTLs)       │
     FastAPI app (port 8080) ── health / status / clear / metrics
 
-Startup runs in a thread beside uvicorn so that ``/healthcheck`` answers 503
-("starting") while a large pool is being pre-faulted.
+Start-up order, so that a failure costs nothing and leaves nothing behind: the HTTP
+sockets are bound first (a taken port exits 1 before any memory is allocated); then
+`ServerRuntime.start` runs in a thread beside uvicorn, so that ``/healthcheck`` answers
+503 ("starting") while a large pool is being pre-faulted. uvicorn runs without a lifespan
+and on the sockets bound here, so it never announces itself: the only success lines are
+ours, "HTTP frontend on ..." and then "LMCache cache server is running...", logged after
+the runtime started and never once a stop has begun.
+
+`start` and `stop` exclude each other (one lock): a stop during start-up (SIGTERM while
+the pool is pre-faulted) waits for the current step, and start then frees everything it
+had allocated.
 """
 
 from __future__ import annotations
@@ -21,12 +30,21 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from lmcache import __version__
 from lmcache.engine.registry import EngineRegistry
+from lmcache.http.limits import (
+    HTTP_KEEP_ALIVE_S,
+    HTTP_MAX_HEADER_BYTES,
+    bind_http,
+    bounded_http_protocol,
+    http_connection_limit,
+    raise_fd_limit,
+)
 from lmcache.logs import setup_logging
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
@@ -37,7 +55,7 @@ from lmcache.settings import ServerSettings
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.l1 import L1Cache
-from lmcache.storage.l2 import make_adapter
+from lmcache.storage.l2 import L2Adapter, make_adapter
 from lmcache.storage.shm import ShmSegment, unlink_stale_segments
 from lmcache.transport.peers import CurveServerKeys, local_socket_path
 from lmcache.transport.zmq_server import ZmqServer
@@ -47,6 +65,7 @@ logger = logging.getLogger("lmcache.server")
 POOL_PREFIX = "lmcache_l1_pool_"
 KV_SEGMENT_PREFIX = "lmcache_kv_"  # engine workers' KV segments (see engine/shm_kv.py)
 MAINTENANCE_PERIOD_S = 1.0
+STOP_WAIT_S = 120.0  # how long stop() waits for a start-up step (a huge pool's pre-fault)
 
 
 def _is_loopback(host: str) -> bool:
@@ -56,6 +75,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class StartAborted(Exception):
+    """`ServerRuntime.stop` was called during `start`, which freed what it had allocated."""
 
 
 class ServerRuntime:
@@ -71,7 +94,11 @@ class ServerRuntime:
         self._prepared: PreparedTransfers | None = None
         self._handler: RequestHandler | None = None
         self.tiers: TieredStore | None = None
-        self._stop = threading.Event()
+        self._adapters: list[L2Adapter] = []
+        self._stop = threading.Event()  # a stop was asked for: start() aborts, threads end
+        self._lifecycle = threading.Lock()  # held by start() throughout; stop() waits for it
+        self._stopped = False
+        self._released = False
         self._maintenance = threading.Thread(
             target=self._maintain, name="lmcache-maintenance", daemon=True
         )
@@ -83,26 +110,46 @@ class ServerRuntime:
     # ----- life cycle ------------------------------------------------------------------
 
     def start(self) -> None:
+        """Allocate and start everything. On failure, or when `stop` is called meanwhile
+        (then `StartAborted`), free what was allocated and raise."""
+        with self._lifecycle:
+            try:
+                self._check_abort()
+                self._start_components()
+                self._check_abort()
+            except BaseException:
+                self._release()
+                raise
+            self.ready = True
+
+    def _check_abort(self) -> None:
+        if self._stop.is_set():
+            raise StartAborted("the server was asked to stop during start-up")
+
+    def _start_components(self) -> None:
         s = self.settings
         logger.info(
             "torch_dev=StubCPUDevice(device_type=cpu), l1_size_gb=%g, eviction_policy=%s, "
             "chunk_size=%d, max_workers=%d",
             s.l1_size_gb, s.eviction_policy, s.chunk_size, s.max_workers,
         )  # fmt: skip
-        adapters = [make_adapter(config) for config in s.l2_adapter]  # bad config: fail first
+        for config in s.l2_adapter:  # a bad config fails before the pool is allocated
+            self._adapters.append(make_adapter(config))
         local_path = local_socket_path(s.port)
         for prefix in (POOL_PREFIX, KV_SEGMENT_PREFIX):
             for name in unlink_stale_segments(prefix):
                 logger.warning("Removed shared-memory segment /%s of a dead process", name)
+        self._check_abort()
         # The pool's seal is its own random token, told only to local peers: it proves
         # that a worker found the right segment, and is never a credential.
         self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
+        self._check_abort()  # the pre-fault above is the long step
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
-        if adapters:
-            self.tiers = TieredStore(self.l1, self.sessions, adapters)
+        if self._adapters:
+            self.tiers = TieredStore(self.l1, self.sessions, self._adapters)
             self.tiers.start()
-            for adapter in adapters:
+            for adapter in self._adapters:
                 logger.info("L2 adapter %s", adapter.name)
         handler = RequestHandler(
             l1=self.l1,
@@ -120,11 +167,12 @@ class ServerRuntime:
         self._prepared = handler.prepared
         self._handler = handler
         curve = CurveServerKeys.from_dir(s.curve_keys_dir) if s.curve_keys_dir else None
-        self._zmq = ZmqServer(
+        zmq_server = ZmqServer(
             s.zmq_bind_endpoint, handler.dispatch, s.max_workers, local_path=local_path,
             curve=curve,
         )  # fmt: skip
-        self._zmq.start()
+        zmq_server.start()  # closes its sockets itself when it cannot bind
+        self._zmq = zmq_server
         self._maintenance.start()
         logger.info("ZMQ server listening on %s and ipc://%s", s.zmq_bind_endpoint, local_path)
         if curve is not None:
@@ -138,24 +186,60 @@ class ServerRuntime:
                 "ZMQ listens on %s without --curve-keys-dir: network peers can only ping "
                 "(they are not authenticated); see README, \"Threat model\"", s.zmq_bind_endpoint,
             )  # fmt: skip
-        self.ready = True
 
-    def stop(self) -> None:
-        """Idempotent: called by the HTTP lifespan and again as a fallback."""
-        if self._stop.is_set():
+    def request_stop(self) -> None:
+        """Ask a running `start` to abort at its next step; never blocks (signal handlers)."""
+        self._stop.set()
+
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """Idempotent. During start-up, waits for the current step and lets `start` abort;
+        then frees everything (the pool is unlinked)."""
+        self._stop.set()
+        if not self._lifecycle.acquire(timeout=wait_s):
+            logger.error(
+                "start-up did not finish within %.0f s of the stop request: exiting without "
+                "freeing what it allocated", wait_s,
+            )  # fmt: skip
             return
-        self.ready = False
+        try:
+            if self._stopped:
+                return
+            self._stopped = True
+            self.ready = False
+            self._release()
+        finally:
+            self._lifecycle.release()
+        logger.info("LMCache cache server stopped")
+
+    def announce(self, *lines: str) -> bool:
+        """Log `lines` only while running: never once `stop` began (atomic with it)."""
+        with self._lifecycle:
+            if not self.ready or self._stop.is_set():
+                return False
+            for line in lines:
+                logger.info("%s", line)
+            return True
+
+    def _release(self) -> None:
+        """Free what `start` allocated, newest first; safe after a partial start, once."""
+        if self._released:
+            return
+        self._released = True
         self._stop.set()
         if self._zmq is not None:
             self._zmq.stop()  # waits for running copies: nothing touches the pool after this
+        if self._maintenance.is_alive():
+            self._maintenance.join(timeout=10)
         if self.tiers is not None:
-            self.tiers.stop()
+            self.tiers.stop()  # closes the adapters
+        else:
+            for adapter in self._adapters:
+                adapter.close()
         self.registry.close()
         if self._segment is not None:
             self._segment.close()
             self._segment.unlink()
             self._segment = None
-        logger.info("LMCache cache server stopped")
 
     def _maintain(self) -> None:
         while not self._stop.wait(MAINTENANCE_PERIOD_S):
@@ -270,61 +354,96 @@ class ServerRuntime:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, minus re-raising the caught signal at exit: SIGTERM → clean exit 0."""
+    """uvicorn, minus its own signal handling: `run_server` installs handlers for the whole
+    run (start-up included), and a caught SIGTERM is not re-raised at exit: clean exit 0."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        yield
 
 
 def run_server(settings: ServerSettings) -> int:
-    """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 if startup failed."""
-    from lmcache.http.app import create_app
+    """Run until SIGINT/SIGTERM. Exit status 0 after a clean stop (also when the signal came
+    during start-up), 1 when start-up failed (a port taken, too little shared memory, a
+    bad L2 adapter ...); invalid settings never get here (`lmcache.cli` exits 2)."""
+    # Handlers first: from here on a signal stops the server cleanly, however early.
+    runtime: ServerRuntime | None = None
+    server: _Server | None = None
+    caught: list[int] = []
 
-    setup_logging(settings.log_level)
-    runtime = ServerRuntime(settings)
-    app = create_app(runtime)
-    config = uvicorn.Config(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-    )
-    server = _Server(config)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+        if runtime is not None:
+            runtime.request_stop()  # a start-up in progress aborts at its next step
+        if server is not None:
+            server.handle_exit(signum, frame)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from lmcache.http.app import create_app
+
+        setup_logging(settings.log_level)
+        fd_limit = raise_fd_limit()
+        max_connections = http_connection_limit(settings.http_max_connections, fd_limit)
+        runtime = ServerRuntime(settings)
+        config = uvicorn.Config(
+            create_app(runtime),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",  # the runtime starts beside uvicorn: see the module docstring
+            http=bounded_http_protocol(max_connections, settings.http_header_timeout_s),
+            limit_concurrency=max_connections,
+            timeout_keep_alive=HTTP_KEEP_ALIVE_S,
+            h11_max_incomplete_event_size=HTTP_MAX_HEADER_BYTES,  # where uvicorn uses h11
+        )
+        server = _Server(config)
+        if caught:  # a signal came before there was anything to tell
+            runtime.request_stop()
+            server.should_exit = True
+        return _serve(runtime, server)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(runtime: ServerRuntime, server: _Server) -> int:
+    settings = runtime.settings
+    try:
+        sockets = bind_http(settings.http_host, settings.http_port)
+    except OSError as exc:
+        logger.error("%s", exc)
+        return 1
+    host, port = settings.http_host, sockets[0].getsockname()[1]
 
     def start() -> None:
         try:
             runtime.start()
+        except StartAborted:
+            return
         except Exception as exc:
             runtime.startup_error = str(exc)
             logger.error("LMCache cache server failed to start: %s", exc)
+            logger.debug("start-up failure", exc_info=True)
             server.should_exit = True
             return
         while not server.started and not server.should_exit:
             time.sleep(0.01)
         if server.started:
-            logger.info("HTTP frontend on http://%s:%d", settings.http_host, settings.http_port)
-            logger.info("LMCache cache server is running...")
+            runtime.announce(
+                f"HTTP frontend on http://{host}:{port}", "LMCache cache server is running..."
+            )
 
     starter = threading.Thread(target=start, name="lmcache-startup", daemon=True)
-    app.state.on_startup = starter.start
-    app.state.on_shutdown = runtime.stop
+    starter.start()
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
-        starter.join(timeout=60)
-        runtime.stop()
-    if runtime.startup_error or not server.started:
-        return 1
-    return 0
+        runtime.stop()  # waits for (and aborts) a start-up still running
+        starter.join(timeout=10)
+        for sock in sockets:
+            sock.close()
+    return 1 if runtime.startup_error else 0

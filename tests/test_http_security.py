@@ -1,0 +1,479 @@
+"""Admin endpoints closed to the network, secrets masked everywhere, repeated lines limited.
+
+Real servers bound to 0.0.0.0; the non-loopback peer is a process in a network namespace
+of its own, joined to the host by a veth pair (10.x.y.1 host side, 10.x.y.2 peer side).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.http.security import bearer_matches, is_loopback
+from lmcache.logs import FORMAT, LogGuard, ensure_logging, setup_logging
+from lmcache.redact import mask_text, mask_url, redact
+from lmcache.settings import ServerSettings
+
+from .conftest import CHUNK, ServerProcess, register, start_server, unique_tokens
+
+TOKEN = "adm-" + "7f3a9c2e5b1d4086" * 2
+REDIS_SECRET = "s3cret"
+REDIS_URL = f"redis://:{REDIS_SECRET}@127.0.0.1:1/0"  # nothing listens: a degraded adapter
+
+# ----- a peer on another address: a network namespace -------------------------------------
+
+
+@dataclass
+class Peer:
+    """A network namespace whose address reaches the host's as a non-loopback peer."""
+
+    namespace: str
+    host_address: str  # the host's end of the veth, where the servers listen (0.0.0.0)
+
+    def request(
+        self, method: str, port: int, path: str, authorization: str = ""
+    ) -> tuple[int, dict[str, str], str]:
+        """(status, headers, body) of one request sent from inside the namespace."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.namespace, sys.executable, "-c", _PEER_SCRIPT,
+             method, f"http://{self.host_address}:{port}{path}", authorization],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        reply = json.loads(out)
+        return reply["status"], reply["headers"], reply["body"]
+
+
+_PEER_SCRIPT = """
+import json, sys, urllib.error, urllib.request
+method, url, authorization = sys.argv[1:4]
+request = urllib.request.Request(url, method=method)
+if authorization:
+    request.add_header("Authorization", authorization)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(request, timeout=10) as response:
+        status, headers, body = response.status, dict(response.headers), response.read()
+except urllib.error.HTTPError as error:
+    status, headers, body = error.code, dict(error.headers), error.read()
+print(json.dumps({"status": status, "headers": headers, "body": body.decode()}))
+"""
+
+
+def _peer_forwarded(peer: Peer, port: int, forwarded_for: str) -> int:
+    """Status of a POST /clear-cache from the peer that claims to forward `forwarded_for`."""
+    script = (
+        "import http.client, sys\n"
+        "c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)\n"
+        "c.request('POST', '/clear-cache', headers={'X-Forwarded-For': sys.argv[3]})\n"
+        "print(c.getresponse().status)\n"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", peer.namespace, sys.executable, "-c", script,
+         peer.host_address, str(port), forwarded_for],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    return int(out)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.fixture(scope="module")
+def peer() -> Iterator[Peer]:
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command (apt-get install iproute2): cannot make a network peer")
+    tag = f"{os.getpid() % 10000:04d}{random.randrange(1 << 16):04x}"
+    namespace, host_end, peer_end = f"lmc-test-{tag}", f"lmc{tag}a", f"lmc{tag}b"
+    used = _ip("-4", "-o", "addr").stdout
+    subnet = next(
+        f"10.{a}.{b}"
+        for a, b in ((random.randrange(1, 255), random.randrange(0, 255)) for _ in range(100))
+        if f" 10.{a}.{b}." not in used
+    )
+    created = _ip("netns", "add", namespace)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a network namespace (needs root): {created.stderr.strip()}")
+    try:
+        for args in (
+            ("link", "add", host_end, "type", "veth", "peer", "name", peer_end),
+            ("link", "set", peer_end, "netns", namespace),
+            ("addr", "add", f"{subnet}.1/30", "dev", host_end),
+            ("link", "set", host_end, "up"),
+            ("netns", "exec", namespace, "ip", "addr", "add", f"{subnet}.2/30", "dev", peer_end),
+            ("netns", "exec", namespace, "ip", "link", "set", peer_end, "up"),
+            ("netns", "exec", namespace, "ip", "link", "set", "lo", "up"),
+        ):
+            step = _ip(*args)
+            if step.returncode != 0:
+                pytest.skip(f"cannot set up the veth pair (`ip {' '.join(args)}`): {step.stderr}")
+        yield Peer(namespace, f"{subnet}.1")
+    finally:
+        _ip("link", "del", host_end)  # also removes its peer end
+        _ip("netns", "del", namespace)
+
+
+# ----- servers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_server() -> Iterator[ServerProcess]:
+    """On every address, no admin token: mutating endpoints are loopback only."""
+    s = start_server("--http-host", "0.0.0.0")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_server() -> Iterator[ServerProcess]:
+    """On every address, with an admin token and a Redis password, logging everything."""
+    s = start_server(
+        "--http-host", "0.0.0.0", "--admin-token", TOKEN, "--log-level", "DEBUG",
+        "--l2-adapter", json.dumps({"type": "redis", "url": REDIS_URL, "timeout_s": 0.2}),
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+def _store_one(server: ServerProcess, engine: ShmKVCache, instance_id: int) -> None:
+    client = server.client()
+    register(client, engine, instance_id)
+    tokens = unique_tokens(CHUNK)
+    reply = client.store(
+        f"sec-{instance_id}", instance_id, tokens, start=0, end=CHUNK, block_ids=range(16)
+    )
+    assert reply.stored_tokens == CHUNK
+
+
+def _l1_objects(server: ServerProcess) -> int:
+    return int(server.http().get("/status").json()["l1"]["objects"])
+
+
+def test_non_loopback_post_is_refused_without_a_token(
+    open_server: ServerProcess, peer: Peer, engine: ShmKVCache
+) -> None:
+    _store_one(open_server, engine, 501)
+    assert _l1_objects(open_server) >= 1
+    status, _, body = peer.request("POST", open_server.http_port, "/clear-cache")
+    assert status == 403
+    assert json.loads(body) == {
+        "status": "error",
+        "reason": "POST /clear-cache is only allowed from loopback or with the admin token "
+        "(--admin-token / LMCACHE_ADMIN_TOKEN)",
+    }
+    # A token means nothing when none is configured.
+    assert peer.request("POST", open_server.http_port, "/clear-cache", f"Bearer {TOKEN}")[0] == 403
+    # The rule is by method: every mutating method, on any path, known or not.
+    for method, path in [("POST", "/clear-l2"), ("DELETE", "/clear-cache"),
+                         ("PUT", "/status"), ("PATCH", "/nowhere")]:  # fmt: skip
+        assert peer.request(method, open_server.http_port, path)[0] == 403, (method, path)
+    assert _l1_objects(open_server) >= 1  # nothing was cleared
+    assert "Cache cleared" not in open_server.log() and "L2 cleared" not in open_server.log()
+    assert "HTTP POST /clear-cache from " in open_server.log()  # refusals are logged
+    # A peer cannot pass for loopback: X-Forwarded-For counts only from a local proxy.
+    assert _peer_forwarded(peer, open_server.http_port, "127.0.0.1") == 403
+    # ... and a local proxy's client is not loopback.
+    forwarded = open_server.http().post("/clear-cache", headers={"X-Forwarded-For": "10.9.8.7"})
+    assert forwarded.status_code == 403
+    assert "HTTP POST /clear-cache from 10.9.8.7 refused (403)" in open_server.log()
+    # GET stays open to the network.
+    status, _, body = peer.request("GET", open_server.http_port, "/healthcheck")
+    assert (status, json.loads(body)) == (200, {"status": "healthy"})
+    assert peer.request("GET", open_server.http_port, "/status")[0] == 200
+    # Loopback needs no token: the quick start's curl.
+    response = open_server.http().post("/clear-cache")
+    assert response.status_code == 200 and response.json()["removed"] >= 1
+    assert _l1_objects(open_server) == 0
+
+
+def test_admin_token_opens_mutating_endpoints_to_the_network(
+    guarded_server: ServerProcess, peer: Peer
+) -> None:
+    port = guarded_server.http_port
+    status, _, body = peer.request("POST", port, "/clear-cache", f"Bearer {TOKEN}")
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    assert peer.request("POST", port, "/clear-l2", f"bearer {TOKEN}")[0] == 200
+    for authorization in ("", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", TOKEN, f"Basic {TOKEN}"):
+        status, headers, body = peer.request("POST", port, "/clear-cache", authorization)
+        assert status == 401, authorization
+        assert {k.lower(): v for k, v in headers.items()}["www-authenticate"] == "Bearer"
+        reason = json.loads(body)["reason"]
+        assert "non-loopback" in reason and "--admin-token" in reason and TOKEN not in reason
+    assert guarded_server.http().post("/clear-cache").status_code == 200  # loopback: no token
+
+
+def test_loopback_posts_work_with_and_without_a_token(
+    open_server: ServerProcess, guarded_server: ServerProcess
+) -> None:
+    for server in (open_server, guarded_server):
+        http = server.http()
+        assert http.post("/clear-cache").json()["status"] == "ok"
+        assert http.post("/clear-l2").status_code == 200
+        # A wrong token from loopback changes nothing: loopback is allowed as such.
+        headers = {"Authorization": "Bearer wrong"}
+        assert http.post("/clear-cache", headers=headers).status_code == 200
+
+
+def test_head_healthcheck_answers_like_get(open_server: ServerProcess) -> None:
+    http = open_server.http()
+    get, head = http.get("/healthcheck"), http.head("/healthcheck")
+    assert get.status_code == head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert "/healthcheck" in http.get("/openapi.json").json()["paths"]
+
+
+def test_status_and_log_hold_no_secret(guarded_server: ServerProcess, engine: ShmKVCache) -> None:
+    _store_one(guarded_server, engine, 502)  # the write-behind to the dead Redis fails
+    guarded_server.wait_log("L2 redis://127.0.0.1:1/0 failed (")
+    status = guarded_server.http().get("/status")
+    assert status.status_code == 200
+    config = status.json()["config"]
+    assert config["admin_token"] == "***"
+    assert config["l2_adapter"][0]["url"] == "redis://***@127.0.0.1:1/0"
+    for secret in (TOKEN, REDIS_SECRET):
+        assert secret not in status.text
+        assert secret not in guarded_server.log()
+    assert ServerSettings().redacted()["admin_token"] is None  # not set: null, not "***"
+
+
+def test_token_flag_env_and_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMCACHE_ADMIN_TOKEN", TOKEN)
+    settings = ServerSettings()
+    assert isinstance(settings.admin_token, SecretStr)
+    assert settings.admin_token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings.redacted())
+    helped = subprocess.run(
+        [sys.executable, "-m", "lmcache.cli", "server", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "--admin-token" in helped.stdout and "LMCACHE_ADMIN_TOKEN" in helped.stdout
+    assert TOKEN not in helped.stdout + helped.stderr
+
+
+def test_loopback_and_bearer_rules() -> None:
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+    for other in (None, "", "10.0.0.1", "::ffff:10.0.0.1", "0.0.0.0", "::", "localhost", "x"):
+        assert not is_loopback(other), other
+    token = TOKEN.encode()
+    assert bearer_matches(b"Bearer " + token, token)
+    assert bearer_matches(b"BEARER  " + token + b" ", token)
+    assert not bearer_matches(b"Bearer " + token[:-1], token)
+    assert not bearer_matches(b"Bearer ", b"")  # an empty token never matches
+    assert not bearer_matches(None, token)
+    assert not bearer_matches(b"Bearer \xff", token)
+
+
+# ----- redact.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://user:pw@host:6379/0", "redis://***@host:6379/0"),
+        ("redis://:pw@host/0", "redis://***@host/0"),
+        ("rediss://user@host/0", "rediss://***@host/0"),
+        ("redis://:p@ss@host/0", "redis://***@host/0"),  # an unescaped "@" in the password
+        ("redis+cluster://u:p@h1:1,h2:2", "redis+cluster://***@h1:1,h2:2"),
+        ("redis://host/0?password=x", "redis://host/0?password=***"),
+        ("redis://host/0?db=1&PassWord=x&y=2", "redis://host/0?db=1&PassWord=***&y=2"),
+        ("https://h/p?passwd=a&pwd=b&token=c&secret=d", "https://h/p?passwd=***&pwd=***&token=***&secret=***"),
+        ("https://h/p?Key=a&AUTH=b&api_key=c&access_token=d#frag", "https://h/p?Key=***&AUTH=***&api_key=***&access_token=***#frag"),
+        ("https://h/p?keyspace=a&author=b&tokens=4", "https://h/p?keyspace=a&author=b&tokens=4"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("/data/kv", "/data/kv"),
+        ("mail a@b.example, no URL", "mail a@b.example, no URL"),
+        ("see redis://u:pw@h:1/0 and https://t@x/?token=y now",
+         "see redis://***@h:1/0 and https://***@x/?token=*** now"),
+    ],
+)  # fmt: skip
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert mask_url(masked) == masked  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("connecting with password=hunter2;", "connecting with password=***;"),
+        ("{'url': 'redis://:pw@h/0', 'token': 'abc d'}",
+         "{'url': 'redis://***@h/0', 'token': '***'}"),
+        ('{"admin_token": "abc", "n": 1}', '{"admin_token": "***", "n": 1}'),
+        ("Authorization: Bearer abc.def-123", "Authorization: Bearer ***"),
+        ("Stored 256 tokens in 0.012 seconds", "Stored 256 tokens in 0.012 seconds"),
+        ("max_tokens=5 secret: x", "max_tokens=5 secret: ***"),
+    ],
+)  # fmt: skip
+def test_mask_text(text: str, masked: str) -> None:
+    assert mask_text(text) == masked
+
+
+def test_redact_masks_nested_data() -> None:
+    data = {
+        "l2_adapter": [
+            {"type": "redis", "url": "redis://u:pw@h/0?password=x", "key_prefix": "lmcache:"},
+            {"type": "x", "options": {"auth": {"Password": "p", "user": "u"}, "api_secret": 1}},
+        ],
+        "admin_token": SecretStr("t"),
+        "unset_token": None,
+        "max_tokens": 7,
+        "nested": ({"client_secret": ["a", "b"]}, "redis://:p@h"),
+    }
+    assert redact(data) == {
+        "l2_adapter": [
+            {"type": "redis", "url": "redis://***@h/0?password=***", "key_prefix": "lmcache:"},
+            {
+                "type": "x",
+                "options": {"auth": {"Password": "***", "user": "u"}, "api_secret": "***"},
+            },
+        ],
+        "admin_token": "***",
+        "unset_token": None,
+        "max_tokens": 7,
+        "nested": [{"client_secret": "***"}, "redis://***@h"],
+    }
+    assert data["admin_token"] == SecretStr("t")  # a copy: the input is untouched
+
+
+def test_settings_redacted_masks_every_l2_secret() -> None:
+    settings = ServerSettings(
+        admin_token=TOKEN,
+        l2_adapter=[{"type": "redis", "url": "redis://u:pw@h/0?password=x"}],
+    )
+    shown = settings.redacted()
+    assert shown["admin_token"] == "***"
+    assert shown["l2_adapter"] == [{"type": "redis", "url": "redis://***@h/0?password=***"}]
+    assert settings.l2_adapter[0]["url"] == "redis://u:pw@h/0?password=x"  # only the view
+
+
+# ----- the log guard -----------------------------------------------------------------------
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(FORMAT))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def guarded_log() -> Iterator[tuple[logging.Logger, ListHandler, list[float]]]:
+    """A private logger with a list handler behind a `LogGuard` on a clock the test moves."""
+    clock = [1000.0]
+    handler = ListHandler()
+    LogGuard(clock=lambda: clock[0]).attach(handler)
+    logger = logging.getLogger(f"lmcache-test-guard-{random.randrange(1 << 30)}")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger, handler, clock
+    logger.handlers.clear()
+
+
+def test_log_guard_masks_credentials(
+    guarded_log: tuple[logging.Logger, ListHandler, list[float]],
+) -> None:
+    logger, handler, _ = guarded_log
+    logger.info("L2 at %s", "redis://user:pw@h:6379/0")
+    logger.warning("config %s", {"url": "valkey://h/0?password=pw", "password": "pw2"})
+    logger.info("Stored %d tokens in %.3f seconds", 256, 0.5)
+    try:
+        raise ConnectionError("cannot reach rediss://:pw3@h:6380/0")
+    except ConnectionError:
+        logger.exception("adapter failed")
+    text = "\n".join(handler.lines)
+    assert handler.lines[0] == "LMCache INFO: L2 at redis://***@h:6379/0"
+    assert "valkey://h/0?password=***" in handler.lines[1] and "'password': '***'" in text
+    assert handler.lines[2] == "LMCache INFO: Stored 256 tokens in 0.500 seconds"
+    assert "rediss://***@h:6380/0" in text and "Traceback" in text
+    for secret in ("pw@", "pw2", "pw3"):
+        assert secret not in text
+
+
+def test_log_guard_limits_repeated_lines(
+    guarded_log: tuple[logging.Logger, ListHandler, list[float]],
+) -> None:
+    logger, handler, clock = guarded_log
+    for i in range(25):
+        logger.warning("bad request %d from %s", i, "10.0.0.2")
+    logger.info("bad request %d from %s", 0, "x")  # another level: another line
+    logger.warning("another line")
+    assert len(handler.lines) == 22
+    assert handler.lines[19] == "LMCache WARNING: bad request 19 from 10.0.0.2"
+    clock[0] += 9.9
+    logger.warning("bad request %d from %s", 99, "x")  # same window: still suppressed
+    assert len(handler.lines) == 22
+    clock[0] += 0.2  # the window rolled over: one summary, then the line
+    logger.warning("bad request %d from %s", 100, "y")
+    assert handler.lines[22:] == [
+        "LMCache WARNING: suppressed 6 repeats of: bad request %d from %s",
+        "LMCache WARNING: bad request 100 from y",
+    ]
+    # A new window: 20 more pass (one already did).
+    for i in range(25):
+        logger.warning("bad request %d from %s", i, "z")
+    assert len(handler.lines) == 24 + 19
+    # Another line's roll-over reports the suppressed ones even if they never come back.
+    clock[0] += 10.5
+    logger.info("something else")
+    assert handler.lines[-2:] == [
+        "LMCache WARNING: suppressed 6 repeats of: bad request %d from %s",
+        "LMCache INFO: something else",
+    ]
+
+
+def test_log_guard_counts_bare_placeholder_lines_by_their_text(
+    guarded_log: tuple[logging.Logger, ListHandler, list[float]],
+) -> None:
+    logger, handler, _ = guarded_log
+    for i in range(30):  # e.g. runtime's logger.warning("%s", line): distinct lines
+        logger.warning("%s", f"Unregistered GPU ID {i}: its process is gone")
+    for _ in range(30):
+        logger.warning("%s", "the same line")
+    assert len(handler.lines) == 30 + 20
+
+
+def _saved_loggers(names: tuple[str, ...]) -> Callable[[], None]:
+    saved: dict[str, Any] = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level,
+            logging.getLogger(n).propagate)
+        for n in names
+    }  # fmt: skip
+
+    def restore() -> None:
+        for n, (handlers, level, propagate) in saved.items():
+            logger = logging.getLogger(n)
+            logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+    return restore
+
+
+def test_setup_and_ensure_logging_install_the_guard() -> None:
+    restore = _saved_loggers(("lmcache", "uvicorn", "uvicorn.error"))
+    try:
+        logging.getLogger("lmcache").handlers.clear()
+        ensure_logging()
+        (handler,) = logging.getLogger("lmcache").handlers
+        assert any(isinstance(f, LogGuard) for f in handler.filters)
+        setup_logging("INFO")
+        for name in ("lmcache", "uvicorn", "uvicorn.error"):
+            (handler,) = logging.getLogger(name).handlers
+            assert any(isinstance(f, LogGuard) for f in handler.filters)
+    finally:
+        restore()
