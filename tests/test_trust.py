@@ -38,6 +38,7 @@ from lmcache.protocol.messages import (
     ShmMemory,
     WorkerCopy,
 )
+from lmcache.storage.shm import shm_path
 from lmcache.transport.peers import local_socket_path
 from lmcache.transport.zmq_client import CurveClientKeys
 
@@ -390,4 +391,6 @@ def test_an_engine_killed_with_sigkill_is_forgotten(
     assert status["l1"]["locked"] == 0
     assert not client.ping(777).engine_registered
     _victim_still_served(client, kv, tokens)
-    del segment  # (unlinking the dead engine's segment: see test_shm_safety)
+    # Its KV segment (its whole KV cache) does not stay behind in /dev/shm.
+    server.wait_log(f"removed its segments {segment}", timeout=10)
+    assert not os.path.exists(shm_path(segment))

@@ -77,6 +77,11 @@ class Engine:
                 self._digests.clear()
         return digest
 
+    def segment_names(self) -> list[str]:
+        """The shared-memory segments this registration maps (none for worker copies)."""
+        segments = getattr(self.transfer, "segments", [])
+        return [s.name for s in segments]
+
     def require_transfer(self) -> KVTransfer:
         if self.transfer is None:
             raise BadRequestError(

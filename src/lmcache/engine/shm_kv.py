@@ -3,8 +3,10 @@
 An engine worker (the vLLM connector in ``engine_driven`` mode, the benchmark's
 synthetic engine, the tests) puts its KV blocks in segments named
 ``/lmcache_kv_<pid>_<idx>`` (mode 0600) and registers their names; the server
-maps the same pages and copies blocks itself. The segment is unlinked when the
-cache is closed, so nothing outlives the worker.
+copies blocks itself, through the file (see `lmcache.engine.transfer.ShmTransfer`).
+The segment is unlinked when the cache is closed, so nothing outlives the worker; while
+it exists, this process holds its lock, which is what tells a sweep that it is live
+(see `lmcache.storage.shm`).
 
 Layout of one segment, ``layers`` evenly spaced (the common dense case)::
 
@@ -19,13 +21,32 @@ import os
 import numpy as np
 
 from lmcache.protocol.messages import KVLayout, LayerPlacement, ShmMemory
-from lmcache.storage.shm import ShmSegment
+from lmcache.storage.shm import SegmentExistsError, ShmSegment
 
 _indexes = itertools.count()
+_NAME_ATTEMPTS = 1000
 
 
 def kv_segment_name(pid: int | None = None) -> str:
     return f"/lmcache_kv_{os.getpid() if pid is None else pid}_{next(_indexes)}"
+
+
+def create_kv_segment(size: int) -> ShmSegment:
+    """A new segment ``/lmcache_kv_<pid>_<idx>`` of ``size`` bytes.
+
+    An index that a live segment already has is skipped: a process of another PID
+    namespace sharing /dev/shm can have our pid. (A stale one is replaced.) The name
+    keeps the form that the server accepts for registration.
+    """
+    for _ in range(_NAME_ATTEMPTS):
+        try:
+            return ShmSegment.create(kv_segment_name(), size, exact=True)
+        except SegmentExistsError:
+            continue
+    raise SegmentExistsError(
+        f"{_NAME_ATTEMPTS} KV segment names of pid {os.getpid()} in a row are in use by live "
+        "processes"
+    )
 
 
 class ShmKVCache:
@@ -44,7 +65,7 @@ class ShmKVCache:
             raise ValueError("block_bytes must divide evenly into planes")
         plane_bytes = block_bytes // planes
         layer_bytes = block_bytes * num_blocks
-        self.segment = ShmSegment.create(kv_segment_name(), layer_bytes * num_layers)
+        self.segment = create_kv_segment(layer_bytes * num_layers)
         self.blocks = self.segment.array.reshape(num_layers, planes, num_blocks, plane_bytes)
         self.layout = KVLayout(
             num_layers=num_layers,

@@ -48,6 +48,7 @@ from lmcache.server.tiers import RankLayout, TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace
 from lmcache.storage.l1 import L1Cache
+from lmcache.storage.shm import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
 from lmcache.types import ObjectKey
 
@@ -225,9 +226,14 @@ class RequestHandler:
                 continue
             dead_now = engine.pid in dead
             dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
+            # A dead engine's KV segments stay in /dev/shm (they hold its whole KV cache)
+            # unless we remove them: only those nobody holds any more (see storage/shm.py).
+            names = engine.segment_names() if dead_now else []
+            removed = [n for n in names if unlink_if_stale(n)]
             lines.append(
                 f"Unregistered GPU ID {engine.instance_id}: {why}; released {dropped} "
                 "prepared transfers and unmapped its memory"
+                + (f"; removed its segments {', '.join(removed)}" if removed else "")
             )
         if dead:
             ended = self.sessions.end_pids(dead)

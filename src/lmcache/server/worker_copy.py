@@ -14,9 +14,10 @@ it hands out byte offsets in its own shared-memory pool::
 
 A worker that dies mid-transfer loses its slots when their TTL passes; a commit
 that arrives later fails, so its data is never trusted. The pages of an expired store
-stay reserved while its worker's process lives: a worker that was only stalled (swapped
-out, SIGSTOP, a frozen cgroup) may still be copying into them, and must never write into
-pages that another object got meanwhile. Its late commit, or its death, frees them.
+stay reserved while its worker's process lives (up to LATE_GRACE_TTLS more TTLs): a worker
+that was only stalled (swapped out, SIGSTOP, a frozen cgroup) may still be copying into
+them, and must never write into pages that another object got meanwhile. Its late commit,
+or its death, frees them earlier.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from lmcache.types import ObjectKey
 logger = logging.getLogger("lmcache.server")
 
 MAX_PENDING = 4096  # prepared transfers awaiting a commit, all engines together
+# An expired store's pages stay reserved for this many more TTLs while its writer's process
+# lives (it may be stalled mid-copy); after that they are reclaimed, so that a live client
+# that never commits cannot hold memory for ever. A writer stalled longer than 3 TTLs
+# (15 min by default) in the middle of its copy is the remaining risk.
+LATE_GRACE_TTLS = 2
 
 
 @dataclass(eq=False)
@@ -169,8 +175,13 @@ class PreparedTransfers:
             stale = [(tid, p) for tid, p in self._pending.items() if p.expires < now]
         dropped = []
         for tid, pending in stale:
-            if pending.kind == "store" and pending.pid and pid_alive(pending.pid):
-                continue  # stalled, maybe still writing: keep its pages until it commits
+            if (
+                pending.kind == "store"
+                and now < pending.expires + LATE_GRACE_TTLS * self._ttl
+                and pending.pid
+                and pid_alive(pending.pid)
+            ):
+                continue  # stalled, maybe still writing: keep its pages a while longer
             dropped.append(tid)
         with self._lock:
             gone = [p for p in (self._pending.pop(tid, None) for tid in dropped) if p]

@@ -9,6 +9,23 @@ whose seal differs. Names alone are not proof: a segment of the same name may
 belong to another process (pids repeat across hosts and containers), and mapping
 the wrong one would hand out somebody else's KV bytes.
 
+Liveness is a lock, never a pid. The creator of a segment holds ``flock(LOCK_SH)``
+on it for as long as the segment is its (until `ShmSegment.unlink`, or until the
+process dies: the kernel drops the lock then, whatever killed it). A segment is
+*stale* when ``flock(LOCK_EX | LOCK_NB)`` on a freshly opened descriptor succeeds;
+it is unlinked while that lock is held, and only if the name still leads to the
+locked file. The pid in a name is only there to make names distinct: another PID
+namespace sharing /dev/shm (``docker --ipc host``) sees live engines' pids as dead
+or as somebody else, and a server that is PID 1 of its container sees itself in
+the name of the pool its crashed predecessor left behind.
+
+Why removal cannot take a live segment: a creator makes the file with ``O_EXCL``
+and then takes its shared lock *blocking*; if a sweeper got the exclusive lock
+between the two, the sweeper unlinks the file before it lets go, so the creator
+wakes up holding a lock on a file that no longer has the name, sees that (``stat``
+of the name against ``fstat`` of its descriptor) and starts again. Once the
+creator holds its lock, no exclusive lock succeeds until it unlinks or dies.
+
 ``LMCACHE_SHM_DIR`` moves the directory (tests use it to stand for another host).
 
 We use plain files under ``/dev/shm`` instead of `multiprocessing.shared_memory`
@@ -20,11 +37,17 @@ engines own, and own its pool without a helper process second-guessing it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import itertools
 import logging
 import mmap
 import os
 import re
 import stat
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
@@ -34,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 SEAL_MAGIC = b"LMCSEAL1"
 SEAL_BYTES = 4096  # one page after the data
+_SEAL_LEN = len(SEAL_MAGIC) + 16
+_CREATE_ATTEMPTS = 100  # a name lost to a concurrent sweep this often is not a race any more
+_SUFFIXES = 1000  # `create` tries name, name_1 ... name_999 when live segments hold them
 
 
 def shm_dir() -> str:
@@ -55,33 +81,107 @@ def shm_path(name: str) -> str:
     return os.path.join(shm_dir(), name.lstrip("/"))
 
 
-class ShmSegment:
-    """One mapped segment. ``array`` is a writable uint8 view of all of it."""
+_serials = itertools.count(1)
 
-    def __init__(self, name: str, fd: int, size: int, owner: bool, populate: bool = True) -> None:
+
+def new_serial() -> int:
+    """A number never handed out before in this process (segments take theirs from here)."""
+    return next(_serials)
+
+
+# id of a segment's whole-mapping array -> (address of its byte 0, segment): numpy views
+# of the segment's array have that array as their ``base``, which lives as long as they do.
+_mapped_lock = threading.Lock()
+_mapped: dict[int, tuple[int, weakref.ref[ShmSegment]]] = {}
+# Called with a segment's serial when it is closed (see `on_close`).
+_close_listeners: list[Callable[[int], None]] = []
+
+
+def on_close(listener: Callable[[int], None]) -> None:
+    """Call ``listener(serial)`` whenever a segment of this process is closed."""
+    _close_listeners.append(listener)
+
+
+def locate(array: np.ndarray) -> tuple[ShmSegment, int] | None:
+    """The mapped segment whose data holds all of ``array``'s bytes, and the offset of its
+    first byte; None if it is some other memory."""
+    found = _mapped.get(id(array.base))
+    if found is None or array.size == 0 or min(array.strides, default=0) < 0:
+        return None
+    base, ref = found
+    segment = ref()
+    if segment is None:
+        return None
+    start = array.ctypes.data
+    end = start + sum((d - 1) * s for d, s in zip(array.shape, array.strides, strict=True))
+    if base <= start and end + array.itemsize <= base + segment.size:
+        return segment, start - base
+    return None
+
+
+def owned_segments() -> list[ShmSegment]:
+    """The mapped segments that this process created (in the server: its L1 pool)."""
+    with _mapped_lock:
+        segments = [ref() for _, ref in _mapped.values()]
+    return [s for s in segments if s is not None and s.owner]
+
+
+class SegmentExistsError(FileExistsError):
+    """A live segment (its creator holds its lock) already has the name."""
+
+
+class ShmSegment:
+    """One segment: an open descriptor ``fd`` and, mapped, ``array`` (a writable uint8 view).
+
+    The creator's descriptor holds the segment's liveness lock. A peer that only copies
+    through the descriptor (the server with an engine's KV segment, see
+    `lmcache.engine.transfer.ShmTransfer`) calls `unmap` and never touches the pages.
+    """
+
+    def __init__(
+        self, name: str, fd: int, size: int, *, owner: bool, token: bytes, populate: bool = True
+    ) -> None:
         self.name = "/" + name.lstrip("/")
         self.size = size  # data bytes, without the seal page
         self.owner = owner
+        self.serial = new_serial()  # unique in this process, unlike names and descriptors
+        self._token = token
+        self._fd: int | None = fd
+        self._closed = self._unlinked = False
+        self._mmap: mmap.mmap | None = None
+        self.array: np.ndarray = np.empty(0, dtype=np.uint8)
         # MAP_POPULATE builds this process's page tables now. Without it every first touch
         # of a 4 KiB page in a copy is a minor fault: measured, a 671 MB worker copy into a
         # fresh mapping of the L1 pool ran at 1.4 GB/s instead of 5.3 (164k faults).
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-        try:
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, size + SEAL_BYTES, flags=flags)
-        finally:
-            os.close(fd)
+        self._mmap = mmap.mmap(fd, size + SEAL_BYTES, flags=flags)  # the caller closes fd on error
         whole = np.frombuffer(self._mmap, dtype=np.uint8)
-        self.array: np.ndarray = whole[:size]
-        self._seal = whole[size : size + len(SEAL_MAGIC) + 16]
+        self.array = whole[:size]
+        self._whole_id = id(whole)
+        with _mapped_lock:
+            _mapped[self._whole_id] = (self.array.ctypes.data, weakref.ref(self))
 
     @property
     def token(self) -> bytes:
-        return self._seal[len(SEAL_MAGIC) :].tobytes()
+        return self._token
+
+    @property
+    def fd(self) -> int:
+        """The segment's open descriptor (valid until `close`)."""
+        if self._fd is None:
+            raise ValueError(f"segment {self.name} is closed")
+        return self._fd
 
     @classmethod
-    def create(cls, name: str, size: int, token: bytes | None = None) -> ShmSegment:
-        """Create, size and pre-fault a new segment private to this user (mode 0600)."""
-        path = shm_path(name)
+    def create(
+        cls, name: str, size: int, token: bytes | None = None, *, exact: bool = False
+    ) -> ShmSegment:
+        """Create, size and pre-fault a new segment private to this user (mode 0600).
+
+        A stale segment of that name (its creator is gone) is replaced. When a live one has
+        it, ``exact`` raises `SegmentExistsError`; otherwise the segment is created as
+        ``<name>_1``, ``<name>_2``, ...: read the name it got from ``.name``.
+        """
         free = _free_bytes(shm_dir())
         if size + SEAL_BYTES > free:
             raise ConfigError(
@@ -89,18 +189,32 @@ class ShmSegment:
                 f"{free / (1 << 30):.2f} GiB free (lower --l1-size-gb or enlarge {shm_dir()}, "
                 "e.g. docker --shm-size)"
             )
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        base = name.lstrip("/")
+        candidates = [base] if exact else [base, *(f"{base}_{i}" for i in range(1, _SUFFIXES))]
+        for candidate in candidates:
+            path = shm_path(candidate)
+            fd = _create_locked(path)
+            if fd is not None:
+                break
+        else:
+            what = f"{name!r}" if exact else f"{name!r} and {_SUFFIXES - 1} suffixed names"
+            raise SegmentExistsError(
+                f"shared-memory segment {what} in use by a live process (it holds the "
+                f"segment's lock); remove it only if you know it is unused ({shm_dir()})"
+            )
+        if candidate != base:
+            logger.info("/%s is in use by a live process: created /%s instead", base, candidate)
+        token = token or new_token()
         try:
             os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
             # posix_fallocate reserves tmpfs pages now: ENOSPC here, not SIGBUS later.
             os.posix_fallocate(fd, 0, size + SEAL_BYTES)
+            os.pwrite(fd, SEAL_MAGIC + token, size)
+            return cls(candidate, fd, size, owner=True, token=token)
         except BaseException:
+            _unlink_if_same(fd, path)
             os.close(fd)
-            os.unlink(path)
             raise
-        segment = cls(name, fd, size, owner=True)
-        segment._seal[:] = np.frombuffer(SEAL_MAGIC + (token or new_token()), dtype=np.uint8)
-        return segment
 
     @classmethod
     def attach(cls, name: str, token: bytes, populate: bool = True) -> ShmSegment:
@@ -108,6 +222,8 @@ class ShmSegment:
 
         Attaching happens at registration, off the data path, so by default it pre-faults
         the mapping (``populate``); pass False to map a segment only to read a little of it.
+        The seal is read through the descriptor, so a file that shrinks meanwhile is refused
+        instead of faulting.
         """
         path = shm_path(name)
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -119,30 +235,61 @@ class ShmSegment:
                 raise ValueError(f"segment {name!r} belongs to another user")
             if st.st_size <= SEAL_BYTES:
                 raise ValueError(f"segment {name!r} is too small to be an LMCache segment")
+            size = st.st_size - SEAL_BYTES
+            seal = os.pread(fd, _SEAL_LEN, size)
+            if seal[: len(SEAL_MAGIC)] != SEAL_MAGIC or seal[len(SEAL_MAGIC) :] != token:
+                raise ValueError(
+                    f"segment {name!r} is not the one announced (its seal does not match): "
+                    "it belongs to another process or host"
+                )
+            return cls(name, fd, size, owner=False, token=token, populate=populate)
         except BaseException:
             os.close(fd)
             raise
-        segment = cls(name, fd, st.st_size - SEAL_BYTES, owner=False, populate=populate)
-        if segment._seal[: len(SEAL_MAGIC)].tobytes() != SEAL_MAGIC or segment.token != token:
-            segment.close()
-            raise ValueError(
-                f"segment {name!r} is not the one announced (its seal does not match): "
-                "it belongs to another process or host"
-            )
-        return segment
 
-    def close(self) -> None:
-        """Unmap (views still held elsewhere keep the mapping alive until collected)."""
+    def unmap(self) -> None:
+        """Drop the mapping (views still held elsewhere keep it alive until collected); the
+        descriptor stays open."""
         mapping, self._mmap = self._mmap, None
         self.array = np.empty(0, dtype=np.uint8)
-        self._seal = np.empty(0, dtype=np.uint8)
+        with _mapped_lock:
+            if mapping is not None:
+                _mapped.pop(self._whole_id, None)
         if mapping is not None:
             with contextlib.suppress(BufferError):
                 mapping.close()
 
+    def close(self) -> None:
+        """Unmap and close the descriptor. The creator keeps its lock (one descriptor) until
+        `unlink`: a segment that still has its name is live while its creator lives."""
+        self.unmap()
+        if not self._closed:
+            self._closed = True
+            for listener in _close_listeners:
+                listener(self.serial)
+        if not self.owner or self._unlinked:
+            self._close_fd()
+
     def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(shm_path(self.name))
+        """Remove the name, but only while it still leads to this segment's file (after a
+        sweep, the name may belong to somebody else's new segment); the creator then drops
+        its lock once it has closed the segment."""
+        if self._unlinked:
+            return
+        self._unlinked = True
+        path = shm_path(self.name)
+        if self._fd is not None:
+            _unlink_if_same(self._fd, path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self._closed:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _free_bytes(path: str) -> int:
@@ -150,27 +297,103 @@ def _free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` (not followed if a link) is the file open as ``fd``."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _unlink_if_same(fd: int, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if _same_file(fd, path):
+            os.unlink(path)
+
+
+def _create_locked(path: str) -> int | None:
+    """A new file at ``path`` (mode 0600) whose shared lock we hold, replacing a stale one;
+    None when a live segment has the name."""
+    for _ in range(_CREATE_ATTEMPTS):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            if _sweep(path) == "live":
+                return None
+            continue  # removed (stale) or gone meanwhile: try the name again
+        try:
+            # Blocking: an exclusive lock on this file is only ever held by a sweep, for
+            # the time it takes to unlink it.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # swept between our open and our lock: the name is free again
+    raise OSError(f"could not create {path}: it kept being removed by another process")
+
+
+Sweep = Literal["removed", "gone", "live", "foreign"]
+
+
+def _sweep(path: str) -> Sweep:
+    """Unlink ``path`` if it is a stale segment of ours: nobody holds its lock."""
+    try:
+        # O_NONBLOCK: a FIFO of that name must not make us wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return "gone"
+    except OSError:  # a symlink (ELOOP), unreadable, ...: not one of ours
+        return "foreign"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return "foreign"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "live"
+        if not _same_file(fd, path):
+            return "gone"  # unlinked (and maybe re-created) since we opened it
+        os.unlink(path)  # still under our exclusive lock: nobody can be using the name
+        return "removed"
+    finally:
+        os.close(fd)
+
+
+def segment_is_live(name: str) -> bool:
+    """Whether segment ``name`` exists and its creator (a process alive now, in any PID
+    namespace sharing this directory) still holds it."""
+    path = shm_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # there, but not ours to check (another user's, a symlink): hands off
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the exclusive lock if we got it
+    return False
+
+
+def unlink_if_stale(name: str) -> bool:
+    """Unlink segment ``name`` if it is ours and no live process holds it (its creator
+    died without unlinking it); True if it was removed."""
+    return _sweep(shm_path(name)) == "removed"
+
+
 def unlink_stale_segments(prefix: str) -> list[str]:
-    """Unlink ``<prefix><pid>[_<n>]`` segments of this user whose process is gone."""
+    """Unlink the segments named ``<prefix>...`` of this user that no live process holds
+    (whatever pid their names carry); return their names."""
     removed = []
     for entry in os.scandir(shm_dir()):
-        if not entry.name.startswith(prefix):
-            continue
-        pid_text = entry.name[len(prefix) :].split("_")[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        with contextlib.suppress(OSError):
-            if entry.stat().st_uid == os.getuid():
-                os.unlink(entry.path)
-                removed.append(entry.name)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if entry.name.startswith(prefix) and _sweep(entry.path) == "removed":
+            removed.append(entry.name)
+    return sorted(removed)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmcache.engine.shm_kv import kv_segment_name
+from lmcache.engine.shm_kv import create_kv_segment
 from lmcache.protocol.messages import KVLayout, LayerPlacement
 from lmcache.storage.shm import ShmSegment
 
@@ -83,7 +83,7 @@ def migrate_to_shm(view: KVMemoryView) -> list[ShmSegment]:
     segments = []
     new_storages = []
     for storage in view.storages:
-        segment = ShmSegment.create(kv_segment_name(), storage.nbytes())
+        segment = create_kv_segment(storage.nbytes())
         old = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
         np.copyto(segment.array, old)
         shared = torch.from_numpy(segment.array).untyped_storage()

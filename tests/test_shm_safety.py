@@ -1,0 +1,250 @@
+"""Shared memory that other processes can break: stale segments.
+
+Liveness of a segment is its creator's advisory lock, never the pid in its name
+(pids repeat across PID namespaces that share /dev/shm).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lmcache.bench.harness import free_port
+from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.storage.shm import (
+    SEAL_BYTES,
+    SegmentExistsError,
+    ShmSegment,
+    segment_is_live,
+    unlink_stale_segments,
+)
+
+from .conftest import ServerProcess
+
+MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+
+
+# ----- liveness: the creator's lock, not the pid in the name --------------------------------
+
+HOLDER = """
+    import sys, time
+    from lmcache.storage.shm import ShmSegment
+    segment = ShmSegment.create(sys.argv[1], int(sys.argv[2]), exact=True)
+    print(segment.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def spawn_holder(name: str, size: int = 4096) -> subprocess.Popen[str]:
+    """Another process that creates segment ``name`` and keeps it (and its lock) until killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLDER), name, str(size)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "/" + name, "the holder did not create its segment"
+    return proc
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def dead_pid() -> int:
+    """A pid that no process of ours has any more."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private LMCACHE_SHM_DIR (inherited by the processes the test starts)."""
+    monkeypatch.setenv("LMCACHE_SHM_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_a_live_segment_named_after_a_dead_pid_is_kept(shm_dir: Path) -> None:
+    # Seen from another PID namespace, a live engine's pid is a dead (or another) pid.
+    name = f"lmcache_kv_{dead_pid()}_0"
+    holder = spawn_holder(name)
+    try:
+        assert segment_is_live(name)
+        assert unlink_stale_segments("lmcache_kv_") == []
+        assert (shm_dir / name).exists()
+    finally:
+        kill(holder)
+    # Its creator is gone: now it is stale, whatever its name says.
+    assert not segment_is_live(name)
+    assert unlink_stale_segments("lmcache_kv_") == [name]
+    assert not (shm_dir / name).exists()
+    assert not segment_is_live(name)  # and a missing segment is not live either
+
+
+def test_our_own_segments_are_live_and_only_the_prefix_is_swept(shm_dir: Path) -> None:
+    mine = ShmSegment.create("lmcache_kv_1_0", 4096)
+    try:
+        assert segment_is_live("lmcache_kv_1_0")  # live from this process too
+        # Stale files: of the prefix (removed) and of another name (left alone).
+        for name in ("lmcache_kv_1_1", "other_1_1"):
+            (shm_dir / name).write_bytes(b"\0" * 8192)
+        os.mkfifo(shm_dir / "lmcache_kv_fifo")  # never opened for long, never removed
+        assert unlink_stale_segments("lmcache_kv_") == ["lmcache_kv_1_1"]
+        assert sorted(p.name for p in shm_dir.iterdir()) == [
+            "lmcache_kv_1_0", "lmcache_kv_fifo", "other_1_1",
+        ]  # fmt: skip
+    finally:
+        mine.close()
+        mine.unlink()
+    assert not (shm_dir / "lmcache_kv_1_0").exists()
+
+
+def test_a_stale_pool_of_a_crashed_pid_1_server_is_replaced(shm_dir: Path) -> None:
+    # A server that ran as PID 1 (a container) and was killed left its pool behind; the
+    # next one is PID 1 again. pid 1 is always alive, so only the lock can tell.
+    holder = spawn_holder("lmcache_l1_pool_1", 8192)
+    kill(holder)
+    assert (shm_dir / "lmcache_l1_pool_1").exists()
+    pool = ShmSegment.create("lmcache_l1_pool_1", 1 << 20, exact=True)
+    try:
+        assert pool.name == "/lmcache_l1_pool_1" and pool.size == 1 << 20
+        assert os.path.getsize(shm_dir / "lmcache_l1_pool_1") == (1 << 20) + SEAL_BYTES
+        assert segment_is_live("lmcache_l1_pool_1")
+    finally:
+        pool.close()
+        pool.unlink()
+
+
+def test_a_live_name_is_never_taken_over(shm_dir: Path) -> None:
+    # Two servers, each PID 1 of its own namespace, sharing one /dev/shm.
+    holder = spawn_holder("lmcache_l1_pool_1", 8192)
+    try:
+        with pytest.raises(SegmentExistsError, match="in use by a live process"):
+            ShmSegment.create("lmcache_l1_pool_1", 4096, exact=True)
+        other = ShmSegment.create("lmcache_l1_pool_1", 4096)  # the default: a free name
+        try:
+            assert other.name == "/lmcache_l1_pool_1_1"
+            assert os.path.getsize(shm_dir / "lmcache_l1_pool_1") == 8192 + SEAL_BYTES
+        finally:
+            other.close()
+            other.unlink()
+    finally:
+        kill(holder)
+
+
+def test_kv_segments_skip_a_name_that_is_taken(shm_dir: Path) -> None:
+    from lmcache.engine import shm_kv
+
+    first = shm_kv.kv_segment_name()  # the next name this process would pick
+    index = int(first.rsplit("_", 1)[1]) + 1
+    taken = f"lmcache_kv_{os.getpid()}_{index}"
+    holder = spawn_holder(taken)  # e.g. an engine with our pid in another namespace
+    try:
+        kv = ShmKVCache(num_layers=1, num_blocks=4, block_size=16, block_bytes=64)
+        try:
+            assert kv.segment.name != "/" + taken
+            assert kv.segment.name.startswith(f"/lmcache_kv_{os.getpid()}_")
+        finally:
+            kv.close()
+    finally:
+        kill(holder)
+
+
+def test_unlink_after_close_removes_only_our_own_file(shm_dir: Path) -> None:
+    segment = ShmSegment.create("lmcache_kv_5_0", 4096)
+    segment.close()
+    assert segment_is_live("lmcache_kv_5_0")  # closed but not unlinked: still ours
+    segment.unlink()
+    assert not (shm_dir / "lmcache_kv_5_0").exists()
+    # A segment replaced behind our back is somebody else's: unlink leaves it.
+    segment = ShmSegment.create("lmcache_kv_5_1", 4096)
+    os.unlink(shm_dir / "lmcache_kv_5_1")
+    (shm_dir / "lmcache_kv_5_1").write_bytes(b"theirs")
+    segment.close()
+    segment.unlink()
+    assert (shm_dir / "lmcache_kv_5_1").read_bytes() == b"theirs"
+
+
+# --kill-child: whatever happens to the test, the namespace (the server) dies with unshare.
+UNSHARE = ["unshare", "--pid", "--mount-proc", "--kill-child"]
+
+
+def _can_unshare() -> bool:
+    try:
+        done = subprocess.run([*UNSHARE, "true"], check=False, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+needs_pid_namespace = pytest.mark.skipif(
+    not _can_unshare(), reason="needs unshare --pid (root or user namespaces)"
+)
+
+
+def start_server_in_pid_namespace() -> tuple[ServerProcess, int]:
+    """`start_server`, but the server is PID 1 of a new PID namespace; also returns its
+    pid as seen from here (``ServerProcess.proc`` is unshare)."""
+    port, http_port = free_port(), free_port()
+    log = Path(tempfile.mkstemp(prefix="lmcache-server-", suffix=".log")[1])
+    cmd = [
+        *UNSHARE, sys.executable, "-m", "lmcache.cli", "server", "--port", str(port),
+        "--http-port", str(http_port), "--http-host", "127.0.0.1", "--l1-size-gb", "0.05",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, port, http_port, log)
+    try:
+        server.wait_log("LMCache cache server is running...", timeout=30)
+        (child,) = psutil.Process(proc.pid).children()
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    return server, child.pid
+
+
+def stop_in_namespace(server: ServerProcess, pid: int, sig: int) -> int:
+    os.kill(pid, sig)
+    return server.proc.wait(timeout=30)  # unshare exits with the server's status
+
+
+@needs_pid_namespace
+def test_servers_in_their_own_pid_namespace(shm_dir: Path) -> None:
+    """Real PID namespaces: a server that is PID 1 keeps engines of the host namespace alive,
+    and a second PID-1 server starts after the first one was killed."""
+    engine = ShmKVCache(num_layers=2, num_blocks=4, block_size=16, block_bytes=64)
+    engine_file = shm_dir / engine.segment.name.lstrip("/")
+    try:
+        first, pid = start_server_in_pid_namespace()
+        try:
+            assert "Started server process [1]" in first.log()
+            assert (shm_dir / "lmcache_l1_pool_1").exists()
+            # Our pid means nothing in its namespace; the old check unlinked our segment.
+            assert engine_file.exists()
+            assert "Removed shared-memory segment" not in first.log()
+        finally:
+            stop_in_namespace(first, pid, signal.SIGKILL)  # (unshare then exits 1)
+            assert not psutil.pid_exists(pid)
+        assert (shm_dir / "lmcache_l1_pool_1").exists()  # left behind
+        second, pid = start_server_in_pid_namespace()
+        try:
+            log = second.log()
+            assert "Removed shared-memory segment /lmcache_l1_pool_1 of a dead process" in log
+            with second.http() as http:
+                status = http.get("/status").json()
+            assert status["l1"]["shm_segment"] == "/lmcache_l1_pool_1"
+            assert engine_file.exists()
+        finally:
+            assert stop_in_namespace(second, pid, signal.SIGTERM) == 0, second.log()
+        assert not (shm_dir / "lmcache_l1_pool_1").exists()
+    finally:
+        engine.close()
