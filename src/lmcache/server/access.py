@@ -42,17 +42,14 @@ class AccessPolicy:
 
     def check(self, req: Request, peer: Peer) -> str | None:
         """Why ``peer`` may not send ``req`` (None: it may)."""
-        if peer.trust is Trust.LOCAL:
-            if isinstance(req, Ping | RegisterKV):
-                return self._owner_problem(req, peer) if isinstance(req, RegisterKV) else None
-            return self._owner_problem(req, peer)
-        op = req.__struct_config__.tag
         if isinstance(req, Ping):
-            return None
+            return None  # anyone (only an owner's pings keep its engine alive: registry.touch)
+        op = req.__struct_config__.tag
         if peer.trust is Trust.NONE:
             return f"{op} refused for {peer.label}: {UNTRUSTED_HINT}"
-        if isinstance(req, _LOCAL_ONLY) or (
-            isinstance(req, RegisterKV) and isinstance(req.memory, ShmMemory)
+        if peer.trust is Trust.REMOTE and (
+            isinstance(req, _LOCAL_ONLY)
+            or (isinstance(req, RegisterKV) and isinstance(req.memory, ShmMemory))
         ):
             return f"{op} needs shared memory with the server; {peer.label} is remote"
         return self._owner_problem(req, peer)

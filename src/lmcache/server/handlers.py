@@ -217,14 +217,15 @@ class RequestHandler:
         dead = {p for p in {e.pid for e in self.registry.engines() if e.pid} | self.sessions.pids()
                 if not pid_alive(p)}  # fmt: skip
         for engine in self.registry.engines():
-            why = None
-            if engine.pid in dead:
+            dead_now = engine.pid in dead
+            if dead_now:
                 why = f"its process {engine.pid} is gone"
             elif idle_s and time.monotonic() - engine.last_seen > idle_s:
                 why = f"silent for {idle_s:g} s (--engine-timeout-s)"
-            if why is None or not self.registry.unregister(engine.instance_id, engine):
+            else:
                 continue
-            dead_now = engine.pid in dead
+            if not self.registry.unregister(engine.instance_id, engine):
+                continue
             dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
             # A dead engine's KV segments stay in /dev/shm (they hold its whole KV cache)
             # unless we remove them: only those nobody holds any more (see storage/shm.py).
