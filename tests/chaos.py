@@ -30,6 +30,9 @@ engines' stale segments for us.
 
     .venv/bin/python -m tests.chaos --duration 600 --engines 6    # tests/test_chaos.py: short
 
+``--shrink-every S`` makes an engine_driven engine truncate its own KV segment mid store
+or retrieve and exit: the server's copy through its mapping must end in an error, not SIGBUS.
+
 ``--freeze-every S`` stops an engine with SIGSTOP (preferably an lmcache_driven one copying
 into its L1 slots) for longer than the lock TTL and the engine timeout: a stalled worker.
 Its late writes must never land in pages that another chunk got meanwhile (they once did:
@@ -184,6 +187,7 @@ class ChaosConfig:
     kill_every: float = 2.0  # mean seconds between SIGKILLs
     clear_every: float = 3.0
     freeze_every: float = 15.0  # mean seconds between SIGSTOPs; 0: none (module docstring)
+    shrink_every: float = 6.0  # mean seconds between engines truncating their segment; 0: none
     fuzz: bool = True
 
 
@@ -199,6 +203,7 @@ class ChaosResult:
     engines_started: int = 0
     kills: dict[str, int] = dataclasses.field(default_factory=dict)  # by the victim's phase
     freezes: dict[str, int] = dataclasses.field(default_factory=dict)  # SIGSTOP, by phase
+    shrinks: dict[str, int] = dataclasses.field(default_factory=dict)  # segment truncated
     engine_crashes: list[str] = dataclasses.field(default_factory=list)
     mismatch_reports: list[str] = dataclasses.field(default_factory=list)
     clears: int = 0
@@ -282,10 +287,15 @@ class Chaos:
         self.handles.append(h := EngineHandle(proc, spec, counters, phase))
         self.live[slot] = h
 
-    def catch(self, wanted: Sequence[int], sig: int, tally: dict[str, int]) -> int | None:
-        """Send ``sig`` to a random engine once it is in one of the ``wanted`` phases (or any
-        phase, at random; after a second: anyway). Returns its slot."""
-        ready = [s for s, h in self.live.items() if h.phase.value != STARTING]
+    def catch(
+        self, wanted: Sequence[int], sig: int, tally: dict[str, int], mode: str = ""
+    ) -> int | None:
+        """Send ``sig`` to a random engine (of ``mode``, if given) once it is in one of the
+        ``wanted`` phases (or any phase, at random; after a second: anyway). Returns its slot."""
+        ready = [
+            s for s, h in self.live.items()
+            if h.phase.value != STARTING and mode in ("", h.spec.mode)
+        ]  # fmt: skip
         if not ready:
             return None
         slot = self.rng.choice(ready)
@@ -305,9 +315,20 @@ class Chaos:
             [STORE, RETRIEVE, STORE_COPY, RETRIEVE_COPY], signal.SIGKILL, self.result.kills
         )
         if slot is not None:
-            self.live[slot].killed = True
-            self.live[slot].proc.join()  # reaped at once: the server watches its pid
-            self.spawn(slot)
+            self.replace(slot)
+
+    def shrink_one(self) -> None:
+        """SIGUSR1 an engine_driven engine mid store or retrieve: it truncates its own KV
+        segment under the server's copy and exits (`chaos_engine.shrink_and_exit`)."""
+        slot = self.catch([STORE, RETRIEVE], signal.SIGUSR1, self.result.shrinks, "engine_driven")
+        if slot is not None:
+            self.replace(slot)
+
+    def replace(self, slot: int) -> None:
+        """The engine in ``slot`` was ended on purpose: start another."""
+        self.live[slot].killed = True
+        self.live[slot].proc.join()  # reaped at once: the server watches its pid
+        self.spawn(slot)
 
     def freeze_one(self) -> None:
         """SIGSTOP an engine (preferably one copying into L1) for longer than the lock TTL and
@@ -341,6 +362,7 @@ class Chaos:
             actor.start()
         next_kill, next_note = start + 3, start + 10
         next_freeze = start + 5 if cfg.freeze_every else float("inf")
+        next_shrink = start + 4 if cfg.shrink_every else float("inf")
         while (now := time.monotonic()) < start + cfg.duration:
             for slot, h in list(self.live.items()):
                 if h.proc.exitcode is not None:  # died by itself: a crash, reported at the end
@@ -348,6 +370,9 @@ class Chaos:
             if now >= next_kill:
                 self.kill_one()
                 next_kill = time.monotonic() + self.rng.expovariate(1 / cfg.kill_every)
+            if now >= next_shrink:
+                self.shrink_one()
+                next_shrink = time.monotonic() + self.rng.expovariate(1 / cfg.shrink_every)
             if now >= next_freeze:
                 self.freeze_one()
                 next_freeze = time.monotonic() + self.rng.expovariate(1 / cfg.freeze_every)

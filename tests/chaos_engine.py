@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -233,8 +234,19 @@ class Engine:
 
 def engine_main(spec: EngineSpec, counters: Any, phase: Any, stop: Any) -> None:
     os.environ["LMCACHE_SHM_DIR"] = spec.shm_dir
+    engines: list[Engine] = []
+
+    def shrink_and_exit(signum: int, frame: Any) -> None:
+        """SIGUSR1: truncate our own KV segment in the middle of whatever we do, as a buggy
+        engine might, and leave (our memory is gone). The server's copy must fail cleanly."""
+        if engines and engines[0].kv is not None:
+            os.ftruncate(engines[0].kv.segment.fd, 4096)
+        os._exit(0)
+
+    signal.signal(signal.SIGUSR1, shrink_and_exit)
     try:
-        Engine(spec, counters, phase).run(stop)
+        engines.append(Engine(spec, counters, phase))
+        engines[0].run(stop)
     except BaseException:
         with open(spec.log, "a") as f:
             f.write(traceback.format_exc())

@@ -27,6 +27,7 @@ def test_the_chaos_happened(chaos: ChaosResult) -> None:
     assert sum(kills.values()) >= 8, kills
     assert kills.get("store", 0) + kills.get("store_copy", 0) > 0, kills
     assert kills.get("retrieve", 0) + kills.get("retrieve_copy", 0) > 0, kills
+    assert sum(chaos.shrinks.values()) >= 3, chaos.shrinks  # truncated segments (SIGBUS)
     assert chaos.clears >= 5 and chaos.clear_failures == 0
     assert chaos.fuzz["ipc_sent"] > 100 and chaos.fuzz["tcp_sent"] > 50, chaos.fuzz
     assert chaos.final_status["l1_evictions"] > 0  # L1 is small: stores evict

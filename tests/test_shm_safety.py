@@ -6,6 +6,7 @@ Liveness of a segment is its creator's advisory lock, never the pid in its name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,11 +15,13 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
 from lmcache.bench.harness import free_port
 from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.errors import TransferError
 from lmcache.storage.shm import (
     SEAL_BYTES,
     SegmentExistsError,
@@ -27,7 +30,7 @@ from lmcache.storage.shm import (
     unlink_stale_segments,
 )
 
-from .conftest import ServerProcess
+from .conftest import BLOCK, ServerProcess, fill_random, register, unique_tokens
 
 MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 
@@ -248,3 +251,53 @@ def test_servers_in_their_own_pid_namespace(shm_dir: Path) -> None:
         assert not (shm_dir / "lmcache_l1_pool_1").exists()
     finally:
         engine.close()
+
+
+# ----- an engine shrinks its registered segment under the server ----------------------------
+
+
+@pytest.mark.parametrize("how", ["truncate", "unlink_and_truncate"])
+def test_an_engine_that_shrinks_its_segment_gets_errors_and_the_server_lives(
+    server: ServerProcess, how: str
+) -> None:
+    """Once SIGBUS in the server's copy killed it, and every engine lost its cache."""
+    victim = ShmKVCache(num_layers=4, num_blocks=64, block_size=BLOCK, block_bytes=2048)
+    other = ShmKVCache(num_layers=4, num_blocks=64, block_size=BLOCK, block_bytes=2048)
+    client = server.client()
+    try:
+        fill_random(victim, 1)
+        fill_random(other, 2)
+        register(client, victim, 9101)
+        register(client, other, 9102)
+        tokens, ids = unique_tokens(512), list(range(32))
+        assert client.store("a", 9101, tokens, start=0, end=256, block_ids=ids[:16]).stored_tokens
+        assert client.lookup("a", tokens, **MODEL) == 256
+
+        fd = victim.segment.fd
+        if how == "unlink_and_truncate":
+            victim.segment.unlink()
+        os.ftruncate(fd, 4096)  # the engine shrinks its KV memory to one page
+        victim.blocks = np.empty((0, 0, 0, 0), dtype=np.uint8)  # never touch it again here
+
+        with pytest.raises(TransferError, match="truncated or resized"):
+            client.store("b", 9101, tokens, start=256, end=512, block_ids=ids[16:])
+        with pytest.raises(TransferError, match="truncated or resized"):
+            client.retrieve("a", 9101, tokens, start=0, end=256, block_ids=ids[:16])
+        assert client.lookup("c", tokens, **MODEL) == 256, "the failed store cached nothing"
+
+        # The server is alive and serves the other engine, byte for byte.
+        assert server.proc.poll() is None
+        want = other.blocks[:, :, :16].copy()
+        mine = unique_tokens(256)
+        assert client.store("d", 9102, mine, start=0, end=256, block_ids=ids[:16]).stored_tokens
+        assert client.retrieve("d", 9102, mine, start=0, end=256, block_ids=ids[16:]) == 256
+        assert np.array_equal(other.blocks[:, :, 16:32], want)
+        assert "Traceback" not in server.log()
+        server.wait_log(f"KV segment {victim.segment.name} shrank under a copy (SIGBUS caught)")
+    finally:
+        for instance in (9101, 9102):
+            client.unregister(instance)
+        other.close()
+        victim.segment.close()
+        with contextlib.suppress(FileNotFoundError):
+            victim.segment.unlink()

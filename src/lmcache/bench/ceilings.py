@@ -50,27 +50,19 @@ class InProcessCopy:
     def __init__(
         self, layout: KVLayout, arrays: list[np.ndarray], chunk_blocks: int, blocks: int, tag: str
     ) -> None:
-        self.copier = BlockCopier(layout, arrays)
-        self.chunk_blocks = chunk_blocks
-        plane_bytes = layout.block_bytes // layout.planes
-        self.chunk_shape = (layout.num_layers, layout.planes, chunk_blocks, plane_bytes)
-        self.chunk_bytes = layout.num_layers * chunk_blocks * layout.block_bytes
+        self.copier = BlockCopier(layout, arrays, chunk_blocks)
+        self.chunk_bytes = self.copier.chunk_bytes
         self.chunks = blocks // chunk_blocks
         self.pool = prefaulted_segment(self.chunks * self.chunk_bytes, tag)
 
     def _chunk(self, i: int) -> np.ndarray:
-        view = self.pool.array[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-        return view.reshape(self.chunk_shape)
+        return self.pool.array[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
 
     def gather(self, block_ids: np.ndarray) -> None:
-        n = self.chunk_blocks
-        for i in range(self.chunks):
-            self.copier.gather(block_ids[i * n : (i + 1) * n], self._chunk(i))
+        self.copier.gather_range(block_ids, ((i, self._chunk(i)) for i in range(self.chunks)))
 
     def scatter(self, block_ids: np.ndarray) -> None:
-        n = self.chunk_blocks
-        for i in range(self.chunks):
-            self.copier.scatter(self._chunk(i), block_ids[i * n : (i + 1) * n])
+        self.copier.scatter_range(block_ids, [self._chunk(i) for i in range(self.chunks)])
 
     def close(self) -> None:
         self.copier.release()

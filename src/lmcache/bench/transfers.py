@@ -69,11 +69,9 @@ class SyntheticEngine:
             block_size=sc.block_tokens,
             block_bytes=shape.block_bytes(sc.block_tokens),
         )
-        perm = np.random.default_rng(instance_id).permutation(2 * blocks).astype(np.intp)
+        perm = np.random.default_rng(instance_id).permutation(2 * blocks).astype(np.int64)
         self.src_ids, self.dst_ids = perm[:blocks], perm[blocks:]
         self.bpc = sc.chunk_tokens // sc.block_tokens
-        plane_bytes = shape.block_bytes(sc.block_tokens) // 2
-        self.chunk_shape = (shape.layers, 2, self.bpc, plane_bytes)
         self.client = LMCacheClient.connect("127.0.0.1", port, timeout=300)
         self.pool: ShmSegment | None = None
         self.copier: BlockCopier | None = None
@@ -84,7 +82,7 @@ class SyntheticEngine:
         if sc.mode == "lmcache_driven":
             pong = self.client.ping(instance_id)
             self.pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.l1_pool_seal))
-            self.copier = BlockCopier(self.kv.layout, [self.kv.segment.array])
+            self.copier = BlockCopier(self.kv.layout, [self.kv.segment.array], self.bpc)
 
     @property
     def kv_bytes(self) -> int:
@@ -110,12 +108,9 @@ class SyntheticEngine:
 
     def _worker_copy_store(self, rid: str, tokens: bytes) -> int:
         prep = self.client.prepare_store(rid, self.instance_id, tokens, start=0, end=self.tokens)
-
-        def copy(chunk: np.ndarray, ids: np.ndarray) -> None:
-            assert self.copier is not None
-            self.copier.gather(ids, chunk)
-
-        return self._copy_and_commit(prep, self.src_ids, copy)
+        assert self.copier is not None
+        copier = self.copier
+        return self._copy_and_commit(prep, lambda chunks: copier.gather_range(self.src_ids, chunks))
 
     def retrieve(self, tokens: bytes) -> None:
         rid, n = self._rid("retrieve"), self.tokens
@@ -134,28 +129,22 @@ class SyntheticEngine:
 
     def _worker_copy_retrieve(self, rid: str, tokens: bytes) -> int:
         prep = self.client.prepare_retrieve(rid, self.instance_id, tokens, start=0, end=self.tokens)
-
-        def copy(chunk: np.ndarray, ids: np.ndarray) -> None:
-            assert self.copier is not None
-            self.copier.scatter(chunk, ids)
-
-        return self._copy_and_commit(prep, self.dst_ids, copy)
+        assert self.copier is not None
+        copier = self.copier
+        return self._copy_and_commit(
+            prep, lambda chunks: copier.scatter_range(self.dst_ids, [c for _, c in chunks])
+        )
 
     def _copy_and_commit(
-        self,
-        prep: Prepared,
-        block_ids: np.ndarray,
-        copy: Callable[[np.ndarray, np.ndarray], None],
+        self, prep: Prepared, copy: Callable[[list[tuple[int, np.ndarray]]], None]
     ) -> int:
-        """Copy every prepared chunk (offset -1: already cached, skip), then commit, as the
-        vLLM worker does in ``lmcache_driven`` mode; returns the committed tokens."""
+        """Copy every prepared chunk (offset -1: already cached, skip) with the worker's
+        copier, then commit, as the vLLM worker does in ``lmcache_driven`` mode; returns
+        the committed tokens."""
         assert self.pool is not None
-        pool, size, bpc, ok = self.pool.array, prep.chunk_bytes, self.bpc, False
+        pool, size, ok = self.pool.array, prep.chunk_bytes, False
         try:
-            for i, off in enumerate(prep.offsets):
-                if off >= 0:
-                    chunk = pool[off : off + size].reshape(self.chunk_shape)
-                    copy(chunk, block_ids[i * bpc : (i + 1) * bpc])
+            copy([(i, pool[o : o + size]) for i, o in enumerate(prep.offsets) if o >= 0])
             ok = True
         finally:
             tokens = self.client.commit(self.instance_id, prep.transfer_id, success=ok)

@@ -175,7 +175,7 @@ class EngineRegistry:
                 f"one {self.chunk_size}-token chunk of this layout is larger than the L1 pool "
                 f"({self.max_chunk_bytes} bytes)"
             )
-        transfer = self._open(msg.memory, lay)
+        transfer = self._open(msg.memory, lay, self.chunk_size // lay.block_size)
         engine = Engine(
             instance_id=msg.instance_id,
             model_name=msg.model_name,
@@ -214,7 +214,7 @@ class EngineRegistry:
                 )
 
     @staticmethod
-    def _open(memory: KVMemory, layout: KVLayout) -> KVTransfer | None:
+    def _open(memory: KVMemory, layout: KVLayout, blocks_per_chunk: int) -> KVTransfer | None:
         if not isinstance(memory, ShmMemory):
             if layout.num_layers <= 0 or layout.block_bytes <= 0 or layout.planes <= 0:
                 raise BadRequestError("layout needs positive num_layers, block_bytes and planes")
@@ -247,7 +247,7 @@ class EngineRegistry:
                 except (ValueError, OSError) as exc:
                     raise BadRequestError(f"cannot map segment {name!r}: {exc}") from None
             try:
-                return ShmTransfer(layout, segments)
+                return ShmTransfer(layout, segments, blocks_per_chunk)
             except ValueError as exc:
                 raise BadRequestError(f"invalid KV layout: {exc}") from None
         except BaseException:

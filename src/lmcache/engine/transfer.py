@@ -10,32 +10,42 @@ business, which is why the namespace of a key includes the engine's ``kv_spec``.
                 ^           ^         ───────────>
               id 2        id 5        <───────────  scatter
 
-`BlockCopier` does the copies over any set of byte arrays (the server's maps of
-an engine's segments, or an engine worker's own KV memory). `KVTransfer` is the
-seam on the server: `ShmTransfer` maps POSIX shared memory on the same host;
-CUDA IPC and bytes-in-the-message implementations plug in beside it.
+`BlockCopier` is the one copy routine, over any set of byte arrays: the server's
+maps of an engine's segments, an engine worker's own KV memory, and the bench all
+call it. The copies run in C (`_blockcopy`) at memcpy speed, and a SIGBUS raised
+by the memory being copied (a peer truncated the segment we mapped) ends the copy
+with `TransferError` instead of killing the process. `KVTransfer` is the seam on
+the server: `ShmTransfer` maps POSIX shared memory on the same host; CUDA IPC and
+bytes-in-the-message implementations plug in beside it.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeAlias
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
+from lmcache.engine import _blockcopy
 from lmcache.errors import TransferError
 from lmcache.protocol.messages import KVLayout
 from lmcache.storage.shm import ShmSegment
+
+logger = logging.getLogger("lmcache.server")
+
+Buffer: TypeAlias = np.ndarray | bytes | bytearray | memoryview  # contiguous bytes
 
 
 class KVTransfer(Protocol):
     kind: str
 
-    def gather(self, block_ids: np.ndarray, dst: np.ndarray) -> None:
-        """Copy engine blocks ``block_ids`` into chunk buffer ``dst``."""
+    def gather(self, block_ids: np.ndarray, chunk: int, dst: Buffer) -> None:
+        """Copy the engine blocks of chunk number ``chunk`` of a range into buffer ``dst``."""
 
-    def scatter(self, src: np.ndarray, block_ids: np.ndarray) -> None:
-        """Copy chunk buffer ``src`` into engine blocks ``block_ids``."""
+    def scatter(self, src: Buffer, block_ids: np.ndarray, chunk: int, skip_blocks: int) -> None:
+        """Copy buffer ``src`` into the engine blocks of chunk number ``chunk`` of a range,
+        leaving the range's first ``skip_blocks`` blocks alone."""
 
     def close(self) -> None: ...
 
@@ -71,74 +81,119 @@ def validate_layout(layout: KVLayout, segment_sizes: list[int]) -> None:
 
 
 class BlockCopier:
-    """Whole-block gathers and scatters over byte arrays described by a `KVLayout`."""
+    """Whole-block gathers and scatters, chunk by chunk, over memory described by a `KVLayout`.
 
-    def __init__(self, layout: KVLayout, arrays: list[np.ndarray]) -> None:
-        validate_layout(layout, [a.nbytes for a in arrays])
-        self.layout = layout
-        pb = layout.block_bytes // layout.planes
-        shape = (layout.planes, layout.num_blocks, pb)
-        strides = (layout.plane_stride, layout.block_stride, 1)
-        self._layers = [
-            as_strided(arrays[p.segment][p.offset :], shape=shape, strides=strides)
-            for p in layout.layers
-        ]
-        # One view over all layers when they are evenly spaced in one segment: then a
-        # gather is a single np.take, whatever the number of layers.
-        self._all: np.ndarray | None = None
-        first = layout.layers[0]
-        step = layout.layers[1].offset - first.offset if layout.num_layers > 1 else 0
-        if all(
-            p.segment == first.segment and p.offset == first.offset + i * step
-            for i, p in enumerate(layout.layers)
-        ) and (step > 0 or layout.num_layers == 1):
-            self._all = as_strided(
-                arrays[first.segment][first.offset :],
-                shape=(layout.num_layers, *shape),
-                strides=(step, *strides),
-            )
+    A range of ``n`` chunks comes with ``n * blocks_per_chunk`` block ids (``range_ids``);
+    chunk ``i`` holds blocks ``range_ids[i * bpc : (i + 1) * bpc]``. Its buffer is laid out
+    ``[layers, planes, bpc, plane_bytes]``, the same on the server, in the worker and in
+    the bench, so any of them may fill a chunk that another reads.
+    """
 
     closed = False
+
+    def __init__(self, layout: KVLayout, arrays: list[np.ndarray], blocks_per_chunk: int) -> None:
+        validate_layout(layout, [a.nbytes for a in arrays])
+        if blocks_per_chunk <= 0:
+            raise ValueError("blocks_per_chunk must be positive")
+        if not all(a.flags.writeable and a.flags.c_contiguous for a in arrays):
+            raise ValueError("KV memory must be writable, C-contiguous byte arrays")
+        self.layout = layout
+        self.blocks_per_chunk = blocks_per_chunk
+        self.plane_bytes = layout.block_bytes // layout.planes
+        self.chunk_bytes = layout.num_layers * blocks_per_chunk * layout.block_bytes
+        # Raw addresses of each (layer, plane) row for the C routine: `_arrays` keeps the
+        # memory behind them mapped for as long as this copier exists (`release` too).
+        self._arrays = arrays
+        rows = [
+            arrays[p.segment].ctypes.data + p.offset + plane * layout.plane_stride
+            for p in layout.layers
+            for plane in range(layout.planes)
+        ]
+        self._rows = np.array(rows, dtype=np.uint64)
 
     def _check_open(self) -> None:
         if self.closed:
             raise TransferError("the engine's KV memory was unregistered during the copy")
 
-    def gather(self, block_ids: np.ndarray, dst: np.ndarray) -> None:
+    def _copy(self, ids: np.ndarray, buf: Buffer, first: int, to_engine: bool) -> None:
         self._check_open()
-        # np.take copies straight into `dst`, but only reads a C-contiguous source
-        # without first copying it whole; other views use fancy indexing per layer.
-        if self._all is not None and self._all.flags.c_contiguous:
-            np.take(self._all, block_ids, axis=2, out=dst, mode="clip")
-            return
-        for layer, view in enumerate(self._layers):
-            if view.flags.c_contiguous:
-                np.take(view, block_ids, axis=1, out=dst[layer], mode="clip")
-            else:
-                dst[layer] = view[:, block_ids]
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        lay = self.layout
+        fault = _blockcopy.copy_blocks(
+            self._rows, ids, lay.num_blocks, lay.block_stride, self.plane_bytes,
+            buf, self.blocks_per_chunk, first, to_engine,
+        )  # fmt: skip
+        if fault:
+            self._faulted(fault)
 
-    def scatter(self, src: np.ndarray, block_ids: np.ndarray) -> None:
-        self._check_open()
-        if self._all is not None:
-            self._all[:, :, block_ids] = src
-            return
-        for layer, view in enumerate(self._layers):
-            view[:, block_ids] = src[layer]
+    def _faulted(self, address: int) -> None:
+        raise TransferError(
+            f"the KV memory shrank under the copy (SIGBUS at {address:#x}): its segment was "
+            "truncated or resized after it was registered; register it again"
+        )
+
+    def gather(self, block_ids: np.ndarray, chunk: int, dst: Buffer) -> None:
+        bpc = self.blocks_per_chunk
+        self._copy(block_ids[chunk * bpc : (chunk + 1) * bpc], dst, 0, False)
+
+    def scatter(self, src: Buffer, block_ids: np.ndarray, chunk: int, skip_blocks: int = 0) -> None:
+        bpc = self.blocks_per_chunk
+        first = max(0, skip_blocks - chunk * bpc)
+        if first < bpc:
+            self._copy(block_ids[chunk * bpc + first : (chunk + 1) * bpc], src, first, True)
+
+    def gather_range(self, block_ids: np.ndarray, chunks: Iterable[tuple[int, Buffer]]) -> None:
+        """Gather chunk ``i`` of the range into each ``(i, buffer)``."""
+        for i, dst in chunks:
+            self.gather(block_ids, i, dst)
+
+    def scatter_range(
+        self, block_ids: np.ndarray, chunks: Sequence[Buffer], skip_blocks: int = 0
+    ) -> None:
+        """Scatter the range's chunks, in order, minus its first ``skip_blocks`` blocks."""
+        if len(chunks) * self.blocks_per_chunk != len(block_ids):
+            raise ValueError(
+                f"{len(chunks)} chunks for {len(block_ids)} block ids "
+                f"({self.blocks_per_chunk} per chunk)"
+            )
+        for i, src in enumerate(chunks):
+            self.scatter(src, block_ids, i, skip_blocks)
 
     def release(self) -> None:
-        """Refuse further copies. The views stay: a copy running right now keeps reading
-        mapped memory (numpy holds the mapping) instead of silently copying nothing."""
+        """Refuse further copies. The memory stays mapped until the copier is collected, so
+        a copy running right now finishes reading valid memory instead of faulting."""
         self.closed = True
+
+
+def skip_blocks(skip_tokens: int, range_tokens: int, block_size: int) -> int:
+    """Blocks at the start of a range that a retrieve leaves alone (ValueError if misaligned)."""
+    if skip_tokens < 0 or skip_tokens % block_size or skip_tokens > range_tokens:
+        raise ValueError(
+            f"skip_tokens={skip_tokens} must be a multiple of the block size ({block_size}) "
+            "within the range"
+        )
+    return skip_tokens // block_size
 
 
 class ShmTransfer(BlockCopier):
     """Engine KV tensors in POSIX shared memory, mapped by the server (zero-copy path)."""
 
     kind = "shm"
+    faulted = False
 
-    def __init__(self, layout: KVLayout, segments: list[ShmSegment]) -> None:
-        super().__init__(layout, [s.array for s in segments])
+    def __init__(self, layout: KVLayout, segments: list[ShmSegment], blocks_per_chunk: int) -> None:
+        super().__init__(layout, [s.array for s in segments], blocks_per_chunk)
         self.segments = segments
+
+    def _faulted(self, address: int) -> None:
+        if not self.faulted:  # once per registration: every later copy faults too
+            self.faulted = True
+            logger.warning(
+                "KV segment %s shrank under a copy (SIGBUS caught): its engine truncated or "
+                "resized memory it registered; its stores and retrieves fail until it "
+                "registers again", ", ".join(s.name for s in self.segments),
+            )  # fmt: skip
+        super()._faulted(address)
 
     def close(self) -> None:
         self.release()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.engine.registry import Engine, EngineRegistry, check_identity
+from lmcache.engine.transfer import skip_blocks
 from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import (
     ChunkData,
@@ -69,12 +70,7 @@ class Copies:
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
-        bpc = engine.blocks_per_chunk
-
-        def fill(i: int, dst: np.ndarray) -> None:
-            transfer.gather(ids[i * bpc : (i + 1) * bpc], dst.reshape(engine.chunk_shape))
-
-        return self._write(req.id, engine, keys, fill)
+        return self._write(req.id, engine, keys, lambda i, dst: transfer.gather(ids, i, dst))
 
     def store_bytes(self, req: StoreBytes, data: list[memoryview]) -> StoreReply:
         engine = self.registry.get(req.instance_id)
@@ -95,22 +91,12 @@ class Copies:
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
-        bs, bpc = engine.layout.block_size, engine.blocks_per_chunk
-        if req.skip_tokens % bs or req.skip_tokens > req.end - req.start:
-            raise BadRequestError(
-                f"skip_tokens={req.skip_tokens} must be a multiple of the block size ({bs}) "
-                "within the range"
-            )
-        skip_blocks = req.skip_tokens // bs
-
-        def read(i: int, src: np.ndarray) -> None:
-            first = max(0, skip_blocks - i * bpc)
-            if first < bpc:
-                chunk = src.reshape(engine.chunk_shape)[:, :, first:]
-                transfer.scatter(chunk, ids[i * bpc + first : (i + 1) * bpc])
-
+        try:
+            skip = skip_blocks(req.skip_tokens, req.end - req.start, engine.layout.block_size)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
         tokens = req.end - req.start - req.skip_tokens
-        self._read(req, engine, keys, read, tokens)
+        self._read(req, engine, keys, lambda i, src: transfer.scatter(src, ids, i, skip), tokens)
         return RetrieveReply(id=req.id, retrieved_tokens=tokens)
 
     def retrieve_bytes(self, req: RetrieveBytes) -> tuple[ChunkData, list[bytes]]:

@@ -133,9 +133,9 @@ class SegmentExistsError(FileExistsError):
 class ShmSegment:
     """One segment: an open descriptor ``fd`` and, mapped, ``array`` (a writable uint8 view).
 
-    The creator's descriptor holds the segment's liveness lock. A peer that only copies
-    through the descriptor (the server with an engine's KV segment, see
-    `lmcache.engine.transfer.ShmTransfer`) calls `unmap` and never touches the pages.
+    The creator's descriptor holds the segment's liveness lock. A peer's segment may shrink
+    under our mapping: copy through it only with `lmcache.engine.transfer.BlockCopier`,
+    which turns the resulting SIGBUS into an error.
     """
 
     def __init__(

@@ -101,7 +101,7 @@ class WorkerSide:
             )
         else:
             self._memory = WorkerCopy()
-        self._copier = BlockCopier(self._view.layout, self._view.arrays())
+        self._copier = BlockCopier(self._view.layout, self._view.arrays(), self.chunk_size // bs)
         self._register(self.link.pong)
         self.link.start_heartbeat()
 
@@ -276,32 +276,19 @@ class WorkerSide:
             raise LMCacheError("the server's L1 pool is not mapped")
         return self._pool.array
 
-    def _chunk_shape(self) -> tuple[int, int, int, int]:
-        lay = self._view.layout
-        return (lay.num_layers, 1, self.chunk_size // self.identity.block_size, lay.block_bytes)
-
     def _chunk_bytes(self) -> int:
-        shape = self._chunk_shape()
-        return shape[0] * shape[2] * shape[3]
+        assert self._copier is not None
+        return self._copier.chunk_bytes
 
     def _gather_chunks(self, spec: StoreSpec, chunks: list[tuple[int, np.ndarray]]) -> None:
         """Copy the blocks of chunk ``i`` of the range into each ``(i, buffer)``."""
         assert self._copier is not None
-        ids = np.asarray(spec.block_ids, dtype=np.intp)
-        bpc = self.chunk_size // self.identity.block_size
-        for i, buf in chunks:
-            self._copier.gather(ids[i * bpc : (i + 1) * bpc], buf.reshape(self._chunk_shape()))
+        self._copier.gather_range(np.asarray(spec.block_ids, dtype=np.int64), chunks)
 
     def _scatter_chunks(self, spec: LoadSpec, chunks: list[np.ndarray]) -> None:
         """Copy chunk buffers into the blocks of the range, minus the first skip_tokens."""
         assert self._copier is not None
         if len(chunks) * self.chunk_size != spec.end - spec.start:
             raise LMCacheError(f"expected {(spec.end - spec.start) // self.chunk_size} chunks")
-        ids = np.asarray(spec.block_ids, dtype=np.intp)
-        bpc = self.chunk_size // self.identity.block_size
         skip = spec.skip_tokens // self.identity.block_size
-        for i, buf in enumerate(chunks):
-            first = max(0, skip - i * bpc)
-            if first < bpc:
-                src = buf.reshape(self._chunk_shape())[:, :, first:]
-                self._copier.scatter(src, ids[i * bpc + first : (i + 1) * bpc])
+        self._copier.scatter_range(np.asarray(spec.block_ids, dtype=np.int64), chunks, skip)

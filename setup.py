@@ -1,0 +1,17 @@
+"""The one compiled part of lmcache; everything else is declared in pyproject.toml.
+
+`lmcache.engine._blockcopy` copies KV blocks through a peer's shared memory and survives
+the peer truncating it (its C source says why). Building it needs gcc and Python headers.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "lmcache.engine._blockcopy",
+            sources=["src/lmcache/engine/_blockcopy.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        )
+    ]
+)

@@ -1,0 +1,16 @@
+import numpy as np
+
+Buffer = np.ndarray | bytes | bytearray | memoryview
+
+def copy_blocks(
+    outer: Buffer,
+    ids: Buffer,
+    num_blocks: int,
+    stride: int,
+    plane_bytes: int,
+    chunk: Buffer,
+    chunk_blocks: int,
+    first: int,
+    to_engine: bool,
+) -> int: ...
+def install() -> None: ...
