@@ -33,8 +33,10 @@ from lmcache.protocol.messages import (
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
+from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
+from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import L1Cache
 from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
@@ -171,12 +173,12 @@ def test_a_late_reply_is_never_taken_for_the_next_answer(echo: tuple[Echo, str])
 
 
 def test_lookups_are_answered_inline_and_copies_deferred() -> None:
-    l1 = L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU"))
+    store = ChunkStore(L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU")))
     handler = RequestHandler(
-        l1=l1,
+        store=store,
+        keys=KeySpace(ChunkHasher(CHUNK)),
         registry=EngineRegistry(CHUNK),
-        sessions=Sessions(l1, CHUNK, 30),
-        hasher=ChunkHasher(CHUNK),
+        sessions=Sessions(store, CHUNK, 30),
         metrics=Metrics(lambda: {}),
         server_token="t",
         lock_ttl=30,

@@ -21,6 +21,7 @@ import numpy as np
 from lmcache.engine.transfer import KVTransfer, ShmTransfer
 from lmcache.errors import BadRequestError, ForbiddenError, UnknownEngineError
 from lmcache.protocol.messages import KVLayout, KVMemory, RegisterKV, ShmMemory
+from lmcache.storage.chunk_store import ChunkLayout
 from lmcache.storage.keys import MAX_SALT_LEN, Namespace
 from lmcache.storage.shm import ShmSegment
 
@@ -50,7 +51,6 @@ class Engine:
     pid: int | None = None  # its process, as the kernel reported it (None: unknown)
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
-    _digests: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def chunk_shape(self) -> tuple[int, int, int, int]:
@@ -66,16 +66,15 @@ class Engine:
         """Identifies the byte layout of this engine's chunks (see `L1Cache` tags)."""
         return repr(self.chunk_shape).encode()
 
-    def namespace_digest(self, cache_salt: str) -> bytes:
-        digest = self._digests.get(cache_salt)
-        if digest is None:
-            ns = Namespace(
-                self.model_name, self.world_size, self.rank, self.dtype, self.kv_spec, cache_salt
-            )
-            digest = self._digests.setdefault(cache_salt, ns.digest)
-            if len(self._digests) > 1024:  # many tenants: keep the memo bounded
-                self._digests.clear()
-        return digest
+    @property
+    def chunk_layout(self) -> ChunkLayout:
+        return ChunkLayout(self.layout_tag, self.chunk_bytes)
+
+    def namespace(self, cache_salt: str) -> Namespace:
+        """Where this rank's keys live (see `lmcache.storage.keyspace.KeySpace`)."""
+        return Namespace(
+            self.model_name, self.world_size, self.rank, self.dtype, self.kv_spec, cache_salt
+        )
 
     def segment_names(self) -> list[str]:
         """The shared-memory segments this registration maps (none for worker copies)."""

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from lmcache.engine.registry import Engine, EngineRegistry, check_identity
 from lmcache.engine.transfer import skip_blocks
-from lmcache.errors import BadRequestError, CacheMissError, TransferError
+from lmcache.errors import BadRequestError
 from lmcache.protocol.messages import (
     ChunkData,
     ChunkRange,
@@ -35,38 +36,33 @@ from lmcache.protocol.messages import (
 )
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
-from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, object_key
-from lmcache.storage.l1 import L1Cache, Lease
+from lmcache.storage.chunk_store import ChunkStore, Fill, WriteResult
+from lmcache.storage.keyspace import KeySpace
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
-
-Fill = Callable[[int, np.ndarray], None]  # (chunk index, L1 destination bytes)
 
 
 class Copies:
     def __init__(
         self,
-        l1: L1Cache,
+        store: ChunkStore,
+        keys: KeySpace,
         registry: EngineRegistry,
         sessions: Sessions,
-        hasher: ChunkHasher,
         metrics: Metrics,
-        *,
-        on_stored: Callable[[ObjectKey, bytes], None] | None = None,
     ) -> None:
-        self.on_stored = on_stored  # a chunk landed in L1 (the L2 write-behind hook)
         self._conflicts_logged: set[int] = set()
-        self.l1 = l1
+        self.store = store
+        self.keys = keys
         self.registry = registry
         self.sessions = sessions
-        self.hasher = hasher
-        self.chunk_size = hasher.chunk_size
+        self.chunk_size = keys.chunk_size
         self.metrics = metrics
 
     # ----- requests -------------------------------------------------------------------------
 
-    def store(self, req: Store) -> StoreReply:
+    def store_blocks(self, req: Store) -> StoreReply:
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
@@ -87,7 +83,7 @@ class Copies:
 
         return self._write(req.id, engine, keys, fill)
 
-    def retrieve(self, req: Retrieve) -> RetrieveReply:
+    def retrieve_blocks(self, req: Retrieve) -> RetrieveReply:
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
@@ -96,59 +92,39 @@ class Copies:
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
         tokens = req.end - req.start - req.skip_tokens
-        self._read(req, engine, keys, lambda i, src: transfer.scatter(src, ids, i, skip), tokens)
+        start = time.perf_counter()
+        with self._read(req, engine, keys) as chunks:
+            for i, src in enumerate(chunks):
+                transfer.scatter(src, ids, i, skip)
+        record_retrieve(self.metrics, tokens, len(keys) * engine.chunk_bytes, start)
         return RetrieveReply(id=req.id, retrieved_tokens=tokens)
 
     def retrieve_bytes(self, req: RetrieveBytes) -> tuple[ChunkData, list[bytes]]:
         engine = self.registry.get(req.instance_id)
         keys = self.range_keys(engine, req)
-        frames: list[bytes] = []
-        # A copy: ZMQ sends after we unpin, and the pages may be reused by then.
-        self._read(
-            req, engine, keys, lambda i, src: frames.append(src.tobytes()), req.end - req.start
-        )
+        start = time.perf_counter()
+        with self._read(req, engine, keys) as chunks:
+            # A copy: ZMQ sends after we unpin, and the pages may be reused by then.
+            frames = [src.tobytes() for src in chunks]
+        nbytes = len(keys) * engine.chunk_bytes
+        record_retrieve(self.metrics, req.end - req.start, nbytes, start)
         return ChunkData(id=req.id, chunks=len(frames), chunk_bytes=engine.chunk_bytes), frames
 
-    # ----- the two loops ----------------------------------------------------------------------
+    # ----- the storage steps, through the store ------------------------------------------------
 
     def _write(self, rid: int, engine: Engine, keys: list[ObjectKey], fill: Fill) -> StoreReply:
         start = time.perf_counter()
-        stored = cached = conflicts = 0
-        no_space = False
-        for i, key in enumerate(keys):
-            slot = self.l1.reserve_write(key, engine.chunk_bytes, tag=engine.layout_tag)
-            if slot == "cached":
-                cached += 1
-                continue
-            if slot == "conflict":
-                self._warn_conflict(engine)
-                conflicts += 1
-                continue
-            if slot == "no_space":
-                no_space = True
-                break
-            try:
-                fill(i, self.l1.view(slot.offset, slot.nbytes))
-            except BaseException:
-                self.l1.abort_write(slot)
-                raise
-            if self.l1.commit_write(slot):
-                stored += 1
-                if self.on_stored is not None:
-                    self.on_stored(key, engine.layout_tag)
-        elapsed = time.perf_counter() - start
-        tokens = stored * self.chunk_size
-        if stored:
-            logger.info("Stored %d tokens in %.3f seconds", tokens, elapsed)
-        if no_space:
-            self.metrics.store_no_space.inc()
-            logger.warning("L1 is full of locked chunks: stored %d of %d chunks", stored, len(keys))
-        self.metrics.stored_tokens.inc(tokens)
-        self.metrics.stored_bytes.inc(stored * engine.chunk_bytes)
+        result = self.store.write(keys, engine.chunk_layout, fill)
+        if result.conflicts:
+            self._warn_conflict(engine)
+        record_store(
+            self.metrics, result, chunks=len(keys), chunk_size=self.chunk_size,
+            chunk_bytes=engine.chunk_bytes, started=start,
+        )  # fmt: skip
         c = self.chunk_size
         return StoreReply(
-            id=rid, stored_tokens=tokens, cached_tokens=cached * c, no_space=no_space,
-            conflict_tokens=conflicts * c,
+            id=rid, stored_tokens=result.stored * c, cached_tokens=result.cached * c,
+            no_space=result.no_space, conflict_tokens=result.conflicts * c,
         )  # fmt: skip
 
     def _warn_conflict(self, engine: Engine) -> None:
@@ -160,37 +136,16 @@ class Copies:
                 engine.instance_id,
             )
 
+    @contextmanager
     def _read(
-        self,
-        req: Retrieve | RetrieveBytes,
-        engine: Engine,
-        keys: list[ObjectKey],
-        read: Fill,
-        tokens: int,
-    ) -> None:
-        start = time.perf_counter()
-        lease = self._pin(req, engine, keys)
-        try:
-            for i, (offset, nbytes) in enumerate(lease.offsets(keys)):
-                read(i, self.l1.view(offset, nbytes))
-        finally:
-            intact = self.l1.release(lease)
-        if not intact:
-            raise TransferError("the cache was cleared during the retrieve; recompute")
-        logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - start)
-        self.metrics.retrieved_tokens.inc(tokens)
-        self.metrics.retrieved_bytes.inc(len(keys) * engine.chunk_bytes)
-
-    def _pin(self, req: Retrieve | RetrieveBytes, engine: Engine, keys: list[ObjectKey]) -> Lease:
-        lease = self.l1.acquire_all(keys, owner=f"retrieve:{req.request_id}", tag=engine.layout_tag)
-        if lease is None:
-            raise CacheMissError(
-                f"chunks for tokens [{req.start}, {req.end}) of request {req.request_id[:200]!r} "
-                "are not cached (evicted, cleared or stored with another layout); recompute them"
-            )
-        # Our own pins now protect the chunks: the lookup's locks on them can go.
-        self.sessions.release(req.request_id, keys)
-        return lease
+        self, req: Retrieve | RetrieveBytes, engine: Engine, keys: list[ObjectKey]
+    ) -> Iterator[list[np.ndarray]]:
+        what = f"tokens [{req.start}, {req.end}) of request {req.request_id[:200]!r}"
+        owner = f"retrieve:{req.request_id}"
+        with self.store.read(keys, engine.layout_tag, owner, what) as chunks:
+            # Our own pins now protect the chunks: the lookup's locks on them can go.
+            self.sessions.release(req.request_id, keys)
+            yield chunks
 
     # ----- validation ---------------------------------------------------------------------------
 
@@ -202,18 +157,27 @@ class Copies:
 
     def range_keys(self, engine: Engine, req: ChunkRange) -> list[ObjectKey]:
         """Validate a chunk-aligned token range and return the keys of its chunks."""
-        start, end, c = req.start, req.end, self.chunk_size
-        if end < start or start % c or end % c:
-            raise BadRequestError(
-                f"token range [{start}, {end}) must be chunk-aligned (chunk size {c})"
-            )
-        if len(req.tokens) % TOKEN_BYTES:
-            raise BadRequestError("tokens must be little-endian uint32 (a multiple of 4 bytes)")
-        if len(req.tokens) // TOKEN_BYTES < end:
-            raise BadRequestError(
-                f"range ends at token {end} but only {len(req.tokens) // 4} tokens sent"
-            )
         check_identity(engine.model_name, engine.world_size, engine.dtype, req.cache_salt)
-        digest = engine.namespace_digest(req.cache_salt)
-        hashes = self.hasher.hashes(req.tokens, end // c)[start // c :]
-        return [object_key(digest, h) for h in hashes]
+        digest = self.keys.digest(engine.namespace(req.cache_salt))
+        return self.keys.range_keys(digest, req.tokens, req.start, req.end)
+
+
+def record_store(
+    metrics: Metrics, result: WriteResult, *, chunks: int, chunk_size: int, chunk_bytes: int,
+    started: float,
+) -> None:  # fmt: skip
+    """Log and count a finished store (shared memory, bytes, or a worker's commit)."""
+    tokens = result.stored * chunk_size
+    if result.stored:
+        logger.info("Stored %d tokens in %.3f seconds", tokens, time.perf_counter() - started)
+    if result.no_space:
+        metrics.store_no_space.inc()
+        logger.warning("L1 is full of locked chunks: stored %d of %d chunks", result.stored, chunks)
+    metrics.stored_tokens.inc(tokens)
+    metrics.stored_bytes.inc(result.stored * chunk_bytes)
+
+
+def record_retrieve(metrics: Metrics, tokens: int, nbytes: int, started: float) -> None:
+    logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - started)
+    metrics.retrieved_tokens.inc(tokens)
+    metrics.retrieved_bytes.inc(nbytes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 from lmcache import __version__
@@ -44,13 +44,13 @@ from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Session, Sessions
-from lmcache.server.tiers import RankLayout, TieredStore
+from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
-from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace
-from lmcache.storage.l1 import L1Cache
+from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
+from lmcache.storage.keys import TOKEN_BYTES
+from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.shm import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
-from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
@@ -58,7 +58,6 @@ Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data fra
 # Prepared transfers longer than this many chunks run on the worker pool: measured, a
 # 2M-token prepare_store held the loop 125 ms; 64 chunks take about 1 ms.
 _INLINE_CHUNKS = 64
-_MAX_MEMO_DIGESTS = 1 << 16  # namespace digests remembered for lookups (~6 MB at most)
 Deferred = Callable[[], Outcome]
 
 
@@ -66,10 +65,10 @@ class RequestHandler:
     def __init__(
         self,
         *,
-        l1: L1Cache,
+        store: ChunkStore,
+        keys: KeySpace,
         registry: EngineRegistry,
         sessions: Sessions,
-        hasher: ChunkHasher,
         metrics: Metrics,
         server_token: str,
         lock_ttl: float,
@@ -78,11 +77,11 @@ class RequestHandler:
         local_endpoint: str = "",
         tiers: TieredStore | None = None,
     ) -> None:
-        self.l1 = l1
+        self.store = store
+        self.keys = keys
         self.registry = registry
         self.sessions = sessions
-        self.hasher = hasher
-        self.chunk_size = hasher.chunk_size
+        self.chunk_size = keys.chunk_size
         self.metrics = metrics
         self.server_token = server_token
         self.lock_ttl = lock_ttl
@@ -90,13 +89,9 @@ class RequestHandler:
         self.pool_seal = pool_seal
         self.local_endpoint = local_endpoint
         self.access = AccessPolicy(registry)
-        self.prepared = PreparedTransfers(l1, sessions, metrics, self.chunk_size, lock_ttl)
+        self.prepared = PreparedTransfers(store, sessions, metrics, self.chunk_size, lock_ttl)
         self.tiers = tiers
-        on_stored = tiers.stored if tiers is not None else None
-        self.copies = Copies(l1, registry, sessions, hasher, metrics, on_stored=on_stored)
-        self.prepared.on_stored = on_stored
-        self._digests: dict[tuple[str, int, str, str, str], list[bytes]] = {}
-        self._digest_count = 0  # namespace digests held by `_digests` (bounded)
+        self.copies = Copies(store, keys, registry, sessions, metrics)
         self._inline: dict[type[Any], Callable[[Any], Reply]] = {
             UnregisterKV: self._unregister,
             QueryLookup: self._query_lookup,
@@ -108,8 +103,8 @@ class RequestHandler:
             Commit: self.prepared.commit,
         }
         self._pooled: dict[type[Any], Callable[[Any], Reply]] = {
-            Store: self.copies.store,
-            Retrieve: self.copies.retrieve,
+            Store: self.copies.store_blocks,
+            Retrieve: self.copies.retrieve_blocks,
         }
         self._with_data: dict[type[Any], Callable[[Any, list[memoryview]], Outcome]] = {
             StoreBytes: self.copies.store_bytes,
@@ -203,7 +198,7 @@ class RequestHandler:
         return Ok(id=req.id)
 
     def _clear(self, req: Clear) -> Reply:
-        removed = self.l1.clear()
+        removed = self.store.clear()
         logger.info("Cleared %d chunks from L1", removed)
         return Ok(id=req.id)
 
@@ -250,32 +245,21 @@ class RequestHandler:
             raise BadRequestError("request_id must not be empty")
         if len(req.tokens) % TOKEN_BYTES:
             raise BadRequestError("tokens must be little-endian uint32 (a multiple of 4 bytes)")
-        num_tokens = len(req.tokens) // TOKEN_BYTES
-        digests = self._lookup_digests(req)
-        hashes = self.hasher.iter_hashes(req.tokens, num_tokens // self.chunk_size)
-        groups: list[list[ObjectKey]] = []
-
-        def chunk_groups() -> Iterator[list[ObjectKey]]:
-            # Lazy: hashing stops at the first chunk that misses. Keys built inline (no
-            # `object_key` call, no comprehension for one rank): this runs for every chunk
-            # of every lookup.
-            only = digests[0] if len(digests) == 1 else None
-            for h in hashes:
-                group = [ObjectKey(only + h)] if only else [ObjectKey(d + h) for d in digests]
-                groups.append(group)
-                yield group
-
-        chunks = chunk_groups()
-        lease = self.l1.acquire_prefix(chunks, owner=req.request_id, ttl=self.lock_ttl)
-        self.metrics.lookup_requested_tokens.inc(num_tokens)
-        layouts = (
-            self._l2_layouts(req) if lease.hit_groups < num_tokens // self.chunk_size else None
+        # Hash first, then pin under L1's lock: hashing (~2 us a chunk, free for a prompt
+        # seen recently) must not hold up the copies that need the lock too.
+        digests = self.keys.rank_digests(
+            req.model_name, req.world_size, req.dtype, req.kv_spec, req.cache_salt
         )
+        groups = self.keys.prompt_keys(digests, req.tokens)
+        num_tokens = len(req.tokens) // TOKEN_BYTES
+        lease = self.store.hold_prefix(groups, owner=req.request_id, ttl=self.lock_ttl)
+        self.metrics.lookup_requested_tokens.inc(num_tokens)
+        layouts = self._l2_layouts(req) if lease.hit_groups < len(groups) else None
         if layouts is None or self.tiers is None:
             session = self.sessions.start(req.request_id, lease, groups, pid=pid)
             self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
-        rest = groups[lease.hit_groups :] + list(chunks)  # L1 missed these: ask L2
+        rest = groups[lease.hit_groups :]  # L1 missed these: ask L2
         session = self.sessions.start(req.request_id, lease, groups, pending=True, pid=pid)
         self.tiers.prefetch(session, rest, layouts, self._count_hit)
         return LookupReply(id=req.id, hit_tokens=None)
@@ -283,30 +267,14 @@ class RequestHandler:
     def _count_hit(self, session: Session) -> None:
         self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
 
-    def _l2_layouts(self, req: Lookup) -> list[RankLayout] | None:
+    def _l2_layouts(self, req: Lookup) -> list[ChunkLayout] | None:
         """Every rank's chunk layout, if every rank's engine is registered (else no L2)."""
         if self.tiers is None:
             return None
         engines = self.registry.find(req.model_name, req.world_size, req.dtype, req.kv_spec)
         if engines is None:
             return None
-        return [RankLayout(e.layout_tag, e.chunk_bytes) for e in engines]
-
-    def _lookup_digests(self, req: Lookup) -> list[bytes]:
-        """Namespace digests of every rank, memoized (a lookup is on the hot path)."""
-        ident = (req.model_name, req.world_size, req.dtype, req.kv_spec, req.cache_salt)
-        digests = self._digests.get(ident)
-        if digests is None:
-            if self._digest_count + req.world_size > _MAX_MEMO_DIGESTS:
-                self._digests.clear()  # bounded by digests, not entries: ranks vary
-                self._digest_count = 0
-            self._digest_count += req.world_size
-            digests = [
-                Namespace(ident[0], ident[1], rank, ident[2], ident[3], ident[4]).digest
-                for rank in range(req.world_size)
-            ]
-            self._digests[ident] = digests
-        return digests
+        return [e.chunk_layout for e in engines]
 
     def _query_lookup(self, req: QueryLookup) -> Reply:
         session = self.sessions.get(req.request_id)

@@ -49,11 +49,13 @@ from lmcache.logs import setup_logging
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import TieredStore
+from lmcache.server.tiers import TieredStore, WriteBehind
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
+from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
+from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import L2Adapter, make_adapter
 from lmcache.storage.shm import ShmSegment, unlink_stale_segments
@@ -145,17 +147,23 @@ class ServerRuntime:
         self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
         self._check_abort()  # the pre-fault above is the long step
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
-        self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
-        if self._adapters:
-            self.tiers = TieredStore(self.l1, self.sessions, self._adapters)
+        # L2's write-behind queue is the store's one hook: every chunk that becomes READY
+        # from an engine (not from L2) is offered to it.
+        write_behind = WriteBehind() if self._adapters else None
+        store = ChunkStore(
+            self.l1, on_stored=write_behind.offer if write_behind is not None else None
+        )
+        self.sessions = Sessions(store, s.chunk_size, s.lock_ttl_s)
+        if write_behind is not None:
+            self.tiers = TieredStore(store, self.sessions, self._adapters, write_behind)
             self.tiers.start()
             for adapter in self._adapters:
                 logger.info("L2 adapter %s", adapter.name)
         handler = RequestHandler(
-            l1=self.l1,
+            store=store,
+            keys=KeySpace(ChunkHasher(s.chunk_size, s.hash_algorithm)),
             registry=self.registry,
             sessions=self.sessions,
-            hasher=ChunkHasher(s.chunk_size, s.hash_algorithm),
             metrics=self.metrics,
             server_token=self.server_token,
             lock_ttl=s.lock_ttl_s,

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from lmcache.errors import BadRequestError
-from lmcache.storage.l1 import L1Cache, Lease
+from lmcache.storage.chunk_store import ChunkStore
+from lmcache.storage.l1 import Lease
 from lmcache.types import ObjectKey
 
 MAX_SESSIONS = 1 << 16  # open lookups held at once (each pins chunks until its TTL)
@@ -44,8 +45,8 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, l1: L1Cache, chunk_size: int, ttl: float) -> None:
-        self._l1 = l1
+    def __init__(self, store: ChunkStore, chunk_size: int, ttl: float) -> None:
+        self._store = store
         self._chunk_size = chunk_size
         self._ttl = ttl
         self._sessions: dict[str, Session] = {}
@@ -75,12 +76,12 @@ class Sessions:
             if not full:
                 self._sessions[request_id] = session
         if full:
-            self._l1.release(lease)
+            self._store.unpin(lease)
             raise BadRequestError(
                 f"too many open lookups ({MAX_SESSIONS}); end_session releases them"
             )
         if old is not None:  # a repeated lookup (e.g. after preemption) replaces the old one
-            self._l1.release(old.lease)
+            self._store.unpin(old.lease)
         return session
 
     def finish(self, session: Session, loaded: list[list[ObjectKey]]) -> None:
@@ -95,14 +96,14 @@ class Sessions:
     def release(self, request_id: str, keys: list[ObjectKey] | None = None) -> None:
         session = self._sessions.get(request_id)
         if session is not None:
-            self._l1.release(session.lease, keys)
+            self._store.unpin(session.lease, keys)
 
     def free_range(self, request_id: str, start: int, end: int | None) -> int:
         session = self._sessions.get(request_id)
         if session is None:
             return 0
         keys = list(session.keys_in(start, end))
-        self._l1.release(session.lease, keys)
+        self._store.unpin(session.lease, keys)
         return len(keys)
 
     def end(self, request_id: str) -> bool:
@@ -110,7 +111,7 @@ class Sessions:
             session = self._sessions.pop(request_id, None)
         if session is None:
             return False
-        self._l1.release(session.lease)
+        self._store.unpin(session.lease)
         return True
 
     def expire(self, now: float | None = None) -> int:

@@ -1,18 +1,18 @@
 """L2 tiers behind L1: write-behind copies and prefetch on lookup.
 
-    store ─> L1 commit ─> queue (bounded; full = skip and count) ─> writer thread ─> every L2
+    store ─> L1 commit ─> WriteBehind (bounded; full = skip and count) ─> writer ─> every L2
     lookup ─> L1 prefix ─> rest: one batched `exists` per adapter ─> prefetch job:
               L2 ─get_into─> new L1 object ─commit─> pinned into the lookup's lease
               the lookup answers "pending" until the job is done, then the full hit
 
-L2 keys also encode the chunk layout (`l2_key`), so an engine never loads bytes
-written by an engine with another layout, even one of the same byte size.
-Evicting from L1 leaves L2 alone; a dead adapter means misses, never a crash.
+L2 keys also encode the chunk layout (`lmcache.storage.keyspace.l2_key`), so an engine
+never loads bytes written by an engine with another layout, even one of the same size.
+Evicting from L1 leaves L2 alone; a dead adapter means misses, never a crash. All L1
+access goes through the `ChunkStore`, whose ``on_stored`` hook is `WriteBehind.offer`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -22,8 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from lmcache.server.sessions import Session, Sessions
-from lmcache.storage.l1 import L1Cache, WriteSlot
+from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
+from lmcache.storage.keyspace import l2_key
 from lmcache.storage.l2.base import L2Adapter, L2Error
 from lmcache.types import ObjectKey
 
@@ -32,23 +35,41 @@ logger = logging.getLogger("lmcache.server")
 BREAKER_S = 5.0
 
 
-def l2_key(key: ObjectKey, tag: bytes) -> ObjectKey:
-    """The L2 name of an L1 object: its key with the layout folded into the namespace part."""
-    return ObjectKey(hashlib.sha256(key[:16] + tag).digest()[:16] + key[16:])
+class WriteBehind:
+    """The bounded queue of chunks to copy to L2. `offer` is the store's ``on_stored`` hook:
+    it never blocks a store, and a full queue skips (and counts) the chunk."""
 
+    def __init__(self, size: int = 1024) -> None:
+        self._queue: queue.Queue[tuple[ObjectKey, bytes] | None] = queue.Queue(size)
+        self.queued = 0
+        self.skipped_full = 0
 
-@dataclass(frozen=True)
-class RankLayout:
-    """What the L1 object of one rank's chunk looks like (from a registered engine)."""
+    def offer(self, key: ObjectKey, tag: bytes) -> None:
+        try:
+            self._queue.put_nowait((key, tag))
+            self.queued += 1
+        except queue.Full:
+            self.skipped_full += 1
 
-    tag: bytes
-    nbytes: int
+    def take(self) -> tuple[ObjectKey, bytes] | None:
+        """The next chunk to copy; None: stop."""
+        return self._queue.get()
+
+    def close(self) -> None:
+        """Drop what is queued (L2 is a cache) and wake the writer to stop."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+
+    def __len__(self) -> int:
+        return self._queue.qsize()
 
 
 @dataclass
 class _Counters:
-    queued: int = 0
-    skipped_full: int = 0
     stored: int = 0
     store_bytes: int = 0
     store_seconds: float = 0.0
@@ -61,16 +82,16 @@ class _Counters:
 class TieredStore:
     def __init__(
         self,
-        l1: L1Cache,
+        store: ChunkStore,
         sessions: Sessions,
         adapters: Sequence[L2Adapter],
-        queue_size: int = 1024,
+        write_behind: WriteBehind,
         prefetch_workers: int = 2,
     ) -> None:
-        self.l1 = l1
+        self.store = store
         self.sessions = sessions
         self.adapters = list(adapters)
-        self._queue: queue.Queue[tuple[ObjectKey, bytes] | None] = queue.Queue(queue_size)
+        self.write_behind = write_behind
         self._prefetch = ThreadPoolExecutor(
             prefetch_workers, thread_name_prefix="lmcache-l2-prefetch"
         )
@@ -86,12 +107,7 @@ class TieredStore:
 
     def stop(self) -> None:
         """Stop taking work; pending copies to L2 are dropped (L2 is a cache)."""
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._queue.put(None)
+        self.write_behind.close()
         self._writer.join(timeout=10)
         self._prefetch.shutdown(wait=True, cancel_futures=True)
         for adapter in self.adapters:
@@ -103,16 +119,8 @@ class TieredStore:
 
     # ----- write path ----------------------------------------------------------------------
 
-    def stored(self, key: ObjectKey, tag: bytes) -> None:
-        """A chunk landed in L1: copy it to every L2 in the background (never blocks)."""
-        try:
-            self._queue.put_nowait((key, tag))
-            self.counters.queued += 1
-        except queue.Full:
-            self.counters.skipped_full += 1
-
     def _write_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self.write_behind.take()) is not None:
             try:
                 self._write(*item)
             except Exception as exc:  # keep going: one bad object must not stop the writer
@@ -120,12 +128,12 @@ class TieredStore:
                 logger.exception("copying a chunk to L2 failed")
 
     def _write(self, key: ObjectKey, tag: bytes) -> None:
-        lease = self.l1.acquire_all([key], owner="l2-writer", tag=tag)
+        lease = self.store.pin([key], tag, owner="l2-writer")
         if lease is None:
             return  # evicted or cleared before its turn
         try:
             ((offset, nbytes),) = lease.offsets([key])
-            data = self.l1.view(offset, nbytes).data
+            data = self.store.view(offset, nbytes).data
             start = time.perf_counter()
             for adapter in self.adapters:
                 if self._down_until.get(adapter.name, 0.0) > time.monotonic():
@@ -139,7 +147,7 @@ class TieredStore:
                 self.counters.store_bytes += nbytes
             self.counters.store_seconds += time.perf_counter() - start
         finally:
-            self.l1.release(lease)
+            self.store.unpin(lease)
 
     # ----- read path -----------------------------------------------------------------------
 
@@ -147,7 +155,7 @@ class TieredStore:
         self,
         session: Session,
         groups: list[list[ObjectKey]],
-        layouts: list[RankLayout],
+        layouts: list[ChunkLayout],
         done: Callable[[Session], None],
     ) -> None:
         """Find the chunk ``groups`` (those after the L1 hit) in L2 and load the longest run
@@ -158,7 +166,7 @@ class TieredStore:
         self,
         session: Session,
         groups: list[list[ObjectKey]],
-        layouts: list[RankLayout],
+        layouts: list[ChunkLayout],
         done: Callable[[Session], None],
     ) -> None:
         try:
@@ -173,7 +181,7 @@ class TieredStore:
         done(session)
 
     def _locate(
-        self, groups: list[list[ObjectKey]], layouts: list[RankLayout]
+        self, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
     ) -> list[list[L2Adapter | None]]:
         """For every key, the first adapter that has it (one `exists` call per adapter)."""
         found: list[list[L2Adapter | None]] = [[None] * len(g) for g in groups]
@@ -198,7 +206,7 @@ class TieredStore:
         self,
         session: Session,
         groups: list[list[ObjectKey]],
-        layouts: list[RankLayout],
+        layouts: list[ChunkLayout],
         sources: list[list[L2Adapter | None]],
     ) -> None:
         loaded: list[list[ObjectKey]] = []
@@ -210,7 +218,7 @@ class TieredStore:
                     for k, lay, a in zip(group, layouts, where, strict=True)
                 ):
                     break
-                if self.l1.extend(session.lease, [group]) != 1:
+                if self.store.extend(session.lease, [group]) != 1:
                     break  # evicted again already, or the session ended
                 loaded.append(group)
         except Exception:
@@ -220,32 +228,26 @@ class TieredStore:
             self.counters.prefetch_seconds += time.perf_counter() - start
             self.sessions.finish(session, loaded)
 
-    def _load_one(self, key: ObjectKey, layout: RankLayout, adapter: L2Adapter | None) -> bool:
+    def _load_one(self, key: ObjectKey, layout: ChunkLayout, adapter: L2Adapter | None) -> bool:
         if adapter is None:
             return False
-        slot = self.l1.reserve_write(key, layout.nbytes, tag=layout.tag)
-        if slot == "cached":
-            return True  # stored by an engine meanwhile
-        if slot == "no_space" or slot == "conflict":  # noqa: PLR1714 (narrows the type)
-            return False
-        return self._fill(slot, layout, adapter)
 
-    def _fill(self, slot: WriteSlot, layout: RankLayout, adapter: L2Adapter) -> bool:
-        out = self.l1.view(slot.offset, slot.nbytes).data
-        try:
-            ok = adapter.get_into(l2_key(slot.key, layout.tag), out)
-        except L2Error as exc:
-            self._trip(adapter, exc)
-            ok = False
-        if not ok:
-            self.l1.abort_write(slot)
-            self.counters.prefetch_failures += 1
-            return False
-        if not self.l1.commit_write(slot):
-            return False
-        self.counters.prefetched += 1
-        self.counters.prefetch_bytes += slot.nbytes
-        return True
+        def fill(_: int, out: np.ndarray) -> bool:
+            try:
+                ok = adapter.get_into(l2_key(key, layout.tag), out.data)
+            except L2Error as exc:
+                self._trip(adapter, exc)
+                ok = False
+            if not ok:
+                self.counters.prefetch_failures += 1
+            return ok
+
+        # Not told to the write-behind hook: these bytes came from L2.
+        result = self.store.write([key], layout, fill, notify=False)
+        if result.stored:
+            self.counters.prefetched += 1
+            self.counters.prefetch_bytes += layout.nbytes
+        return bool(result.stored or result.cached)  # cached: stored by an engine meanwhile
 
     def _trip(self, adapter: L2Adapter, exc: Exception) -> None:
         """Skip an adapter's lookups for a few seconds after a failure (it may be down)."""
@@ -269,8 +271,8 @@ class TieredStore:
     def status(self) -> list[dict[str, Any]]:
         c = self.counters
         shared = {
-            "queue_depth": self._queue.qsize(),
-            "queue_skipped_full": c.skipped_full,
+            "queue_depth": len(self.write_behind),
+            "queue_skipped_full": self.write_behind.skipped_full,
             "stored_objects": c.stored,
             "store_gbps": _gbps(c.store_bytes, c.store_seconds),
             "prefetch_gbps": _gbps(c.prefetch_bytes, c.prefetch_seconds),
@@ -299,6 +301,3 @@ def _safe_stats(adapter: L2Adapter) -> dict[str, Any]:
 
 def _gbps(nbytes: int, seconds: float) -> float | None:
     return round(nbytes / seconds / 1e9, 3) if seconds > 0 else None
-
-
-StoredHook = Callable[[ObjectKey, bytes], None]

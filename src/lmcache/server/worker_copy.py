@@ -26,15 +26,16 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmcache.engine.registry import Engine, pid_alive
 from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import Commit, Committed, Prepared, PrepareRetrieve, PrepareStore
+from lmcache.server.copies import record_retrieve, record_store
 from lmcache.server.metrics import Metrics
 from lmcache.server.sessions import Sessions
-from lmcache.storage.l1 import L1Cache, Lease, WriteSlot
+from lmcache.storage.chunk_store import ChunkStore, WriteResult
+from lmcache.storage.l1 import Lease, WriteSlot
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
@@ -61,55 +62,40 @@ class _Pending:
     tokens: int
     pid: int | None = None  # the writer's process, if the kernel told us (see `expire`)
 
-    def abort(self, l1: L1Cache) -> None:
-        for slot in self.slots:
-            l1.abort_write(slot)
+    def abort(self, store: ChunkStore) -> None:
+        store.abort(self.slots)
         if self.lease is not None:
-            l1.release(self.lease)
+            store.unpin(self.lease)
 
 
 class PreparedTransfers:
     def __init__(
-        self, l1: L1Cache, sessions: Sessions, metrics: Metrics, chunk_size: int, ttl: float
+        self, store: ChunkStore, sessions: Sessions, metrics: Metrics, chunk_size: int, ttl: float
     ) -> None:
-        self._l1 = l1
+        self._store = store
         self._sessions = sessions
         self._metrics = metrics
         self._chunk_size = chunk_size
         self._ttl = ttl
         self._pending: dict[int, _Pending] = {}
-        self.on_stored: Callable[[ObjectKey, bytes], None] | None = None
         self._lock = threading.Lock()
 
     def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], engine: Engine) -> Prepared:
-        chunk_bytes = engine.chunk_bytes
-        offsets: list[int] = []
-        slots: list[WriteSlot] = []
-        no_space = False
-        for key in keys:
-            slot = self._l1.reserve_write(key, chunk_bytes, ttl=self._ttl, tag=engine.layout_tag)
-            if slot == "no_space":
-                no_space = True
-                break
-            if slot == "cached" or slot == "conflict":  # noqa: PLR1714 (narrows the type)
-                offsets.append(-1)  # nothing to write
-                continue
-            offsets.append(slot.offset)
-            slots.append(slot)
-        if no_space:
+        res = self._store.reserve(keys, engine.chunk_layout, self._ttl)
+        if res.no_space:
             self._metrics.store_no_space.inc()
-        tid = self._add(self._new("store", req, engine, slots=slots))
+        tid = self._add(self._new("store", req, engine, slots=res.slots))
         return Prepared(
-            id=req.id, transfer_id=tid, offsets=offsets, chunk_bytes=chunk_bytes,
-            ttl_s=self._ttl, no_space=no_space,
+            id=req.id, transfer_id=tid, offsets=res.offsets, chunk_bytes=engine.chunk_bytes,
+            ttl_s=self._ttl, no_space=res.no_space,
         )  # fmt: skip
 
     def prepare_retrieve(
         self, req: PrepareRetrieve, keys: list[ObjectKey], engine: Engine
     ) -> Prepared:
         chunk_bytes = engine.chunk_bytes
-        lease = self._l1.acquire_all(
-            keys, owner=f"retrieve:{req.request_id}", ttl=self._ttl, tag=engine.layout_tag
+        lease = self._store.pin(
+            keys, engine.layout_tag, owner=f"retrieve:{req.request_id}", ttl=self._ttl
         )
         if lease is None:
             raise CacheMissError(
@@ -133,39 +119,30 @@ class PreparedTransfers:
         if pending is None:
             raise BadRequestError(f"unknown or expired transfer {req.transfer_id}")
         if pending.expires < time.monotonic():
-            pending.abort(self._l1)  # frees the pages the late writer kept reserved
+            pending.abort(self._store)  # frees the pages the late writer kept reserved
             raise TransferError(
                 f"transfer {req.transfer_id} outlived its TTL ({self._ttl:g} s): not stored"
             )
-        elapsed = time.perf_counter() - pending.started
         if pending.kind == "store":
-            return self._commit_store(req, pending, elapsed)
+            return self._commit_store(req, pending)
         assert pending.lease is not None
-        intact = self._l1.release(pending.lease)
+        intact = self._store.unpin(pending.lease)
         if not (req.success and intact):
             raise TransferError("the chunks were cleared or expired during the copy; recompute")
-        logger.info("Retrieved %d tokens in %.3f seconds", pending.tokens, elapsed)
-        self._metrics.retrieved_tokens.inc(pending.tokens)
-        self._metrics.retrieved_bytes.inc(pending.tokens // self._chunk_size * pending.chunk_bytes)
+        nbytes = pending.tokens // self._chunk_size * pending.chunk_bytes
+        record_retrieve(self._metrics, pending.tokens, nbytes, pending.started)
         return Committed(id=req.id, tokens=pending.tokens)
 
-    def _commit_store(self, req: Commit, pending: _Pending, elapsed: float) -> Committed:
+    def _commit_store(self, req: Commit, pending: _Pending) -> Committed:
         if not req.success:
-            for slot in pending.slots:
-                self._l1.abort_write(slot)
+            self._store.abort(pending.slots)
             return Committed(id=req.id, tokens=0)
-        stored = 0
-        for slot in pending.slots:
-            if self._l1.commit_write(slot):
-                stored += 1
-                if self.on_stored is not None:
-                    self.on_stored(slot.key, pending.tag)
-        tokens = stored * self._chunk_size
-        if stored:
-            logger.info("Stored %d tokens in %.3f seconds", tokens, elapsed)
-        self._metrics.stored_tokens.inc(tokens)
-        self._metrics.stored_bytes.inc(stored * pending.chunk_bytes)
-        return Committed(id=req.id, tokens=tokens)
+        result = WriteResult(stored=self._store.commit(pending.slots, pending.tag))
+        record_store(
+            self._metrics, result, chunks=len(pending.slots), chunk_size=self._chunk_size,
+            chunk_bytes=pending.chunk_bytes, started=pending.started,
+        )  # fmt: skip
+        return Committed(id=req.id, tokens=result.stored * self._chunk_size)
 
     def expire(self, now: float | None = None) -> int:
         """Forget transfers past their TTL: retrieves at once (the L1 unpins them itself),
@@ -186,7 +163,7 @@ class PreparedTransfers:
         with self._lock:
             gone = [p for p in (self._pending.pop(tid, None) for tid in dropped) if p]
         for pending in gone:
-            pending.abort(self._l1)
+            pending.abort(self._store)
         return len(gone)
 
     def drop_engine(self, instance_id: int) -> int:
@@ -196,7 +173,7 @@ class PreparedTransfers:
             mine = [tid for tid, p in self._pending.items() if p.instance_id == instance_id]
             dropped = [self._pending.pop(tid) for tid in mine]
         for pending in dropped:
-            pending.abort(self._l1)
+            pending.abort(self._store)
         return len(dropped)
 
     def __len__(self) -> int:
@@ -211,7 +188,7 @@ class PreparedTransfers:
             if not full:
                 self._pending[tid] = pending
         if full:  # release outside our lock: that takes the L1's
-            pending.abort(self._l1)
+            pending.abort(self._store)
             raise BadRequestError(
                 f"too many prepared transfers ({MAX_PENDING}) waiting for their commit"
             )

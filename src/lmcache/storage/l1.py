@@ -94,7 +94,15 @@ class Lease:
         return [(self.objects[k].extent.offset, self.objects[k].extent.nbytes) for k in keys]
 
 
-Reserve = WriteSlot | Literal["cached", "conflict", "no_space"]
+class Refused(enum.StrEnum):
+    """Why `L1Cache.reserve_write` gave no slot (equal to its value as a string)."""
+
+    CACHED = "cached"  # the key exists (READY, or being written by someone else)
+    CONFLICT = "conflict"  # the key exists with another layout tag: unreadable to this writer
+    NO_SPACE = "no_space"  # nothing more can be evicted
+
+
+Reserve = WriteSlot | Refused
 # (priority when pushed, sequence number, object): the sequence breaks ties in push order
 _HeapEntry = tuple[tuple[int, ...], int, _Obj]
 
@@ -122,22 +130,17 @@ class L1Cache:
     def reserve_write(
         self, key: ObjectKey, nbytes: int, ttl: float | None = None, tag: bytes = b""
     ) -> Reserve:
-        """Allocate an object for ``key``, evicting unpinned objects if needed.
-
-        Returns ``"cached"`` when the key exists (READY or being written by
-        someone else), ``"conflict"`` when it exists with another layout ``tag``
-        (this writer could never read it back), and ``"no_space"`` when nothing
-        more can be evicted.
-        """
+        """Allocate an object for ``key``, evicting unpinned objects if needed, or say
+        why not (`Refused`)."""
         with self._lock:
             existing = self._index.get(key)
             if existing is not None:
-                return "cached" if existing.tag == tag else "conflict"
+                return Refused.CACHED if existing.tag == tag else Refused.CONFLICT
             if self._alloc.pages_for(nbytes) > self._alloc.total_pages:
-                return "no_space"  # could never fit: do not evict everything trying
+                return Refused.NO_SPACE  # could never fit: do not evict everything trying
             extent = self._allocate(nbytes)
             if extent is None:
-                return "no_space"
+                return Refused.NO_SPACE
             now = next(self._clock)
             obj = _Obj(key, extent, ObjState.WRITING, AccessStats(now, now), tag=tag)
             obj.write_deadline = None if ttl is None else time.monotonic() + ttl

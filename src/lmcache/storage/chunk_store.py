@@ -1,0 +1,180 @@
+"""The storage entry point: every chunk written to or read from L1 goes through `ChunkStore`.
+
+    copies (engine memory, bytes in messages) ─┐                 ┌─> L1Cache (pool, pins,
+    prepared transfers (the worker copies)   ──┼─> ChunkStore ───┤    eviction, clear)
+    L2 prefetch, L2 write-behind, sessions   ──┘   write / read  └─> on_stored hook (L2)
+
+A write is always the same few steps, written once here: reserve each chunk (or learn
+that it is cached, unreadable with this layout, or that L1 is full of pinned chunks),
+fill it outside the L1 lock, commit it, and tell the ``on_stored`` hook (the L2
+write-behind queue). A read pins every chunk or none (a partial retrieve would hand the
+engine a hole), copies, and fails if a forced clear raced the copy, so bytes that were
+cleared are never reported as retrieved. Callers get small result objects, never strings.
+
+Prepared transfers split a write or a read across requests (the worker copies between
+them), so `reserve` / `commit` / `abort` and `pin` / `unpin` are the same steps, apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmcache.errors import CacheMissError, TransferError
+from lmcache.storage.l1 import L1Cache, Lease, Refused, WriteSlot
+from lmcache.types import ObjectKey
+
+StoredHook = Callable[[ObjectKey, bytes], None]  # (key, layout tag): a chunk became READY
+# Fill chunk i of a write into its L1 bytes. Raise to abort the whole write, or return
+# False to abort this chunk and stop there (the source did not have it).
+Fill = Callable[[int, np.ndarray], "bool | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLayout:
+    """What one chunk's bytes look like: its layout tag (readers of another layout see a
+    miss) and its size."""
+
+    tag: bytes
+    nbytes: int
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What a write did with each of its chunks, in order, stopping at the first that
+    could not be placed (``no_space``) or filled (``unfilled``)."""
+
+    stored: int = 0
+    cached: int = 0  # already there (or being written by someone else)
+    conflicts: int = 0  # there with another layout: this writer could never read it back
+    no_space: bool = False
+    unfilled: bool = False
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Slots a worker fills between `ChunkStore.reserve` and `commit`: ``offsets[i]`` is
+    chunk i's place in the pool, or -1 when there is nothing to write (cached)."""
+
+    offsets: list[int] = field(default_factory=list)
+    slots: list[WriteSlot] = field(default_factory=list)
+    no_space: bool = False
+
+
+class ChunkStore:
+    def __init__(self, l1: L1Cache, *, on_stored: StoredHook | None = None) -> None:
+        self.l1 = l1
+        self._on_stored = on_stored
+
+    # ----- writes ----------------------------------------------------------------------
+
+    def write(
+        self, keys: Sequence[ObjectKey], layout: ChunkLayout, fill: Fill, *, notify: bool = True
+    ) -> WriteResult:
+        """Reserve, fill, commit each chunk; ``notify``: tell the on_stored hook (not for
+        chunks that came from L2 in the first place)."""
+        result = WriteResult()
+        for i, key in enumerate(keys):
+            slot = self.l1.reserve_write(key, layout.nbytes, tag=layout.tag)
+            if isinstance(slot, Refused):
+                if slot is Refused.NO_SPACE:
+                    result.no_space = True
+                    break
+                if slot is Refused.CACHED:
+                    result.cached += 1
+                else:
+                    result.conflicts += 1
+                continue
+            try:
+                filled = fill(i, self.l1.view(slot.offset, slot.nbytes))
+            except BaseException:
+                self.l1.abort_write(slot)
+                raise
+            if filled is False:
+                self.l1.abort_write(slot)
+                result.unfilled = True
+                break
+            result.stored += self._commit_one(slot, layout.tag, notify)
+        return result
+
+    def reserve(self, keys: Sequence[ObjectKey], layout: ChunkLayout, ttl: float) -> Reservation:
+        """Reserve slots for another process to fill (they expire after ``ttl``)."""
+        res = Reservation()
+        for key in keys:
+            slot = self.l1.reserve_write(key, layout.nbytes, ttl=ttl, tag=layout.tag)
+            if slot is Refused.NO_SPACE:
+                res.no_space = True
+                break
+            if isinstance(slot, Refused):
+                res.offsets.append(-1)  # nothing to write
+                continue
+            res.offsets.append(slot.offset)
+            res.slots.append(slot)
+        return res
+
+    def commit(self, slots: Iterable[WriteSlot], tag: bytes) -> int:
+        """Make filled slots READY; returns how many were (cleared or expired ones are not)."""
+        return sum(self._commit_one(slot, tag, True) for slot in slots)
+
+    def abort(self, slots: Iterable[WriteSlot]) -> None:
+        for slot in slots:
+            self.l1.abort_write(slot)
+
+    def _commit_one(self, slot: WriteSlot, tag: bytes, notify: bool) -> int:
+        if not self.l1.commit_write(slot):
+            return 0
+        if notify and self._on_stored is not None:
+            self._on_stored(slot.key, tag)
+        return 1
+
+    # ----- reads -----------------------------------------------------------------------
+
+    @contextmanager
+    def read(
+        self, keys: Sequence[ObjectKey], tag: bytes, owner: str, what: str = "the range"
+    ) -> Iterator[list[np.ndarray]]:
+        """Pin every chunk (CacheMissError if any is missing) and yield their bytes; on
+        leaving, unpin, and raise TransferError if a clear raced the copy. ``what`` names
+        the chunks in the miss message."""
+        lease = self.pin(keys, tag, owner)
+        if lease is None:
+            raise CacheMissError(
+                f"chunks for {what} are not cached (evicted, cleared or stored with another "
+                "layout); recompute them"
+            )
+        try:
+            yield [self.l1.view(o, n) for o, n in lease.offsets(keys)]
+        finally:
+            intact = self.unpin(lease)
+        if not intact:
+            raise TransferError("the cache was cleared during the copy; recompute")
+
+    def pin(
+        self, keys: Sequence[ObjectKey], tag: bytes, owner: str, ttl: float | None = None
+    ) -> Lease | None:
+        """Pin every chunk for a copy, or nothing (None) if any is missing. Copies done by
+        other processes get a ``ttl``; server threads' copies do not."""
+        return self.l1.acquire_all(keys, owner=owner, ttl=ttl, tag=tag)
+
+    def unpin(self, lease: Lease, keys: Iterable[ObjectKey] | None = None) -> bool:
+        """Release ``keys`` (default: all) of a lease. False if any was cleared meanwhile."""
+        return self.l1.release(lease, keys)
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        return self.l1.view(offset, nbytes)
+
+    # ----- lookups ---------------------------------------------------------------------
+
+    def hold_prefix(self, groups: Iterable[Sequence[ObjectKey]], owner: str, ttl: float) -> Lease:
+        """Pin the longest run of chunk groups (one key per rank) that are all READY."""
+        return self.l1.acquire_prefix(groups, owner=owner, ttl=ttl)
+
+    def extend(self, lease: Lease, groups: Iterable[Sequence[ObjectKey]]) -> int:
+        """Pin more groups into a live lookup lease; returns how many."""
+        return self.l1.extend(lease, groups)
+
+    def clear(self) -> int:
+        return self.l1.clear()
