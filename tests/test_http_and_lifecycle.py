@@ -83,7 +83,7 @@ def test_openapi_docs(server: ServerProcess) -> None:
 
 def test_health_is_503_until_ready() -> None:
     runtime = ServerRuntime(ServerSettings(l1_size_gb=0.01))
-    transport = httpx.ASGITransport(app=create_app(runtime))
+    transport = httpx.ASGITransport(app=create_app(runtime, metrics=runtime.metrics.registry))
 
     async def probe() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import zmq
 
-from lmcache.engine.registry import EngineRegistry
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import ServerUnavailableError
 from lmcache.protocol.codec import decode_reply, encode
@@ -32,6 +31,7 @@ from lmcache.protocol.messages import (
 )
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
+from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
 from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy

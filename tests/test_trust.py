@@ -25,7 +25,6 @@ import zmq
 import zmq.auth
 
 from lmcache.client import LMCacheClient
-from lmcache.engine.registry import MAX_ENGINES
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import BadRequestError, ForbiddenError, ServerUnavailableError
 from lmcache.protocol.codec import decode_reply, encode
@@ -38,6 +37,7 @@ from lmcache.protocol.messages import (
     ShmMemory,
     WorkerCopy,
 )
+from lmcache.server.registry import MAX_ENGINES
 from lmcache.storage.shm import shm_path
 from lmcache.transport.peers import local_socket_path
 from lmcache.transport.zmq_client import CurveClientKeys

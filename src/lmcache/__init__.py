@@ -5,8 +5,8 @@ The package is laid out by architectural layer (see README.md, "Architecture"):
     protocol/   typed wire messages (msgspec, never pickle)
     transport/  ZMQ server loop and client transports
     storage/    L1 shared-memory pool, page allocator, eviction policies, chunk keys
-    engine/     registered engines and how their KV memory is reached (transfers)
-    server/     the request handlers, sessions, metrics and process runtime
+    engine/     engine-side KV segments and the one block copy routine (C, SIGBUS-safe)
+    server/     request handlers, registered engines, sessions, metrics, process runtime
     http/       FastAPI frontend (/healthcheck, /status, /clear-cache, /metrics)
     cli.py      the `lmcache` command
 """

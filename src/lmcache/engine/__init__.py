@@ -1,1 +1,2 @@
-"""Engines as the server sees them: registrations and how their KV memory is reached."""
+"""The engine side of shared memory: KV segments an engine creates (`shm_kv`) and the one
+block copy routine (`transfer`), used by engine workers and, on their memory, the server."""

@@ -2,42 +2,52 @@
 
 Every mutating route (POST, PUT, DELETE, PATCH) is loopback-only unless the caller
 presents the admin token: `lmcache.http.security.AdminGuard`, applied to the whole app.
+
+The frontend knows the server only as a `ServerView` (what it reads and asks), so that
+HTTP depends on nothing above it; the process runtime (`lmcache.server.runtime`) is one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from lmcache import __version__
 from lmcache.http.security import MIN_TOKEN_CHARS, AdminGuard
 
-if TYPE_CHECKING:
-    from lmcache.server.runtime import ServerRuntime
-
 logger = logging.getLogger("lmcache.http")
 
 
-def create_app(runtime: ServerRuntime) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        on_startup: Callable[[], None] | None = getattr(app.state, "on_startup", None)
-        if on_startup is not None:
-            on_startup()
-        yield
-        on_shutdown: Callable[[], None] | None = getattr(app.state, "on_shutdown", None)
-        if on_shutdown is not None:
-            on_shutdown()
+class ServerView(Protocol):
+    """What the HTTP frontend reads from, and asks of, the server."""
 
-    app = FastAPI(title="LMCache server", version=__version__, lifespan=lifespan)
-    secret = runtime.settings.admin_token
-    token = secret.get_secret_value() if secret is not None else None
+    ready: bool  # started and serving (mutations wait for it)
+
+    def health(self) -> list[str]:
+        """Why the server is unhealthy (empty: healthy)."""
+
+    def degraded(self) -> list[str]:
+        """Parts that are down while the server still serves (an L2 adapter, say)."""
+
+    def clear(self) -> int:
+        """Force-clear L1; returns the chunks removed."""
+
+    def clear_l2(self) -> int:
+        """Clear every L2 adapter; returns the objects removed."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def create_app(
+    server: ServerView, *, metrics: CollectorRegistry, admin_token: str | None = None
+) -> FastAPI:
+    """The HTTP app over ``server``; ``metrics`` is served at /metrics."""
+    app = FastAPI(title="LMCache server", version=__version__)
+    token = admin_token
     if token and len(token) < MIN_TOKEN_CHARS:
         logger.warning(
             "--admin-token is shorter than %d characters: easy to guess over the network "
@@ -50,33 +60,33 @@ def create_app(runtime: ServerRuntime) -> FastAPI:
     @app.api_route("/healthcheck", methods=["HEAD"], include_in_schema=False)
     @app.get("/healthcheck", summary="200 when serving, 503 with the reasons otherwise")
     def healthcheck() -> JSONResponse:
-        problems = runtime.health()
+        problems = server.health()
         if problems:
             return JSONResponse({"status": "unhealthy", "reasons": problems}, status_code=503)
-        degraded = runtime.degraded()  # e.g. an L2 adapter is down: still serving from L1
+        degraded = server.degraded()  # e.g. an L2 adapter is down: still serving from L1
         if degraded:
             return JSONResponse({"status": "healthy", "degraded": degraded})
         return JSONResponse({"status": "healthy"})
 
     @app.post("/clear-cache", summary="Force-clear all L1 data, locked objects included")
     def clear_cache() -> JSONResponse:
-        if not runtime.ready:
+        if not server.ready:
             return JSONResponse({"status": "error", "reason": "not ready"}, status_code=503)
-        removed = runtime.clear()
+        removed = server.clear()
         return JSONResponse({"status": "ok", "removed": removed})
 
     @app.post("/clear-l2", summary="Remove every object from every L2 adapter")
     def clear_l2() -> JSONResponse:
-        if not runtime.ready:
+        if not server.ready:
             return JSONResponse({"status": "error", "reason": "not ready"}, status_code=503)
-        return JSONResponse({"status": "ok", "removed": runtime.clear_l2()})
+        return JSONResponse({"status": "ok", "removed": server.clear_l2()})
 
     @app.get("/status", summary="Detailed state of every component")
     def status() -> dict[str, Any]:
-        return runtime.status()
+        return server.status()
 
     @app.get("/metrics", summary="Prometheus metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import msgspec
 
-from lmcache.engine.registry import EngineRegistry
 from lmcache.protocol.messages import (
     Clear,
     Ping,
@@ -25,6 +24,7 @@ from lmcache.protocol.messages import (
     Request,
     ShmMemory,
 )
+from lmcache.server.registry import EngineRegistry
 from lmcache.transport.peers import Peer, Trust
 
 _LOCAL_ONLY = (PrepareStore, PrepareRetrieve, Clear)

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from lmcache.engine.registry import Engine, EngineRegistry, check_identity
 from lmcache.engine.transfer import skip_blocks
 from lmcache.errors import BadRequestError
 from lmcache.protocol.messages import (
@@ -35,6 +34,7 @@ from lmcache.protocol.messages import (
     StoreReply,
 )
 from lmcache.server.metrics import Metrics
+from lmcache.server.registry import Engine, EngineRegistry, check_identity
 from lmcache.server.sessions import Sessions
 from lmcache.storage.chunk_store import ChunkStore, Fill, WriteResult
 from lmcache.storage.keyspace import KeySpace

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from lmcache import __version__
-from lmcache.engine.registry import EngineRegistry, check_identity, pid_alive
 from lmcache.errors import BadRequestError, ServerError
 from lmcache.protocol.codec import error_reply
 from lmcache.protocol.messages import (
@@ -43,6 +42,7 @@ from lmcache.protocol.messages import (
 from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
+from lmcache.server.registry import EngineRegistry, check_identity, pid_alive
 from lmcache.server.sessions import Session, Sessions
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers

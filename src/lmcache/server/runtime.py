@@ -36,7 +36,7 @@ from typing import Any
 import uvicorn
 
 from lmcache import __version__
-from lmcache.engine.registry import EngineRegistry
+from lmcache.http.app import create_app
 from lmcache.http.limits import (
     HTTP_KEEP_ALIVE_S,
     HTTP_MAX_HEADER_BYTES,
@@ -48,6 +48,7 @@ from lmcache.http.limits import (
 from lmcache.logs import setup_logging
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
+from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
 from lmcache.server.tiers import TieredStore, WriteBehind
 from lmcache.server.worker_copy import PreparedTransfers
@@ -361,6 +362,11 @@ class ServerRuntime:
         }
 
 
+def _secret(settings: ServerSettings) -> str | None:
+    token = settings.admin_token
+    return token.get_secret_value() if token is not None else None
+
+
 class _Server(uvicorn.Server):
     """uvicorn, minus its own signal handling: `run_server` installs handlers for the whole
     run (start-up included), and a caught SIGTERM is not re-raised at exit: clean exit 0."""
@@ -390,14 +396,12 @@ def run_server(settings: ServerSettings) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        from lmcache.http.app import create_app
-
         setup_logging(settings.log_level)
         fd_limit = raise_fd_limit()
         max_connections = http_connection_limit(settings.http_max_connections, fd_limit)
         runtime = ServerRuntime(settings)
         config = uvicorn.Config(
-            create_app(runtime),
+            create_app(runtime, metrics=runtime.metrics.registry, admin_token=_secret(settings)),
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,

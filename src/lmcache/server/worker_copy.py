@@ -28,11 +28,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from lmcache.engine.registry import Engine, pid_alive
 from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import Commit, Committed, Prepared, PrepareRetrieve, PrepareStore
 from lmcache.server.copies import record_retrieve, record_store
 from lmcache.server.metrics import Metrics
+from lmcache.server.registry import Engine, pid_alive
 from lmcache.server.sessions import Sessions
 from lmcache.storage.chunk_store import ChunkStore, WriteResult
 from lmcache.storage.l1 import Lease, WriteSlot
