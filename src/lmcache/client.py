@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from lmcache.defaults import RPC_TIMEOUT_S, SERVER_PORT
 from lmcache.errors import ServerError, ServerUnavailableError, error_from_code
 from lmcache.protocol.messages import (
     ChunkData,
@@ -83,8 +84,8 @@ class LMCacheClient:
     def connect(
         cls,
         host: str = "localhost",
-        port: int = 5555,
-        timeout: float = 5.0,
+        port: int = SERVER_PORT,
+        timeout: float = RPC_TIMEOUT_S,
         curve: CurveClientKeys | None = None,
     ) -> LMCacheClient:
         endpoint = normalize_endpoint(host, port)

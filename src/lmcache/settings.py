@@ -1,6 +1,7 @@
 """Server settings: one pydantic model drives the CLI flags and the ``LMCACHE_*`` variables.
 
-Each default is written exactly once, here. `lmcache server --l1-size-gb 8` and
+Each default is written exactly once: here, or in `lmcache.defaults` when a lower layer
+(a client, the component a setting configures) needs it too. `lmcache server --l1-size-gb 8` and
 ``LMCACHE_L1_SIZE_GB=8 lmcache server`` mean the same thing; a flag beats the
 variable, the variable beats the default.
 """
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lmcache.defaults import SERVER_PORT
 from lmcache.redact import redact
 
 EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
@@ -25,7 +27,7 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMCACHE_", extra="forbid", frozen=True)
 
     host: str = Field("localhost", description="ZMQ bind address for engines")
-    port: int = Field(5555, ge=1, le=65535, description="ZMQ port for engines")
+    port: int = Field(SERVER_PORT, ge=1, le=65535, description="ZMQ port for engines")
     http_host: str = Field("0.0.0.0", description="HTTP frontend bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP frontend port")
     http_max_connections: int = Field(
