@@ -14,3 +14,15 @@ SERVER_PORT = 5555
 
 RPC_TIMEOUT_S = 5.0
 """Seconds a client waits for a reply before it counts the server as down."""
+
+HASH_MEMO_MB = 64
+"""MiB of recent prompts' hash chains the server remembers (~4,000 prompts of 4k tokens)."""
+
+L2_QUEUE_SIZE = 1024
+"""Chunks waiting to be copied to L2 at most; a chunk beyond it is skipped (L2 is a cache)."""
+
+L2_PREFETCH_WORKERS = 2
+"""Threads that look chunks up in L2 and load them into L1."""
+
+L2_BREAKER_S = 5.0
+"""Seconds an L2 adapter is skipped after a failure, so lookups do not wait for its timeout."""

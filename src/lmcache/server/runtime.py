@@ -147,7 +147,10 @@ class ServerRuntime:
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         self.sessions = Sessions(self.l1, s.chunk_size, s.lock_ttl_s)
         if self._adapters:
-            self.tiers = TieredStore(self.l1, self.sessions, self._adapters)
+            self.tiers = TieredStore(
+                self.l1, self.sessions, self._adapters, queue_size=s.l2_queue_size,
+                prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
+            )  # fmt: skip
             self.tiers.start()
             for adapter in self._adapters:
                 logger.info("L2 adapter %s", adapter.name)
@@ -155,7 +158,7 @@ class ServerRuntime:
             l1=self.l1,
             registry=self.registry,
             sessions=self.sessions,
-            hasher=ChunkHasher(s.chunk_size, s.hash_algorithm),
+            hasher=ChunkHasher(s.chunk_size, s.hash_algorithm, s.hash_memo_bytes),
             metrics=self.metrics,
             server_token=self.server_token,
             lock_ttl=s.lock_ttl_s,

@@ -22,14 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
 from lmcache.server.sessions import Session, Sessions
 from lmcache.storage.l1 import L1Cache, WriteSlot
 from lmcache.storage.l2.base import L2Adapter, L2Error
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
-
-BREAKER_S = 5.0
 
 
 def l2_key(key: ObjectKey, tag: bytes) -> ObjectKey:
@@ -64,12 +63,17 @@ class TieredStore:
         l1: L1Cache,
         sessions: Sessions,
         adapters: Sequence[L2Adapter],
-        queue_size: int = 1024,
-        prefetch_workers: int = 2,
+        *,
+        queue_size: int = L2_QUEUE_SIZE,
+        prefetch_workers: int = L2_PREFETCH_WORKERS,
+        breaker_s: float = L2_BREAKER_S,
     ) -> None:
         self.l1 = l1
         self.sessions = sessions
         self.adapters = list(adapters)
+        self.queue_size = queue_size  # --l2-queue-size
+        self.prefetch_workers = prefetch_workers  # --l2-prefetch-workers
+        self.breaker_s = breaker_s  # --l2-breaker-s
         self._queue: queue.Queue[tuple[ObjectKey, bytes] | None] = queue.Queue(queue_size)
         self._prefetch = ThreadPoolExecutor(
             prefetch_workers, thread_name_prefix="lmcache-l2-prefetch"
@@ -251,9 +255,9 @@ class TieredStore:
         """Skip an adapter's lookups for a few seconds after a failure (it may be down)."""
         if self._down_until.get(adapter.name, 0.0) <= time.monotonic():
             logger.warning(
-                "L2 %s failed (%s): lookups skip it for %gs", adapter.name, exc, BREAKER_S
+                "L2 %s failed (%s): lookups skip it for %gs", adapter.name, exc, self.breaker_s
             )
-        self._down_until[adapter.name] = time.monotonic() + BREAKER_S
+        self._down_until[adapter.name] = time.monotonic() + self.breaker_s
 
     # ----- views ---------------------------------------------------------------------------
 
