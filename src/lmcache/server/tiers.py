@@ -303,6 +303,3 @@ def _safe_stats(adapter: L2Adapter) -> dict[str, Any]:
 
 def _gbps(nbytes: int, seconds: float) -> float | None:
     return round(nbytes / seconds / 1e9, 3) if seconds > 0 else None
-
-
-StoredHook = Callable[[ObjectKey, bytes], None]

@@ -77,7 +77,6 @@ class ChunkHasher:
         self, chunk_size: int, algorithm: str = "sha256", cache_bytes: int = DEFAULT_CACHE_BYTES
     ) -> None:
         self.chunk_size = chunk_size
-        self.algorithm = algorithm
         self.memo_bytes = cache_bytes  # --hash-memo-mb; 0 turns the memo off
         self._new = _hasher(algorithm)
         seed = self._new()
