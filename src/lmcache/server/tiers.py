@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
@@ -46,6 +46,10 @@ class RankLayout:
 
 @dataclass
 class _Counters:
+    """Updated by the request threads, the writer and the prefetch workers at once: ``+=``
+    on an attribute is a read and a write, so two threads can lose an update. `add` and
+    `snapshot` take a lock (held for a few additions, never for I/O)."""
+
     queued: int = 0
     skipped_full: int = 0
     stored: int = 0
@@ -55,6 +59,17 @@ class _Counters:
     prefetch_bytes: int = 0
     prefetch_seconds: float = 0.0
     prefetch_failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> _Counters:
+        """A consistent copy (its own lock), for /status."""
+        with self._lock:
+            return replace(self)
 
 
 class TieredStore:
@@ -111,9 +126,9 @@ class TieredStore:
         """A chunk landed in L1: copy it to every L2 in the background (never blocks)."""
         try:
             self._queue.put_nowait((key, tag))
-            self.counters.queued += 1
+            self.counters.add(queued=1)
         except queue.Full:
-            self.counters.skipped_full += 1
+            self.counters.add(skipped_full=1)
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -139,9 +154,8 @@ class TieredStore:
                 except L2Error as exc:
                     self._trip(adapter, exc)
                     continue
-                self.counters.stored += 1
-                self.counters.store_bytes += nbytes
-            self.counters.store_seconds += time.perf_counter() - start
+                self.counters.add(stored=1, store_bytes=nbytes)
+            self.counters.add(store_seconds=time.perf_counter() - start)
         finally:
             self.l1.release(lease)
 
@@ -218,10 +232,10 @@ class TieredStore:
                     break  # evicted again already, or the session ended
                 loaded.append(group)
         except Exception:
-            self.counters.prefetch_failures += 1
+            self.counters.add(prefetch_failures=1)
             logger.exception("L2 prefetch failed")
         finally:
-            self.counters.prefetch_seconds += time.perf_counter() - start
+            self.counters.add(prefetch_seconds=time.perf_counter() - start)
             self.sessions.finish(session, loaded)
 
     def _load_one(self, key: ObjectKey, layout: RankLayout, adapter: L2Adapter | None) -> bool:
@@ -243,12 +257,11 @@ class TieredStore:
             ok = False
         if not ok:
             self.l1.abort_write(slot)
-            self.counters.prefetch_failures += 1
+            self.counters.add(prefetch_failures=1)
             return False
         if not self.l1.commit_write(slot):
             return False
-        self.counters.prefetched += 1
-        self.counters.prefetch_bytes += slot.nbytes
+        self.counters.add(prefetched=1, prefetch_bytes=slot.nbytes)
         return True
 
     def _trip(self, adapter: L2Adapter, exc: Exception) -> None:
@@ -271,7 +284,7 @@ class TieredStore:
         return removed
 
     def status(self) -> list[dict[str, Any]]:
-        c = self.counters
+        c = self.counters.snapshot()
         shared = {
             "queue_depth": self._queue.qsize(),
             "queue_skipped_full": c.skipped_full,
