@@ -9,12 +9,14 @@ import signal
 import httpx
 import pytest
 
+from lmcache.cli import build_parser, settings_from_args
+from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.http.app import create_app
 from lmcache.server.runtime import ServerRuntime
 from lmcache.settings import ServerSettings
 
-from .conftest import CHUNK, ServerProcess, register, start_server, unique_tokens
+from .conftest import CHUNK, ServerProcess, free_port, register, start_server, unique_tokens
 
 MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 
@@ -117,6 +119,37 @@ def test_invalid_flag_names_the_flag() -> None:
     second = start_server("--eviction-policy", "RANDOM", wait=False)
     assert second.proc.wait(timeout=30) != 0
     assert "--eviction-policy" in second.log()
+
+
+def _server_settings(*argv: str) -> ServerSettings:
+    """What `lmcache server ARGV` would run with (flags, then ``LMCACHE_*``, then defaults)."""
+    values = vars(build_parser().parse_args(["server", *argv]))
+    values.pop("command")
+    return settings_from_args(values)
+
+
+def test_tuning_flags_reach_the_objects_they_configure(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = _server_settings()
+    assert (defaults.l2_queue_size, defaults.l2_prefetch_workers, defaults.l2_breaker_s) == (
+        L2_QUEUE_SIZE, L2_PREFETCH_WORKERS, L2_BREAKER_S,
+    )  # fmt: skip
+    assert defaults.hash_memo_bytes == 64 << 20
+    monkeypatch.setenv("LMCACHE_L2_BREAKER_S", "0.25")  # a variable works like a flag
+    settings = _server_settings(
+        "--l1-size-gb", "0.01", "--port", str(free_port()),
+        "--l2-adapter", '{"type": "memory"}', "--l2-queue-size", "7",
+        "--l2-prefetch-workers", "3", "--hash-memo-mb", "0",
+    )  # fmt: skip
+    runtime = ServerRuntime(settings)
+    runtime.start()
+    try:
+        tiers = runtime.tiers
+        assert tiers is not None and runtime._handler is not None
+        assert (tiers.write_behind.size, tiers.prefetch_workers, tiers.breaker_s) == (7, 3, 0.25)
+        assert tiers.write_behind._queue.maxsize == 7 and tiers._prefetch._max_workers == 3
+        assert runtime._handler.keys.hasher.memo_bytes == 0
+    finally:
+        runtime.stop()
 
 
 def test_environment_variables_configure_the_server(engine: ShmKVCache) -> None:

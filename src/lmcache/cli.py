@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive a real `lmcache server` with synthetic engines of a real model's KV "
         "geometry and print every result as a ratio to a ceiling measured in the same run.",
     )
-    from lmcache.bench.runner import add_arguments
+    from lmcache.bench.options import add_arguments  # light: the bench itself loads in main
 
     add_arguments(bench)
     return parser

@@ -23,8 +23,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lmcache.errors import ServerError, ServerUnavailableError, error_from_code
+from lmcache.defaults import RPC_TIMEOUT_S, SERVER_PORT
+from lmcache.errors import (
+    ProtocolMismatchError,
+    ServerError,
+    ServerUnavailableError,
+    error_from_code,
+)
 from lmcache.protocol.messages import (
+    PROTOCOL_VERSION,
     ChunkData,
     Clear,
     Commit,
@@ -83,8 +90,8 @@ class LMCacheClient:
     def connect(
         cls,
         host: str = "localhost",
-        port: int = 5555,
-        timeout: float = 5.0,
+        port: int = SERVER_PORT,
+        timeout: float = RPC_TIMEOUT_S,
         curve: CurveClientKeys | None = None,
     ) -> LMCacheClient:
         endpoint = normalize_endpoint(host, port)
@@ -102,6 +109,8 @@ class LMCacheClient:
         endpoint that we may use, and it is the same server instance, move there."""
         reply, _ = self.transport.call(Ping(id=next_request_id()), timeout)
         self._resolve_pending = False
+        if isinstance(reply, Pong):
+            self._check_protocol(reply)
         if not isinstance(reply, Pong) or not local_endpoint_usable(reply.local_endpoint):
             return
         current = self.transport
@@ -118,6 +127,16 @@ class LMCacheClient:
             return
         self.transport = local
         current.close()
+
+    def _check_protocol(self, pong: Pong) -> None:
+        """Messages of another protocol version may decode but mean something else: stop at
+        the first ping instead of exchanging them."""
+        if pong.protocol != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"the LMCache server at {self.endpoint} (version {pong.version}) speaks protocol "
+                f"{pong.protocol}, this client speaks protocol {PROTOCOL_VERSION}: run the same "
+                "lmcache version on both sides"
+            )
 
     def close(self) -> None:
         self.transport.close()
@@ -142,7 +161,9 @@ class LMCacheClient:
     # ----- control ---------------------------------------------------------------------
 
     def ping(self, instance_id: int | None = None, timeout: float | None = None) -> Pong:
-        return self._call(Ping(id=next_request_id(), instance_id=instance_id), Pong, timeout)
+        pong = self._call(Ping(id=next_request_id(), instance_id=instance_id), Pong, timeout)
+        self._check_protocol(pong)
+        return pong
 
     def register(
         self,

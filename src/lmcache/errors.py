@@ -2,6 +2,7 @@
 
     LMCacheError
      ├── ConfigError            invalid settings; raised at startup, names the field
+     ├── ProtocolMismatchError  the server speaks another protocol version (client side)
      ├── ServerError            the server answered with a typed error reply
      │    ├── BadRequestError       malformed frame, unknown op, invalid field values
      │    ├── UnknownEngineError    the instance id is not registered (re-register)
@@ -24,6 +25,10 @@ class LMCacheError(Exception):
 
 class ConfigError(LMCacheError):
     """A setting is invalid."""
+
+
+class ProtocolMismatchError(LMCacheError):
+    """The server speaks another wire protocol version: upgrade one side."""
 
 
 class ServerUnavailableError(LMCacheError):

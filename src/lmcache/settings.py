@@ -1,6 +1,7 @@
 """Server settings: one pydantic model drives the CLI flags and the ``LMCACHE_*`` variables.
 
-Each default is written exactly once, here. `lmcache server --l1-size-gb 8` and
+Each default is written exactly once: here, or in `lmcache.defaults` when a lower layer
+(a client, the component a setting configures) needs it too. `lmcache server --l1-size-gb 8` and
 ``LMCACHE_L1_SIZE_GB=8 lmcache server`` mean the same thing; a flag beats the
 variable, the variable beats the default.
 """
@@ -12,6 +13,13 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lmcache.defaults import (
+    HASH_MEMO_MB,
+    L2_BREAKER_S,
+    L2_PREFETCH_WORKERS,
+    L2_QUEUE_SIZE,
+    SERVER_PORT,
+)
 from lmcache.redact import redact
 
 EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
@@ -25,7 +33,7 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMCACHE_", extra="forbid", frozen=True)
 
     host: str = Field("localhost", description="ZMQ bind address for engines")
-    port: int = Field(5555, ge=1, le=65535, description="ZMQ port for engines")
+    port: int = Field(SERVER_PORT, ge=1, le=65535, description="ZMQ port for engines")
     http_host: str = Field("0.0.0.0", description="HTTP frontend bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP frontend port")
     http_max_connections: int = Field(
@@ -49,6 +57,13 @@ class ServerSettings(BaseSettings):
     max_workers: int = Field(4, ge=1, le=256, description="worker threads for data movement")
     chunk_size: int = Field(256, ge=1, le=1 << 20, description="tokens per cached chunk")
     hash_algorithm: HashAlgorithm = Field("sha256", description="chunk hash function")
+    hash_memo_mb: int = Field(
+        HASH_MEMO_MB,
+        ge=0,
+        le=1 << 20,
+        description="MiB of recent prompts' hash chains kept, so that the repeated lookups, "
+        "retrieve and store of one prompt hash it once (0 = off)",
+    )
     lock_ttl_s: float = Field(
         300.0, gt=0, description="seconds a read/write lock lives unless released"
     )
@@ -57,6 +72,26 @@ class ServerSettings(BaseSettings):
         description="L2 tier as JSON, repeatable, in lookup order, e.g. "
         '\'{"type": "fs", "path": "/data/kv", "max_capacity_gb": 500}\' or '
         '\'{"type": "redis", "url": "redis://host:6379/0"}\'',
+    )
+    l2_queue_size: int = Field(
+        L2_QUEUE_SIZE,
+        ge=1,
+        le=1 << 20,
+        description="chunks waiting to be copied to L2 at most; when the queue is full, a new "
+        "chunk is not copied (counted in /status as queue_skipped_full)",
+    )
+    l2_prefetch_workers: int = Field(
+        L2_PREFETCH_WORKERS,
+        ge=1,
+        le=256,
+        description="threads that look chunks up in L2 and load them into L1",
+    )
+    l2_breaker_s: float = Field(
+        L2_BREAKER_S,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds an L2 adapter is skipped after a failure, so that lookups do not "
+        "wait for its timeout (0 = never skipped)",
     )
     engine_timeout_s: float = Field(
         60.0,
@@ -101,6 +136,10 @@ class ServerSettings(BaseSettings):
     @property
     def l1_size_bytes(self) -> int:
         return int(self.l1_size_gb * (1 << 30))
+
+    @property
+    def hash_memo_bytes(self) -> int:
+        return self.hash_memo_mb << 20
 
     @property
     def zmq_bind_endpoint(self) -> str:

@@ -23,5 +23,6 @@ machines are shared and absolute numbers drift. Modules:
     lookups     lookup latency and throughput
     l2          write-behind and prefetch through fs and Redis tiers
     report      rows, targets, the table and the JSON document
-    runner      the command line and the order of phases
+    options     the command line (light: `lmcache server` builds it too)
+    runner      the order of phases, the progress bar and the outputs
 """

@@ -329,7 +329,3 @@ Reply = (
 def encode_tokens(tokens: Sequence[int] | np.ndarray) -> bytes:
     """Token ids → little-endian uint32 bytes (the wire form)."""
     return np.asarray(tokens, dtype="<u4").tobytes()
-
-
-def decode_tokens(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<u4")

@@ -51,10 +51,10 @@ from lmcache.storage.keys import TOKEN_BYTES
 from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.shm import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
+from lmcache.transport.zmq_server import Outcome
 
 logger = logging.getLogger("lmcache.server")
 
-Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data frames
 # Prepared transfers longer than this many chunks run on the worker pool: measured, a
 # 2M-token prepare_store held the loop 125 ms; 64 chunks take about 1 ms.
 _INLINE_CHUNKS = 64

@@ -150,19 +150,22 @@ class ServerRuntime:
         self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
         # L2's write-behind queue is the store's one hook: every chunk that becomes READY
         # from an engine (not from L2) is offered to it.
-        write_behind = WriteBehind() if self._adapters else None
+        write_behind = WriteBehind(s.l2_queue_size) if self._adapters else None
         store = ChunkStore(
             self.l1, on_stored=write_behind.offer if write_behind is not None else None
         )
         self.sessions = Sessions(store, s.chunk_size, s.lock_ttl_s)
         if write_behind is not None:
-            self.tiers = TieredStore(store, self.sessions, self._adapters, write_behind)
+            self.tiers = TieredStore(
+                store, self.sessions, self._adapters, write_behind,
+                prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
+            )  # fmt: skip
             self.tiers.start()
             for adapter in self._adapters:
                 logger.info("L2 adapter %s", adapter.name)
         handler = RequestHandler(
             store=store,
-            keys=KeySpace(ChunkHasher(s.chunk_size, s.hash_algorithm)),
+            keys=KeySpace(ChunkHasher(s.chunk_size, s.hash_algorithm, s.hash_memo_bytes)),
             registry=self.registry,
             sessions=self.sessions,
             metrics=self.metrics,

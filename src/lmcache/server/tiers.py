@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
 from lmcache.server.sessions import Session, Sessions
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keyspace import l2_key
@@ -32,24 +33,26 @@ from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
-BREAKER_S = 5.0
-
 
 class WriteBehind:
     """The bounded queue of chunks to copy to L2. `offer` is the store's ``on_stored`` hook:
     it never blocks a store, and a full queue skips (and counts) the chunk."""
 
-    def __init__(self, size: int = 1024) -> None:
+    def __init__(self, size: int = L2_QUEUE_SIZE) -> None:
+        self.size = size  # --l2-queue-size
         self._queue: queue.Queue[tuple[ObjectKey, bytes] | None] = queue.Queue(size)
+        self._lock = threading.Lock()  # offered from every request thread at once
         self.queued = 0
         self.skipped_full = 0
 
     def offer(self, key: ObjectKey, tag: bytes) -> None:
         try:
             self._queue.put_nowait((key, tag))
-            self.queued += 1
+            added = "queued"
         except queue.Full:
-            self.skipped_full += 1
+            added = "skipped_full"
+        with self._lock:
+            setattr(self, added, getattr(self, added) + 1)
 
     def take(self) -> tuple[ObjectKey, bytes] | None:
         """The next chunk to copy; None: stop."""
@@ -70,6 +73,10 @@ class WriteBehind:
 
 @dataclass
 class _Counters:
+    """Updated by the request threads, the writer and the prefetch workers at once: ``+=``
+    on an attribute is a read and a write, so two threads can lose an update. `add` and
+    `snapshot` take a lock (held for a few additions, never for I/O)."""
+
     stored: int = 0
     store_bytes: int = 0
     store_seconds: float = 0.0
@@ -77,6 +84,17 @@ class _Counters:
     prefetch_bytes: int = 0
     prefetch_seconds: float = 0.0
     prefetch_failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> _Counters:
+        """A consistent copy (its own lock), for /status."""
+        with self._lock:
+            return replace(self)
 
 
 class TieredStore:
@@ -86,12 +104,16 @@ class TieredStore:
         sessions: Sessions,
         adapters: Sequence[L2Adapter],
         write_behind: WriteBehind,
-        prefetch_workers: int = 2,
+        *,
+        prefetch_workers: int = L2_PREFETCH_WORKERS,
+        breaker_s: float = L2_BREAKER_S,
     ) -> None:
         self.store = store
         self.sessions = sessions
         self.adapters = list(adapters)
         self.write_behind = write_behind
+        self.prefetch_workers = prefetch_workers  # --l2-prefetch-workers
+        self.breaker_s = breaker_s  # --l2-breaker-s
         self._prefetch = ThreadPoolExecutor(
             prefetch_workers, thread_name_prefix="lmcache-l2-prefetch"
         )
@@ -143,9 +165,8 @@ class TieredStore:
                 except L2Error as exc:
                     self._trip(adapter, exc)
                     continue
-                self.counters.stored += 1
-                self.counters.store_bytes += nbytes
-            self.counters.store_seconds += time.perf_counter() - start
+                self.counters.add(stored=1, store_bytes=nbytes)
+            self.counters.add(store_seconds=time.perf_counter() - start)
         finally:
             self.store.unpin(lease)
 
@@ -222,10 +243,10 @@ class TieredStore:
                     break  # evicted again already, or the session ended
                 loaded.append(group)
         except Exception:
-            self.counters.prefetch_failures += 1
+            self.counters.add(prefetch_failures=1)
             logger.exception("L2 prefetch failed")
         finally:
-            self.counters.prefetch_seconds += time.perf_counter() - start
+            self.counters.add(prefetch_seconds=time.perf_counter() - start)
             self.sessions.finish(session, loaded)
 
     def _load_one(self, key: ObjectKey, layout: ChunkLayout, adapter: L2Adapter | None) -> bool:
@@ -239,23 +260,22 @@ class TieredStore:
                 self._trip(adapter, exc)
                 ok = False
             if not ok:
-                self.counters.prefetch_failures += 1
+                self.counters.add(prefetch_failures=1)
             return ok
 
         # Not told to the write-behind hook: these bytes came from L2.
         result = self.store.write([key], layout, fill, notify=False)
         if result.stored:
-            self.counters.prefetched += 1
-            self.counters.prefetch_bytes += layout.nbytes
+            self.counters.add(prefetched=1, prefetch_bytes=layout.nbytes)
         return bool(result.stored or result.cached)  # cached: stored by an engine meanwhile
 
     def _trip(self, adapter: L2Adapter, exc: Exception) -> None:
         """Skip an adapter's lookups for a few seconds after a failure (it may be down)."""
         if self._down_until.get(adapter.name, 0.0) <= time.monotonic():
             logger.warning(
-                "L2 %s failed (%s): lookups skip it for %gs", adapter.name, exc, BREAKER_S
+                "L2 %s failed (%s): lookups skip it for %gs", adapter.name, exc, self.breaker_s
             )
-        self._down_until[adapter.name] = time.monotonic() + BREAKER_S
+        self._down_until[adapter.name] = time.monotonic() + self.breaker_s
 
     # ----- views ---------------------------------------------------------------------------
 
@@ -269,7 +289,7 @@ class TieredStore:
         return removed
 
     def status(self) -> list[dict[str, Any]]:
-        c = self.counters
+        c = self.counters.snapshot()
         shared = {
             "queue_depth": len(self.write_behind),
             "queue_skipped_full": self.write_behind.skipped_full,

@@ -29,12 +29,13 @@ from typing import Any
 
 import msgspec
 
+from lmcache.defaults import HASH_MEMO_MB
 from lmcache.types import ChunkHash, ObjectKey
 
 TOKEN_BYTES = 4
 _SEED = b"lmcache-chunk-hash-v1"
 MAX_SALT_LEN = 256
-DEFAULT_CACHE_BYTES = 64 << 20  # ~4,000 prompts of 4k tokens
+DEFAULT_CACHE_BYTES = HASH_MEMO_MB << 20
 _TAIL_BYTES = 256  # fingerprint: length + last 64 tokens (O(1), unlike hashing the prompt)
 _ENTRY_OVERHEAD = 200  # bytes an entry costs beyond its tokens and hashes
 
@@ -76,7 +77,7 @@ class ChunkHasher:
         self, chunk_size: int, algorithm: str = "sha256", cache_bytes: int = DEFAULT_CACHE_BYTES
     ) -> None:
         self.chunk_size = chunk_size
-        self.algorithm = algorithm
+        self.memo_bytes = cache_bytes  # --hash-memo-mb; 0 turns the memo off
         self._new = _hasher(algorithm)
         seed = self._new()
         seed.update(_SEED)

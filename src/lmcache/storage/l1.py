@@ -271,11 +271,6 @@ class L1Cache:
                 if obj is not None and obj.state is ObjState.READY:
                     self._touch(obj)
 
-    def tag_of(self, key: ObjectKey) -> bytes | None:
-        with self._lock:
-            obj = self._index.get(key)
-            return obj.tag if obj is not None and obj.state is ObjState.READY else None
-
     def contains(self, key: ObjectKey) -> bool:
         with self._lock:
             obj = self._index.get(key)
@@ -349,10 +344,6 @@ class L1Cache:
                 "eviction_policy": self.policy.name,
                 "eviction_error": self.eviction_error,
             }
-
-    def lease_owners(self) -> list[str]:
-        with self._lock:
-            return [lease.owner for lease in self._leases.values()]
 
     # ----- internals (called with the lock held) ----------------------------------------
 

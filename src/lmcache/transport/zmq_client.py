@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from lmcache.defaults import RPC_TIMEOUT_S
 from lmcache.errors import ServerUnavailableError
 from lmcache.protocol.codec import decode_reply, encode
 from lmcache.protocol.messages import Reply, Request
@@ -95,7 +96,7 @@ class CurveClientKeys:
 
 class ZmqTransport:
     def __init__(
-        self, endpoint: str, timeout: float = 5.0, curve: CurveClientKeys | None = None
+        self, endpoint: str, timeout: float = RPC_TIMEOUT_S, curve: CurveClientKeys | None = None
     ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout

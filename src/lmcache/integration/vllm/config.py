@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
+from lmcache.defaults import RPC_TIMEOUT_S, SERVER_PORT
 from lmcache.errors import ConfigError
 from lmcache.transport.zmq_client import CurveClientKeys
 
@@ -21,9 +22,11 @@ _CASTS: dict[Any, Any] = {"str": str, "int": int, "float": float}
 @dataclass(frozen=True)
 class ConnectorConfig:
     host: str = "tcp://localhost"  # plain hosts and IPs are accepted too
-    port: int = 5555
+    port: int = SERVER_PORT
     mp_transfer_mode: str = "auto"  # auto | engine_driven | lmcache_driven
-    rpc_timeout: float = 5.0  # seconds to wait for a reply before the server counts as down
+    rpc_timeout: float = (
+        RPC_TIMEOUT_S  # seconds to wait for a reply before the server counts as down
+    )
     heartbeat_interval: float = 1.0  # seconds between pings (and reconnection attempts)
     # A server on another host (README, "Threat model"): its server.key and our key_secret.
     curve_server_key: str = ""

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from lmcache.client import LMCacheClient
+from lmcache.defaults import SERVER_PORT
 from lmcache.errors import LMCacheError
 from lmcache.integration.vllm.config import ConnectorConfig
 from lmcache.protocol.messages import Pong
@@ -23,7 +24,7 @@ logger = logging.getLogger("lmcache.integration")
 
 START_HINT = (
     "start it with `lmcache server --l1-size-gb 20 --eviction-policy LRU` "
-    "(add `--port N` and set lmcache.mp.port if 5555 is taken)"
+    f"(add `--port N` and set lmcache.mp.port if {SERVER_PORT} is taken)"
 )
 
 

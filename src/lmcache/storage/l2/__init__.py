@@ -12,8 +12,8 @@ answers a miss instead of wrong bytes.
 Configs (one JSON object per ``--l2-adapter``)::
 
     {"type": "fs", "path": "/data/kv", "max_capacity_gb": 500}
-    {"type": "redis", "url": "redis://host:6379/0", "part_mb": 4, "timeout_s": 2.0,
-     "retries": 2, "key_prefix": "lmcache:", "cluster": false}
+    {"type": "redis", "url": "redis://host:6379/0"}   (optional: part_mb, timeout_s,
+                                                      retries, key_prefix, cluster)
     {"type": "memory", "max_capacity_gb": 1}
 """
 
@@ -43,17 +43,16 @@ def _memory(c: Mapping[str, Any]) -> L2Adapter:
 def _redis(c: Mapping[str, Any]) -> L2Adapter:
     from lmcache.storage.l2.redis import RedisL2
 
-    cluster = c.get("cluster", False)
-    if not isinstance(cluster, bool):
-        raise config_error("redis", f"'cluster' must be true or false, got {cluster!r}")
-    return RedisL2(
-        _string(c, "redis", "url"),
-        part_mb=c.get("part_mb", 4),
-        timeout_s=c.get("timeout_s", 2.0),
-        retries=c.get("retries", 2),
-        key_prefix=_string(c, "redis", "key_prefix", "lmcache:"),
-        cluster=cluster,
-    )
+    # Only the keys given are passed: the defaults are `RedisL2`'s, written there once.
+    options: dict[str, Any] = {k: c[k] for k in ("part_mb", "timeout_s", "retries") if k in c}
+    if "cluster" in c:
+        if not isinstance(c["cluster"], bool):
+            raise config_error("redis", f"'cluster' must be true or false, got {c['cluster']!r}")
+        options["cluster"] = c["cluster"]
+    url = _string(c, "redis", "url")
+    if "key_prefix" in c:
+        options["key_prefix"] = _string(c, "redis", "key_prefix")
+    return RedisL2(url, **options)
 
 
 # type -> (builder, the keys it takes besides "type")

@@ -7,8 +7,8 @@ One object = one meta key + its payload cut into parts of ``part_mb`` MiB::
     lmcache:{<key hex>}:1      payload[part : 2*part] ...
 
     put:  MULTI  GET m, SET 0.., SET m  EXEC            one round trip, atomic
-    get:  GET m, then GET 0..n-1 pipelined, each read straight into out (`resp`);
-          verify. TLS / Cluster: MULTI GET m, GET 0..n-1 EXEC, then copy into out
+    get:  GET m, then GET 0..n-1 pipelined, each read straight into out (`redis_conn`,
+          `resp`); verify. TLS / Cluster: MULTI GET m, GET 0..n-1 EXEC, then copy into out
     exists: EXISTS m per key in one pipeline (one round trip per server)
 
 The ``{key hex}`` hash tag keeps an object in one Cluster slot, so the transactions
@@ -22,8 +22,8 @@ Failures: every socket operation has ``timeout_s``; refused or dropped connectio
 are retried ``retries`` times with exponential backoff (a restart or failover),
 timeouts are not (the budget is spent), so a dead or stalled Redis raises
 `L2Error` after about ``timeout_s``. Credentials come from the URL or from
-``LMCACHE_REDIS_USERNAME`` / ``LMCACHE_REDIS_PASSWORD`` and appear nowhere else:
-``name`` is the URL without them, and error texts are scrubbed.
+``LMCACHE_REDIS_USERNAME`` / ``LMCACHE_REDIS_PASSWORD`` (`redis_url`) and appear
+nowhere else: ``name`` is the URL without them, and error texts are scrubbed.
 
 ``stats()`` reports ``objects`` and ``bytes`` as None: Redis may be shared and
 counting this prefix would need a scan of the whole keyspace.
@@ -33,118 +33,37 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import socket
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
-from redis.connection import Connection, PythonRespSerializer, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from lmcache.storage.l2.base import Health, L2Error, byte_view, check_key, config_error
-from lmcache.storage.l2.format import Header, copy_hashing, hasher, header_for, unpack_header
-from lmcache.storage.l2.resp import read_bulk_into
+from lmcache.storage.l2.format import Header, header_for, unpack_header
+from lmcache.storage.l2.redis_conn import (
+    PackingConnection,
+    PackingSSLConnection,
+    fill_from_parts,
+    read_parts_into,
+)
+from lmcache.storage.l2.redis_url import parse_url
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-_SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
 _GLOB = re.compile(r"([*?\[\]\\])")
 _BATCH = 1000  # keys per SCAN step and per UNLINK in clear()
 _ERRORS = (RedisError, RedisClusterException, OSError)
 
 Client = redis.Redis | RedisCluster
-
-
-def _encode(value: object) -> bytes | bytearray | memoryview:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return value
-    return (value if isinstance(value, str) else repr(value)).encode()
-
-
-# With hiredis installed, redis-py packs commands with hiredis, which copies every value
-# twice (bytes(memoryview), then the packed command): puts of big parts ran 4x slower.
-# The pure-Python packer sends a memoryview as it is; hiredis still parses the replies.
-_PACKER = PythonRespSerializer(6000, _encode)
-
-
-class _Connection(Connection):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(command_packer=_PACKER, **kwargs)  # type: ignore[no-untyped-call]
-
-
-class _SSLConnection(SSLConnection):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(command_packer=_PACKER, **kwargs)
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """A parsed URL: where to connect (no credentials in ``url``) and with what."""
-
-    url: str
-    name: str
-    cluster: bool
-    tls: bool
-    username: str | None
-    password: str | None
-    secrets: tuple[str, ...]
-
-
-def parse_url(url: str, cluster: bool = False) -> RedisTarget:
-    if not url or not isinstance(url, str):
-        raise config_error("redis", "'url' is required")
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 6379
-    except ValueError:
-        raise config_error("redis", "'url' is not a valid URL") from None
-    scheme = parts.scheme.lower()
-    base, plus, variant = scheme.partition("+")
-    if base not in _SCHEMES or (plus and variant != "cluster"):
-        raise config_error(
-            "redis",
-            f"'url' scheme must be redis://, rediss://, valkey:// or valkeys:// "
-            f"(or one of them +cluster, e.g. redis+cluster://), got {scheme + '://'!r}",
-        )
-    cluster = cluster or variant == "cluster"
-    if not parts.hostname:
-        raise config_error("redis", "'url' has no host")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    path = parts.path.strip("/")
-    if not path.isdigit() and path:
-        raise config_error("redis", f"'url' path must be a database number, got {path!r}")
-    db = int(path or 0)
-    if cluster and db != 0:
-        raise config_error("redis", "'url' database must be 0 with Redis Cluster")
-    query = parse_qs(parts.query)
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    username = username or os.environ.get("LMCACHE_REDIS_USERNAME") or None
-    password = password or os.environ.get("LMCACHE_REDIS_PASSWORD") or None
-    # Always redis://: TLS is chosen by connection class (see RedisL2._make_client).
-    client_url = f"redis://{host}:{port}" + ("" if cluster else f"/{db}")
-    if parts.query:
-        client_url += f"?{parts.query}"
-    return RedisTarget(
-        url=client_url,
-        name=f"{scheme}://{host}:{port}/{db}",
-        cluster=cluster,
-        tls=_SCHEMES[base] == "rediss",
-        username=username,
-        password=password,
-        secrets=tuple(s for s in (password, *query.get("password", [])) if s),
-    )
 
 
 class RedisL2:
@@ -206,7 +125,7 @@ class RedisL2:
             "socket_connect_timeout": timeout,
             "socket_keepalive": True,
             "socket_read_size": 1 << 20,
-            "connection_class": _SSLConnection if self._target.tls else _Connection,
+            "connection_class": PackingSSLConnection if self._target.tls else PackingConnection,
             # Only connection errors are retried: a timeout has already used the budget.
             "retry": Retry(backoff, self.retries, supported_errors=(RedisConnectionError,)),
         }
@@ -266,8 +185,10 @@ class RedisL2:
             if isinstance(client, redis.Redis) and not self._target.tls:
                 meta = _bytes_or_none(client.get(base + "m"))
                 header = unpack_header(meta, key)
-                ok = header is not None and _read_parts(client, base, header, out)
-                if not ok and meta is not None and client.get(base + "m") != meta:
+                ok = header is not None and read_parts_into(client, base, header, out)
+                if ok is None:  # redis-py's socket is out of reach (logged once)
+                    meta, header, ok = self._get_buffered(client, base, key, out)
+                elif not ok and meta is not None and client.get(base + "m") != meta:
                     self._health.add("misses")  # a writer replaced it meanwhile: not corrupt
                     return False
             else:
@@ -293,7 +214,7 @@ class RedisL2:
             # written with another part_mb: fetch its parts (meta must be unchanged)
             meta2, parts = self._fetch(client, base, len(out), header.part_size)
             header = header if meta2 == meta else None
-        return meta, header, header is not None and _fill(out, header, parts)
+        return meta, header, header is not None and fill_from_parts(out, header, parts)
 
     def _fetch(
         self, client: Client, base: str, nbytes: int, part_size: int
@@ -359,52 +280,8 @@ class RedisL2:
                 client.close()
 
 
-def _read_parts(client: redis.Redis, base: str, header: Header, out: memoryview) -> bool:
-    """GET every part straight into ``out`` (see `resp`); True if all match the header."""
-    part = header.part_size
-    if header.payload_len != len(out) or part <= 0:
-        return False
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    in_step = False
-    try:
-        names = [f"{base}{i}" for i in range(header.parts)]
-        packed = conn.pack_commands([("GET", n) for n in names])  # type: ignore[no-untyped-call]
-        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-        sock = cast(socket.socket, conn._sock)
-        h, good = hasher(), True
-        for i in range(header.parts):
-            view = out[i * part : (i + 1) * part]
-            if read_bulk_into(sock, view):
-                h.update(view)
-            else:
-                good = False  # keep reading: every reply must leave the socket
-        in_step = True
-        return good and h.intdigest() == header.checksum
-    finally:
-        if not in_step:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # a half-read reply must not be read as the next one
-        pool.release(conn)
-
-
 def _bytes_or_none(value: object) -> bytes | None:
     return value if isinstance(value, bytes) else None
-
-
-def _fill(out: memoryview, header: Header, parts: list[bytes | None]) -> bool:
-    """Copy the parts into ``out`` if they are exactly the object ``header`` describes."""
-    if header.payload_len != len(out) or len(parts) != header.parts:
-        return False
-    offset, h = 0, hasher()
-    for blob in parts:
-        if blob is None or not 0 < len(blob) <= header.part_size:
-            return False
-        end = offset + len(blob)
-        if end > len(out) or (end < len(out) and len(blob) != header.part_size):
-            return False
-        copy_hashing(out[offset:end], blob, h)
-        offset = end
-    return offset == len(out) and h.intdigest() == header.checksum
 
 
 def _check_number(
