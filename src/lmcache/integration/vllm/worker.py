@@ -5,11 +5,16 @@ Transfers run synchronously inside the step that vLLM asks for them (loads in
 vLLM frees, preempts or reuses a block: a request's blocks never change under
 a copy, and `request_finished` never has to delay freeing them.
 
-    engine_driven   the server maps our KV segments and copies blocks itself
-    lmcache_driven  we copy chunks into/out of the server's L1 pool (prepare/commit)
-    bytes           the server's memory is out of reach (another host, another
-                    /dev/shm): chunk bytes travel in the messages. Chosen
-                    automatically when mapping fails either way, and logged once.
+How the bytes move is a `TransferPath` (see `transfer_paths.py`), picked at every
+registration, the first and each one after a server restart (`link.on_recover`):
+
+    mode            preferred path    bytes in the messages (`BytesPath`) instead when
+    engine_driven   SharedKVPath      the server refuses to map our KV segments
+    lmcache_driven  PoolPath          the server offers no L1 pool, or we cannot map it
+
+Either fallback means the server's memory is out of reach (another host, another
+/dev/shm); it is logged once, when the path becomes bytes, and a later registration
+tries the preferred path again.
 
 A failed load reports its blocks as load errors (vLLM recomputes them); a failed
 store is only logged. While the server is down, both are skipped (see `link.py`).
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, TypedDict
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,20 +39,18 @@ from lmcache.errors import (
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.link import ServerLink
-from lmcache.integration.vllm.metadata import LoadSpec, Metadata, ParallelStrategy, StoreSpec
-from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, WorkerCopy
+from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy
+from lmcache.integration.vllm.transfer_paths import (
+    BytesPath,
+    NoSharedMemory,
+    PoolPath,
+    SharedKVPath,
+    TransferPath,
+)
+from lmcache.protocol.messages import KVLayout, Pong
 from lmcache.storage.shm import ShmSegment
 
 logger = logging.getLogger("lmcache.integration")
-
-
-class _Span(TypedDict):
-    request_id: str
-    instance_id: int
-    tokens: list[int]
-    start: int
-    end: int
-    cache_salt: str
 
 
 class WorkerSide:
@@ -69,15 +73,18 @@ class WorkerSide:
         self.can_store = can_store
         self.instance_id = os.getpid()
         self.chunk_size = link.chunk_size
-        self._segments: list[ShmSegment] = []
-        self._pool: ShmSegment | None = None
+        self.path: TransferPath | None = None  # None until registered
+        self._layout: KVLayout | None = None
         self._copier: BlockCopier | None = None
-        self._memory: KVMemory | None = None
-        self._view: Any = None
-        self.inline = False  # bytes in the messages (no shared memory with the server)
+        self._segments: list[ShmSegment] = []
         self._load_errors: set[int] = set()
         link.instance_id = self.instance_id
         link.on_recover = self._register
+
+    @property
+    def uses_bytes(self) -> bool:
+        """Whether KV bytes travel in the messages (no memory shared with the server)."""
+        return self.path is not None and self.path.uses_bytes
 
     # ----- registration -------------------------------------------------------------------
 
@@ -85,95 +92,106 @@ class WorkerSide:
         from lmcache.integration.vllm import kv_memory
 
         logger.info("Registering kv caches!")
-        bs = self.identity.block_size
+        self._check_chunk_size(self.identity.block_size)  # before moving any memory
+        view = kv_memory.describe(kv_caches, self.identity.block_size)
+        logger.info("Creating transfer context (device_type=cpu, mode=%s)", self.mode)
+        segments = kv_memory.migrate_to_shm(view) if self.mode == "engine_driven" else []
+        self.register_memory(view.layout, view.arrays(), segments)
+
+    def register_memory(
+        self, layout: KVLayout, arrays: list[np.ndarray], segments: Sequence[ShmSegment] = ()
+    ) -> None:
+        """Register KV memory given as byte arrays: what `register_kv_caches` makes of
+        vLLM's tensors, and what tests give directly. ``segments`` are the shared-memory
+        segments that hold ``arrays`` (engine_driven); shutdown unlinks them."""
+        if self.mode == "engine_driven" and not segments:
+            raise ValueError("engine_driven needs the KV memory in shared-memory segments")
+        self._check_chunk_size(layout.block_size)
+        self._layout = layout
+        self._segments = list(segments)
+        self._copier = BlockCopier(layout, arrays, self.chunk_size // layout.block_size)
+        self._register(self.link.pong)
+        self.link.start_heartbeat()
+
+    def _check_chunk_size(self, bs: int) -> None:
         if self.chunk_size % bs:
             raise ValueError(
                 f"The LMCache server's chunk size ({self.chunk_size}) must be a multiple of "
                 f"vLLM's block size ({bs}): restart it with --chunk-size {bs * max(1, 256 // bs)}"
             )
-        self._view = kv_memory.describe(kv_caches, bs)
-        logger.info("Creating transfer context (device_type=cpu, mode=%s)", self.mode)
-        if self.mode == "engine_driven":
-            self._segments = kv_memory.migrate_to_shm(self._view)
-            self._memory = ShmMemory(
-                segments=[s.name for s in self._segments],
-                tokens=[s.token.hex() for s in self._segments],
-            )
-        else:
-            self._memory = WorkerCopy()
-        self._copier = BlockCopier(self._view.layout, self._view.arrays(), self.chunk_size // bs)
-        self._register(self.link.pong)
-        self.link.start_heartbeat()
 
     def _register(self, pong: Pong) -> None:
-        if self._memory is None:
+        """Register with the path this mode prefers, or with bytes where the server's
+        memory is out of reach; then use that path. Also the link's `on_recover`."""
+        if self._copier is None:
             return
-        if isinstance(self._memory, WorkerCopy):
-            self._attach_pool(pong.l1_pool, pong.l1_pool_seal)
         try:
-            self._send_registration()
-        except (BadRequestError, ForbiddenError) as exc:
-            # ForbiddenError: a remote (CurveZMQ) peer may not register shared memory.
-            if not isinstance(self._memory, ShmMemory):
-                raise
-            # The server cannot map our segments: it runs on another host.
-            self._go_inline(f"the server cannot map our KV segments: {exc.message}")
-            self._memory = WorkerCopy()
-            self._send_registration()
+            path = self._registered(self._preferred_path(pong))
+        except NoSharedMemory as exc:
+            path = self._registered(BytesPath(self.link.client, self.instance_id, self._copier))
+            if not self.uses_bytes:
+                logger.warning(
+                    "LMCache server at %s shares no memory with this worker (%s): KV bytes "
+                    "will travel in the messages, which is slower than shared memory",
+                    self.link.endpoint, exc,
+                )  # fmt: skip
+        old, self.path = self.path, path
+        if old is not None and old is not path:
+            old.close()
+            if old.uses_bytes and not path.uses_bytes:
+                logger.info("KV bytes move through %s again", path.name)
 
-    def _send_registration(self) -> None:
-        assert self._memory is not None
-        self.link.client.register(
-            self.instance_id,
-            model_name=self.identity.model_name,
-            world_size=self.parallel.world_size,
-            rank=self.parallel.rank,
-            dtype=self.identity.dtype,
-            layout=self._view.layout,
-            memory=self._memory,
-            kv_spec=self.identity.kv_spec,
-        )
+    def _preferred_path(self, pong: Pong) -> TransferPath:
+        """The shared-memory path of this mode; `NoSharedMemory` if we cannot map the pool."""
+        assert self._copier is not None
+        client, iid = self.link.client, self.instance_id
+        if self.mode == "engine_driven":
+            return SharedKVPath(client, iid, self._copier, self._segments)
+        if isinstance(self.path, PoolPath) and self.path.serves(pong):
+            return self.path  # the same server's pool: keep our mapping
+        return PoolPath.attach(client, iid, self._copier, pong)
+
+    def _registered(self, path: TransferPath) -> TransferPath:
+        """``path``, once the server accepted the memory it announces; closed if not."""
+        assert self._layout is not None
+        ok = False
+        try:
+            self.link.client.register(
+                self.instance_id,
+                model_name=self.identity.model_name,
+                world_size=self.parallel.world_size,
+                rank=self.parallel.rank,
+                dtype=self.identity.dtype,
+                layout=self._layout,
+                memory=path.memory,
+                kv_spec=self.identity.kv_spec,
+            )
+            ok = True
+        except (BadRequestError, ForbiddenError) as exc:
+            # The server cannot map our segments (it runs on another host, or sees another
+            # /dev/shm); ForbiddenError: a remote (CurveZMQ) peer may not register them.
+            if isinstance(path, SharedKVPath):
+                raise NoSharedMemory(
+                    f"the server cannot map our KV segments: {exc.message}"
+                ) from None
+            raise
+        finally:
+            if not ok and path is not self.path:
+                path.close()
         logger.info(
             "Registered %d KV layers with the LMCache server at %s as GPU ID %d",
-            self._view.layout.num_layers, self.link.endpoint, self.instance_id,
+            self._layout.num_layers, self.link.endpoint, self.instance_id,
         )  # fmt: skip
+        return path
 
-    def _attach_pool(self, name: str, seal: str) -> None:
-        if not name:  # the server tells its pool only to local peers of its own uid
-            self._go_inline("the server did not offer its L1 pool to this connection")
-            return
-        try:
-            token = bytes.fromhex(seal)
-        except ValueError:
-            token = b""
-        if self._pool is not None and self._pool.name == name and self._pool.token == token:
-            return
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        try:
-            self._pool = ShmSegment.attach(name, token)
-            self.inline = False
-        except (OSError, ValueError) as exc:
-            self._go_inline(f"cannot map the server's L1 pool {name!r}: {exc}")
-
-    def _go_inline(self, why: str) -> None:
-        if not self.inline:
-            logger.warning(
-                "LMCache server at %s shares no memory with this worker (%s): KV bytes will "
-                "travel in the messages, which is slower than shared memory",
-                self.link.endpoint, why,
-            )  # fmt: skip
-        self.inline = True
-
-    # ----- loads --------------------------------------------------------------------------
+    # ----- loads and stores -----------------------------------------------------------------
 
     def start_load(self, meta: Metadata) -> None:
         for spec in meta.loads:
-            ok = False
-            if self.can_load and self.link.healthy:
+            path, ok = self.path, False
+            if self.can_load and path is not None and self.link.healthy:
                 try:
-                    self._load(spec)
+                    path.load(spec)
                     ok = True
                 except LMCacheError as exc:
                     logger.warning("load of request %s failed: %s", spec.request_id, exc)
@@ -181,39 +199,17 @@ class WorkerSide:
                         self.link.mark_down(exc)
                 except Exception:
                     logger.exception("load of request %s failed", spec.request_id)
-            if not ok:
+            if not ok:  # vLLM recomputes these blocks (the skipped ones it has already)
                 first = spec.skip_tokens // self.identity.block_size
                 self._load_errors.update(spec.block_ids[first:])
 
-    def _load(self, spec: LoadSpec) -> None:
-        client = self.link.client
-        if self.inline:
-            frames = client.retrieve_bytes(**self._span(spec))
-            self._scatter_chunks(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
-            return
-        if self.mode == "engine_driven" and isinstance(self._memory, ShmMemory):
-            client.retrieve(
-                **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
-            )
-            return
-        prepared = client.prepare_retrieve(**self._span(spec))
-        ok = False
-        try:
-            pool = self._pool_array()
-            chunks = [pool[o : o + prepared.chunk_bytes] for o in prepared.offsets]
-            self._scatter_chunks(spec, chunks)
-            ok = True
-        finally:
-            client.commit(self.instance_id, prepared.transfer_id, success=ok)
-
-    # ----- stores -------------------------------------------------------------------------
-
     def save(self, meta: Metadata) -> None:
-        if not (self.can_store and meta.stores and self.link.healthy):
+        path = self.path
+        if not (self.can_store and meta.stores and path is not None and self.link.healthy):
             return
         for spec in meta.stores:
             try:
-                self._store(spec)
+                path.store(spec)
             except LMCacheError as exc:
                 logger.warning("store of request %s skipped: %s", spec.request_id, exc)
                 if isinstance(exc, ServerUnavailableError):
@@ -221,31 +217,6 @@ class WorkerSide:
                     return
             except Exception:
                 logger.exception("store of request %s failed", spec.request_id)
-
-    def _store(self, spec: StoreSpec) -> None:
-        client = self.link.client
-        if self.inline:
-            bufs = [
-                np.empty(self._chunk_bytes(), dtype=np.uint8)
-                for _ in range(spec.start, spec.end, self.chunk_size)
-            ]
-            self._gather_chunks(spec, list(enumerate(bufs)))
-            client.store_bytes(**self._span(spec), chunks=bufs)
-            return
-        if self.mode == "engine_driven" and isinstance(self._memory, ShmMemory):
-            client.store(**self._span(spec), block_ids=spec.block_ids)
-            return
-        prepared = client.prepare_store(**self._span(spec))
-        ok = False
-        try:
-            pool = self._pool_array()
-            n = prepared.chunk_bytes
-            self._gather_chunks(
-                spec, [(i, pool[o : o + n]) for i, o in enumerate(prepared.offsets) if o >= 0]
-            )
-            ok = True
-        finally:
-            client.commit(self.instance_id, prepared.transfer_id, success=ok)
 
     # ----- completion ------------------------------------------------------------------------
 
@@ -255,40 +226,9 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self.link.close()
+        if self.path is not None:
+            self.path.close()
         if self._copier is not None:
             self._copier.release()
-        if self._pool is not None:
-            self._pool.close()
         for segment in self._segments:
             segment.unlink()  # the mapping stays valid for vLLM until the process exits
-
-    # ----- helpers ------------------------------------------------------------------------
-
-    def _span(self, spec: LoadSpec | StoreSpec) -> _Span:
-        """The arguments every range request of the client takes."""
-        return _Span(
-            request_id=spec.request_id, instance_id=self.instance_id, tokens=spec.tokens,
-            start=spec.start, end=spec.end, cache_salt=spec.cache_salt,
-        )  # fmt: skip
-
-    def _pool_array(self) -> np.ndarray:
-        if self._pool is None:
-            raise LMCacheError("the server's L1 pool is not mapped")
-        return self._pool.array
-
-    def _chunk_bytes(self) -> int:
-        assert self._copier is not None
-        return self._copier.chunk_bytes
-
-    def _gather_chunks(self, spec: StoreSpec, chunks: list[tuple[int, np.ndarray]]) -> None:
-        """Copy the blocks of chunk ``i`` of the range into each ``(i, buffer)``."""
-        assert self._copier is not None
-        self._copier.gather_range(np.asarray(spec.block_ids, dtype=np.int64), chunks)
-
-    def _scatter_chunks(self, spec: LoadSpec, chunks: list[np.ndarray]) -> None:
-        """Copy chunk buffers into the blocks of the range, minus the first skip_tokens."""
-        assert self._copier is not None
-        if len(chunks) * self.chunk_size != spec.end - spec.start:
-            raise LMCacheError(f"expected {(spec.end - spec.start) // self.chunk_size} chunks")
-        skip = spec.skip_tokens // self.identity.block_size
-        self._copier.scatter_range(np.asarray(spec.block_ids, dtype=np.int64), chunks, skip)

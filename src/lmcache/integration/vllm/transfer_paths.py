@@ -1,0 +1,223 @@
+"""How KV bytes travel between this worker's blocks and the server: one class per path.
+
+`WorkerSide` picks a path when it registers (and again whenever it re-registers, e.g.
+after a server restart) and then only calls `load`, `store` and `close` on it. Falling
+back to bytes swaps the path object; no copy ever has to ask which mode it is in.
+
+                      ┌─ SharedKVPath  store / retrieve (block ids) ──> the server maps
+                      │                our /lmcache_kv_* segments and copies itself
+    WorkerSide.path ──┼─ PoolPath      prepare_* ─> BlockCopier <─> L1 pool slots ─> commit
+                      │                (we map the server's pool; lmcache_driven)
+                      └─ BytesPath     BlockCopier <─> buffers ── store_bytes / retrieve_bytes
+                                       (no shared memory: another host, another /dev/shm)
+
+Every path moves whole blocks with `BlockCopier` (or has the server do it with the same
+routine), so they agree byte for byte: a chunk stored through one path loads through
+any other. A path raises on failure (`LMCacheError` for the server's refusals); turning
+that into load errors or degraded mode is `WorkerSide`'s job, which keeps the paths
+free of vLLM objects and testable on plain numpy arrays (tests/test_worker_paths.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, TypedDict
+
+import numpy as np
+
+from lmcache.client import LMCacheClient
+from lmcache.engine.transfer import BlockCopier, skip_blocks
+from lmcache.errors import LMCacheError, ServerError
+from lmcache.integration.vllm.metadata import LoadSpec, StoreSpec
+from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, WorkerCopy
+from lmcache.storage.shm import ShmSegment
+
+
+class NoSharedMemory(LMCacheError):
+    """This path cannot reach the server's memory (or the server ours): use bytes instead.
+    The message says why, for the one warning that the fallback logs."""
+
+
+class _Span(TypedDict):
+    request_id: str
+    instance_id: int
+    tokens: list[int]
+    start: int
+    end: int
+    cache_salt: str
+
+
+class TransferPath(ABC):
+    """Moves whole chunks of a range between our KV blocks and the server.
+
+    ``memory`` is what registration announces, so the server knows which requests this
+    engine will send. `load` leaves the range's first ``skip_tokens`` alone (vLLM already
+    has them); `store` writes chunks the server does not have yet.
+    """
+
+    uses_bytes: ClassVar[bool] = False
+    name: ClassVar[str]
+
+    def __init__(self, client: LMCacheClient, instance_id: int, copier: BlockCopier) -> None:
+        self.client = client
+        self.instance_id = instance_id
+        self.copier = copier
+
+    @property
+    @abstractmethod
+    def memory(self) -> KVMemory: ...
+
+    @abstractmethod
+    def load(self, spec: LoadSpec) -> None: ...
+
+    @abstractmethod
+    def store(self, spec: StoreSpec) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional: only a path that maps something has work
+        """Drop what this path mapped; our own KV memory is not the path's to free."""
+
+    # ----- shared by the paths ----------------------------------------------------------
+
+    def _span(self, spec: LoadSpec | StoreSpec) -> _Span:
+        """The arguments that every range request of the client takes."""
+        return _Span(
+            request_id=spec.request_id, instance_id=self.instance_id, tokens=spec.tokens,
+            start=spec.start, end=spec.end, cache_salt=spec.cache_salt,
+        )  # fmt: skip
+
+    @staticmethod
+    def _ids(spec: LoadSpec | StoreSpec) -> np.ndarray:
+        return np.asarray(spec.block_ids, dtype=np.int64)
+
+    def _num_chunks(self, spec: LoadSpec | StoreSpec) -> int:
+        """Chunks of the range ``[start, end)`` (the scheduler plans whole chunks)."""
+        chunk_tokens = self.copier.blocks_per_chunk * self.copier.layout.block_size
+        return (spec.end - spec.start) // chunk_tokens
+
+    def _skip_blocks(self, spec: LoadSpec) -> int:
+        """Blocks at the start of the range that a load leaves alone (as the server counts)."""
+        return skip_blocks(spec.skip_tokens, spec.end - spec.start, self.copier.layout.block_size)
+
+    def _scatter(self, spec: LoadSpec, chunks: Sequence[np.ndarray]) -> None:
+        if len(chunks) != self._num_chunks(spec):
+            raise ServerError(
+                f"the server sent {len(chunks)} chunks for a range of {self._num_chunks(spec)}"
+            )
+        self.copier.scatter_range(self._ids(spec), chunks, self._skip_blocks(spec))
+
+
+class SharedKVPath(TransferPath):
+    """engine_driven: our KV tensors live in /lmcache_kv_* segments that the server maps,
+    so a request names block ids and the server copies them itself (zero copy here)."""
+
+    name = "shared KV segments"
+
+    def __init__(
+        self,
+        client: LMCacheClient,
+        instance_id: int,
+        copier: BlockCopier,
+        segments: Sequence[ShmSegment],
+    ) -> None:
+        super().__init__(client, instance_id, copier)
+        self._memory = ShmMemory(
+            segments=[s.name for s in segments], tokens=[s.token.hex() for s in segments]
+        )
+
+    @property
+    def memory(self) -> KVMemory:
+        return self._memory
+
+    def load(self, spec: LoadSpec) -> None:
+        self.client.retrieve(
+            **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
+        )
+
+    def store(self, spec: StoreSpec) -> None:
+        self.client.store(**self._span(spec), block_ids=spec.block_ids)
+
+
+class PoolPath(TransferPath):
+    """lmcache_driven: we map the server's L1 pool and copy chunks into and out of the
+    slots that a prepare request lends us; the commit tells the server we are done
+    (``success=False`` gives the slots back untouched)."""
+
+    name = "the server's L1 pool"
+
+    def __init__(
+        self, client: LMCacheClient, instance_id: int, copier: BlockCopier, pool: ShmSegment
+    ) -> None:
+        super().__init__(client, instance_id, copier)
+        self.pool = pool
+
+    @classmethod
+    def attach(
+        cls, client: LMCacheClient, instance_id: int, copier: BlockCopier, pong: Pong
+    ) -> PoolPath:
+        """Map the pool that ``pong`` announces, or raise `NoSharedMemory`."""
+        if not pong.l1_pool:  # the server tells its pool only to local peers of its own uid
+            raise NoSharedMemory("the server did not offer its L1 pool to this connection")
+        try:
+            pool = ShmSegment.attach(pong.l1_pool, bytes.fromhex(pong.l1_pool_seal))
+        except (OSError, ValueError) as exc:
+            raise NoSharedMemory(
+                f"cannot map the server's L1 pool {pong.l1_pool!r}: {exc}"
+            ) from None
+        return cls(client, instance_id, copier, pool)
+
+    def serves(self, pong: Pong) -> bool:
+        """Whether ``pong`` announces the pool we have mapped (no need to map it again)."""
+        return self.pool.name == pong.l1_pool and self.pool.token.hex() == pong.l1_pool_seal
+
+    @property
+    def memory(self) -> KVMemory:
+        return WorkerCopy()
+
+    def load(self, spec: LoadSpec) -> None:
+        prepared = self.client.prepare_retrieve(**self._span(spec))
+        ok = False
+        try:
+            pool, n = self.pool.array, prepared.chunk_bytes
+            self._scatter(spec, [pool[o : o + n] for o in prepared.offsets])
+            ok = True
+        finally:
+            self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
+
+    def store(self, spec: StoreSpec) -> None:
+        prepared = self.client.prepare_store(**self._span(spec))
+        ok = False
+        try:
+            # -1: the server has that chunk already; a short list: L1 is full (no_space).
+            pool, n = self.pool.array, prepared.chunk_bytes
+            slots = [(i, pool[o : o + n]) for i, o in enumerate(prepared.offsets) if o >= 0]
+            self.copier.gather_range(self._ids(spec), slots)
+            ok = True
+        finally:
+            self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
+
+    def close(self) -> None:
+        # A copy still running keeps its slices of the mapping alive (see ShmSegment.unmap).
+        self.pool.close()
+
+
+class BytesPath(TransferPath):
+    """No shared memory either way: chunk bytes travel as ZMQ data frames. Slower (two
+    extra copies and the socket), but it works across hosts and /dev/shm namespaces."""
+
+    uses_bytes = True
+    name = "bytes in the messages"
+
+    @property
+    def memory(self) -> KVMemory:
+        return WorkerCopy()
+
+    def load(self, spec: LoadSpec) -> None:
+        frames = self.client.retrieve_bytes(**self._span(spec))
+        self._scatter(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
+
+    def store(self, spec: StoreSpec) -> None:
+        size = self.copier.chunk_bytes
+        bufs = [np.empty(size, dtype=np.uint8) for _ in range(self._num_chunks(spec))]
+        self.copier.gather_range(self._ids(spec), enumerate(bufs))
+        self.client.store_bytes(**self._span(spec), chunks=bufs)
