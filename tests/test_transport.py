@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from lmcache.protocol.messages import (
     Store,
     StoreBytes,
 )
-from lmcache.server.handlers import RequestHandler
+from lmcache.server.handlers import RequestHandler, Runs
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
@@ -44,7 +45,7 @@ from lmcache.storage.l1 import L1Cache
 from lmcache.transport.base import Data
 from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
-from lmcache.transport.zmq_server import Frames, Outcome, ZmqServer
+from lmcache.transport.zmq_server import Deferred, Frames, Outcome, ZmqServer
 
 from .conftest import CHUNK, ServerProcess, free_port, register, unique_tokens
 
@@ -53,14 +54,15 @@ SLOW = 999  # Ping(instance_id=SLOW) answers late, from the pool
 
 
 class Echo:
-    """A dispatch that answers pings inline and echoes data frames reversed, from the pool."""
+    """A dispatch that answers pings on the loop and echoes data frames reversed, from the
+    pool."""
 
     def __init__(self) -> None:
-        self.threads: dict[str, set[str]] = {"inline": set(), "pooled": set()}
+        self.threads: dict[str, set[str]] = {"loop": set(), "pooled": set()}
 
-    def __call__(self, req: Request, data: Frames, peer: Peer) -> Reply | Callable[[], Outcome]:
+    def __call__(self, req: Request, data: Frames, peer: Peer) -> Outcome | Deferred:
         if isinstance(req, Ping) and req.instance_id != SLOW:
-            self.threads["inline"].add(threading.current_thread().name)
+            self.threads["loop"].add(threading.current_thread().name)
             return Pong(id=req.id, server_token="t", chunk_size=1, version=str(req.instance_id))
 
         def work() -> Outcome:
@@ -71,7 +73,7 @@ class Echo:
             frames = [bytes(d)[::-1] for d in data]
             return ChunkData(id=req.id, chunks=len(frames), chunk_bytes=len(frames[0])), frames
 
-        return work
+        return Deferred(work)
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def test_inline_replies_on_the_loop_and_data_frames_through_the_pool(
         assert [bytes(f) for f in frames] == [big[::-1], b"llams"]
     finally:
         client.close()
-    assert dispatch.threads["inline"] == {"lmcache-zmq-loop"}
+    assert dispatch.threads["loop"] == {"lmcache-zmq-loop"}
     assert all(name.startswith("lmcache-worker") for name in dispatch.threads["pooled"])
 
 
@@ -176,7 +178,7 @@ def test_a_late_reply_is_never_taken_for_the_next_answer(echo: tuple[Echo, str])
         client.close()
 
 
-def test_lookups_are_answered_inline_and_copies_deferred() -> None:
+def test_lookups_are_answered_on_the_loop_and_copies_deferred() -> None:
     store = ChunkStore(L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU")))
     handler = RequestHandler(
         store=store,
@@ -194,8 +196,8 @@ def test_lookups_are_answered_inline_and_copies_deferred() -> None:
     store = Store(id=3, request_id="r", instance_id=1, tokens=tokens, start=0, end=CHUNK,
                   block_ids=list(range(16)))  # fmt: skip
     deferred = handler.dispatch(store)
-    assert callable(deferred)
-    outcome = deferred()  # run here instead of on the pool: still a typed reply
+    assert isinstance(deferred, Deferred)
+    outcome = deferred.run()  # run here instead of on the pool: still a typed reply
     assert isinstance(outcome, ErrorReply) and outcome.id == 3 and outcome.code == "unknown_engine"
 
 
@@ -314,3 +316,16 @@ def test_a_server_of_another_protocol_version_is_refused(prefer_local: bool) -> 
         FakeTransport(lambda req: Pong(id=req.id, server_token="t", chunk_size=1, version="x"))
     )
     assert same.ping().protocol == PROTOCOL_VERSION
+
+
+def test_every_request_type_has_a_route_that_says_where_it_runs() -> None:
+    store = ChunkStore(L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU")))
+    handler = RequestHandler(
+        store=store, keys=KeySpace(ChunkHasher(CHUNK)), registry=EngineRegistry(CHUNK),
+        sessions=Sessions(store, CHUNK, 30), metrics=Metrics(lambda: {}), server_token="t",
+        lock_ttl=30,
+    )  # fmt: skip
+    assert set(handler.routes) == set(typing.get_args(Request))
+    pooled = {t.__name__ for t, r in handler.routes.items() if r.runs is Runs.POOL}
+    assert pooled == {"Store", "Retrieve", "StoreBytes", "RetrieveBytes"}
+    assert {t.__name__ for t, r in handler.routes.items() if r.takes_data} == {"StoreBytes"}

@@ -25,6 +25,7 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -44,7 +45,16 @@ logger = logging.getLogger(__name__)
 
 Frames = list[memoryview]
 Outcome = Reply | tuple[Reply, list[bytes]]  # a reply, optionally with data frames
-Dispatch = Callable[[Request, Frames, Peer], "Reply | Callable[[], Outcome]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A dispatcher's answer "run this on the worker pool": the reply goes out when done."""
+
+    run: Callable[[], Outcome]
+
+
+Dispatch = Callable[[Request, Frames, Peer], "Outcome | Deferred"]
 MAX_FRAME_BYTES = 256 << 20  # larger frames get a bad_request reply
 # libzmq drops a connection whose frame exceeds this, without a reply: beyond the
 # limit above, so that a frame a little too large is answered, not silently dropped.
@@ -247,12 +257,13 @@ class ZmqServer:
             self._send(router, [identity, encode(req)])
             return
         result = self._dispatch(req, [memoryview(f.buffer) for f in data], peer)
-        if callable(result):
+        if isinstance(result, Deferred):
             self.in_flight += 1
             tag = bytes([self._routers.index(router)])
-            self._pool.submit(self._run_deferred, tag, identity, result)
+            self._pool.submit(self._run_deferred, tag, identity, result.run)
         else:
-            self._send(router, [identity, encode(result)])
+            reply, frames = result if isinstance(result, tuple) else (result, [])
+            self._send(router, [identity, encode(reply), *frames])
 
     def _send(self, router: zmq.Socket[bytes], frames: list[Any]) -> None:
         last = len(frames) - 1
