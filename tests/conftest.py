@@ -1,42 +1,29 @@
-"""Shared fixtures: real `lmcache server` processes on free ports, and a synthetic engine."""
+"""Shared fixtures: real `lmcache server` and `redis-server` processes (`lmcache.processes`,
+the same ones `lmcache bench` starts), and a synthetic engine."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from lmcache.bench.harness import free_port
+from lmcache import processes
 from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.processes import RedisProcess, RedisUnavailable
 
 
 @dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    http_port: int
-    log_path: Path
+class ServerProcess(processes.ServerProcess):
+    """`lmcache.processes.ServerProcess` plus the clients a test opened (closed at stop)."""
+
     clients: list[LMCacheClient] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def client(self, timeout: float = 10.0) -> LMCacheClient:
         c = LMCacheClient.connect("localhost", self.port, timeout=timeout)
@@ -46,44 +33,16 @@ class ServerProcess:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10)
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged; log:\n{self.log()}")
-            time.sleep(0.02)
-
     def stop(self, sig: int = signal.SIGTERM) -> int:
         for c in self.clients:
             c.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return super().stop(sig)
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
-    port, http_port = free_port(), free_port()
-    log = Path(tempfile.mkstemp(prefix="lmcache-server-", suffix=".log")[1])
-    cmd = [
-        sys.executable, "-m", "lmcache.cli", "server",
-        "--port", str(port), "--http-port", str(http_port), "--http-host", "127.0.0.1",
-        "--l1-size-gb", "0.25", *args,
-    ]  # fmt: skip
-    full_env = {**os.environ, **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(proc, port, http_port, log)
-    if wait:
-        deadline = time.monotonic() + 30
-        while "LMCache cache server is running..." not in server.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError(f"server did not start:\n{server.log()}")
-            time.sleep(0.05)
+    """A server with a small L1 (0.25 GiB; ``args`` may override it)."""
+    server = ServerProcess.start("--l1-size-gb", "0.25", *args, env=env, wait=wait, timeout=30)
+    assert isinstance(server, ServerProcess)
     return server
 
 
@@ -131,48 +90,15 @@ def unique_tokens(n: int, seed: int | None = None) -> np.ndarray:
     return rng.integers(0, 50_000, size=n, dtype=np.uint32)
 
 
-REDIS_BIN = shutil.which("redis-server")
-
-
-@dataclass
-class RedisProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def start_redis(port: int | None = None) -> RedisProcess:
-    """A real redis-server on loopback (no persistence), ready to take commands."""
-    if REDIS_BIN is None:
+    """A real redis-server on loopback (no persistence); the test skips without one, unless
+    LMCACHE_REQUIRE_REDIS=1 (CI), where that is an error."""
+    try:
+        return RedisProcess.start(port)
+    except RedisUnavailable:
         if os.environ.get("LMCACHE_REQUIRE_REDIS") == "1":
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+            raise
         pytest.skip("redis-server is not installed")
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return RedisProcess(proc, port)
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
 
 
 def lookup_hit(

@@ -13,10 +13,11 @@ from lmcache.cli import build_parser, settings_from_args
 from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.http.app import create_app
+from lmcache.processes import free_port
 from lmcache.server.runtime import ServerRuntime
 from lmcache.settings import ServerSettings
 
-from .conftest import CHUNK, ServerProcess, free_port, register, start_server, unique_tokens
+from .conftest import CHUNK, ServerProcess, register, start_server, unique_tokens
 
 MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 

@@ -17,9 +17,9 @@ import time
 import httpx
 import pytest
 
-from lmcache.bench.harness import free_port
 from lmcache.client import LMCacheClient
 from lmcache.http.limits import http_connection_limit
+from lmcache.processes import free_port
 from lmcache.server.runtime import ServerRuntime, StartAborted
 from lmcache.settings import ServerSettings
 

@@ -19,9 +19,9 @@ import numpy as np
 import psutil
 import pytest
 
-from lmcache.bench.harness import free_port
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import TransferError
+from lmcache.processes import free_port
 from lmcache.storage.shm import (
     SEAL_BYTES,
     SegmentExistsError,

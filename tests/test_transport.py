@@ -17,6 +17,7 @@ import zmq
 from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import ProtocolMismatchError, ServerUnavailableError
+from lmcache.processes import free_port
 from lmcache.protocol.codec import decode_reply, encode
 from lmcache.protocol.messages import (
     PROTOCOL_VERSION,
@@ -47,7 +48,7 @@ from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
 from lmcache.transport.zmq_server import Deferred, Frames, Outcome, ZmqServer
 
-from .conftest import CHUNK, ServerProcess, free_port, register, unique_tokens
+from .conftest import CHUNK, ServerProcess, register, unique_tokens
 
 MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 SLOW = 999  # Ping(instance_id=SLOW) answers late, from the pool

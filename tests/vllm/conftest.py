@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..conftest import free_port
+from lmcache.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".vllm-test"

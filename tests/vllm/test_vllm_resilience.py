@@ -23,7 +23,7 @@ def wait_for(vllm: VllmProcess, text: str, timeout: float = 30) -> None:
 
 
 def test_vllm_fails_clearly_when_no_server(tiny_model: Path) -> None:
-    from ..conftest import free_port
+    from lmcache.processes import free_port
 
     v = start_vllm(tiny_model, kv_config(free_port()), wait=False)
     try:

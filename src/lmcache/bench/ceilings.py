@@ -22,10 +22,9 @@ import numpy as np
 import zmq
 
 from lmcache.engine.transfer import BlockCopier
+from lmcache.processes import free_port
 from lmcache.protocol.messages import KVLayout
 from lmcache.storage.shm import ShmSegment
-
-from .harness import free_port
 
 
 def prefaulted_segment(nbytes: int, tag: str) -> ShmSegment:

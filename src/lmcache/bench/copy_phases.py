@@ -10,10 +10,11 @@ import functools
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from lmcache.processes import ServerProcess
 from lmcache.storage.shm import ShmSegment
 
 from .ceilings import InProcessCopy, PlainCopy
-from .harness import GB, ServerProc, median, parallel_seconds
+from .harness import GB, median, parallel_seconds
 from .report import Row, Target
 from .shapes import ModelShape
 from .transfers import Scenario, SyntheticEngine
@@ -27,7 +28,7 @@ def _gbps(nbytes: int, seconds: list[float]) -> float:
 
 
 def measure_scenario(
-    server: ServerProc, shape: ModelShape, sc: Scenario, tokens: int, reps: int
+    server: ServerProcess, shape: ModelShape, sc: Scenario, tokens: int, reps: int
 ) -> tuple[list[Row], dict[str, list[float]]]:
     """Store and retrieve ``tokens`` in total, split evenly over ``sc.engines`` engines."""
     per_engine = tokens // sc.engines
@@ -93,7 +94,7 @@ def measure_scenario(
 
 
 def measure_eviction(
-    server: ServerProc, shape: ModelShape, tokens: int, reps: int
+    server: ServerProcess, shape: ModelShape, tokens: int, reps: int
 ) -> tuple[list[Row], dict[str, object]]:
     """Store throughput with L1 empty vs. L1 full (every store evicts older chunks)."""
     sc = Scenario(block_tokens=16, chunk_tokens=256, mode="engine_driven", engines=1)

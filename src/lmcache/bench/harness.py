@@ -1,22 +1,13 @@
-"""What every benchmark phase needs: a server subprocess, statistics, a thread runner."""
+"""What every benchmark phase needs beside the processes (`lmcache.processes`):
+statistics, CPU accounting and a thread runner."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -24,12 +15,6 @@ GB = 1e9
 VOCAB = 151_000
 
 Worker = tuple[Callable[[], None], Callable[[], None]]  # (one step, close)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def median(xs: Sequence[float]) -> float:
@@ -50,64 +35,6 @@ def random_tokens(n: int, seed: int) -> bytes:
     """``n`` token ids as little-endian uint32 (the wire format), distinct per seed."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, VOCAB, size=n, dtype=np.uint32).astype("<u4").tobytes()
-
-
-@dataclass
-class ServerProc:
-    """A real ``lmcache server`` subprocess on free loopback ports."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    http_port: int
-    log_path: Path
-    startup_s: float
-
-    @classmethod
-    def start(cls, *flags: str, env: dict[str, str] | None = None) -> ServerProc:
-        port, http_port = free_port(), free_port()
-        fd, name = tempfile.mkstemp(prefix="lmcache-bench-server-", suffix=".log")
-        log = Path(name)
-        cmd = [
-            sys.executable, "-m", "lmcache.cli", "server", "--port", str(port),
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), *flags,
-        ]  # fmt: skip
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=fd, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-        os.close(fd)
-        server = cls(proc, port, http_port, log, 0.0)
-        deadline = time.monotonic() + 120
-        while "LMCache cache server is running..." not in server.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError(f"server did not start:\n{server.log()[-4000:]}")
-            time.sleep(0.05)
-        server.startup_s = time.perf_counter() - t0
-        return server
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def http(self, method: str, path: str) -> dict[str, Any]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method)
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-        return body
-
-    def status(self) -> dict[str, Any]:
-        return self.http("GET", "/status")
-
-    def stop(self) -> int:
-        """SIGTERM, as a user would; the exit code must be 0."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return -9
 
 
 class CpuAccount:

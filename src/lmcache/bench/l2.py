@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from lmcache.processes import RedisProcess, ServerProcess
+
 from .ceilings import RawFiles, RawRedis
-from .harness import GB, ServerProc, free_port, median
+from .harness import GB, median
 from .report import Row, Target
 from .shapes import ModelShape
 from .transfers import Scenario, SyntheticEngine, model_fields
@@ -33,44 +33,7 @@ from .transfers import Scenario, SyntheticEngine, model_fields
 REDIS_TARGET = Target("value", ">=", 1.0)  # GB/s on loopback
 
 
-class RedisServer:
-    """A throwaway redis-server on a free loopback port (no persistence)."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not self._pong():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def _pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
-def _wait_stored(server: ServerProc, want: int, timeout: float = 300) -> None:
+def _wait_stored(server: ServerProcess, want: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while True:
         tier = server.status()["l2_adapters"][0]
@@ -103,7 +66,7 @@ def measure_tier(
     tokens: int, reps: int,
 ) -> tuple[list[Row], dict[str, Any]]:  # fmt: skip
     sc = Scenario(block_tokens=16, chunk_tokens=256, mode="engine_driven", engines=1)
-    server = ServerProc.start("--l2-adapter", json.dumps(adapter), "--l1-size-gb", "4")
+    server = ServerProcess.start("--l2-adapter", json.dumps(adapter), "--l1-size-gb", "4")
     engine: SyntheticEngine | None = None
     t: dict[str, list[float]] = {"store": [], "prefetch": [], "raw_write": [], "raw_read": []}
     try:
@@ -117,7 +80,7 @@ def measure_tier(
             stored += chunks
             _wait_stored(server, stored)
             t_store = time.perf_counter() - t0
-            server.http("POST", "/clear-cache")
+            server.http_json("POST", "/clear-cache")
             t0 = time.perf_counter()
             _wait_hit(engine, prompt, f"bench-l2-{rep}")
             t_prefetch = time.perf_counter() - t0
@@ -180,7 +143,7 @@ def measure_l2(
         shutil.rmtree(base, ignore_errors=True)
     if not with_redis:
         return rows, raw_out
-    redis = None if redis_url else RedisServer()
+    redis = None if redis_url else RedisProcess.start()
     url = redis_url or (redis.url if redis else "")
     try:
         adapter = {"type": "redis", "url": url}

@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 
 from lmcache.client import LMCacheClient
+from lmcache.processes import ServerProcess
 from lmcache.protocol.codec import encode
 from lmcache.protocol.messages import Lookup, LookupReply
 
 from .ceilings import EchoProcess, RawZmq
-from .harness import ServerProc, Worker, percentile_us, run_threads
+from .harness import Worker, percentile_us, run_threads
 from .report import Row, Target
 from .shapes import ModelShape
 from .transfers import Scenario, SyntheticEngine, model_fields
@@ -53,7 +54,7 @@ def _raw_workers(port: int, frame: bytes, n: int) -> list[Worker]:
 
 def measure_lookups(
     *,
-    server: ServerProc, shape: ModelShape, tokens: int, rounds: int, seconds: float,
+    server: ServerProcess, shape: ModelShape, tokens: int, rounds: int, seconds: float,
     concurrency: tuple[int, ...],
 ) -> tuple[list[Row], dict[str, object]]:  # fmt: skip
     sc = Scenario(block_tokens=16, chunk_tokens=256, mode="engine_driven", engines=1)

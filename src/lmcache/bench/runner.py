@@ -11,8 +11,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmcache.processes import ServerProcess
+
 from .copy_phases import measure_eviction, measure_scenario
-from .harness import CpuAccount, ServerProc
+from .harness import CpuAccount
 from .l2 import measure_l2
 from .lookups import measure_lookups
 from .report import Row, document, format_table, summary
@@ -40,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("lmcache bench: --tokens must be a positive multiple of 1024")
     shape: ModelShape = args.model_shape
     plan: list[tuple[str, Phase]] = []
-    servers: dict[int, ServerProc] = {}
+    servers: dict[int, ServerProcess] = {}
 
-    def server(chunk: int) -> ServerProc:
+    def server(chunk: int) -> ServerProcess:
         if chunk not in servers:
-            servers[chunk] = ServerProc.start(
+            servers[chunk] = ServerProcess.start(
                 "--chunk-size", str(chunk), "--l1-size-gb", str(args.l1_size_gb),
                 "--lock-ttl-s", "300",
             )  # fmt: skip

@@ -1,0 +1,164 @@
+"""Real processes that the tests and `lmcache bench` start: an `lmcache server` and a
+`redis-server`, each on free loopback ports, stopped by whoever started them.
+
+One module for both, so that the benchmark drives the server exactly as the tests do
+(same command line, same readiness check, same stop), and neither imports the other.
+
+    ServerProcess.start(*flags) ─> `python -m lmcache.cli server --port P --http-port H ...`
+                                   ready when the log says "LMCache cache server is running..."
+    RedisProcess.start()        ─> `redis-server --port P --save "" --appendonly no`
+                                   ready when it answers PING
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+READY_LINE = "LMCache cache server is running..."
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A real ``lmcache server`` subprocess on free loopback ports; its output in a file."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    http_port: int
+    log_path: Path
+    startup_s: float = 0.0
+
+    @classmethod
+    def start(
+        cls, *flags: str, env: dict[str, str] | None = None, wait: bool = True,
+        timeout: float = 120.0,
+    ) -> ServerProcess:  # fmt: skip
+        """Start a server with ``flags`` (and ``env`` on top of ours); ``wait``: until ready
+        (RuntimeError with its log if it exits or is not ready within ``timeout``)."""
+        port, http_port = free_port(), free_port()
+        fd, name = tempfile.mkstemp(prefix="lmcache-server-", suffix=".log")
+        cmd = [
+            sys.executable, "-m", "lmcache.cli", "server", "--port", str(port),
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), *flags,
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                cmd, stdout=fd, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        finally:
+            os.close(fd)
+        server = cls(proc, port, http_port, Path(name))
+        if wait:
+            server.wait_ready(timeout)
+            server.startup_s = time.perf_counter() - t0
+        return server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged; log:\n{self.log()}")
+            time.sleep(0.02)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while READY_LINE not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def http_json(self, method: str, path: str) -> dict[str, Any]:
+        req = urllib.request.Request(self.url + path, method=method)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+        return body
+
+    def status(self) -> dict[str, Any]:
+        return self.http_json("GET", "/status")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (SIGTERM, as a user would) and return the exit code; killed if it
+        does not exit within 30 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+class RedisUnavailable(RuntimeError):
+    """There is no redis-server binary on this machine."""
+
+
+@dataclass
+class RedisProcess:
+    """A throwaway redis-server on loopback (no persistence)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @classmethod
+    def start(cls, port: int | None = None, timeout: float = 10.0) -> RedisProcess:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisUnavailable("redis-server is not installed (apt-get install redis-server)")
+        port = port or free_port()
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        redis = cls(proc, port)
+        deadline = time.monotonic() + timeout
+        while not redis.pong():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                redis.stop()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        return redis
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
