@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     if command == "server":
-        from lmcache.server.runtime import run_server
+        from lmcache.server.process import run_server
 
         return run_server(settings_from_args(args))
     if command == "bench":

@@ -1,7 +1,7 @@
 """HTTP serving bounds that uvicorn lacks: sockets bound before anything is allocated,
 a descriptor budget, and a protocol that caps connections and header time and size.
 
-`lmcache.server.runtime.run_server` uses all of it; see `bounded_http_protocol`.
+`lmcache.server.process.run_server` uses all of it; see `bounded_http_protocol`.
 """
 
 from __future__ import annotations
