@@ -46,7 +46,7 @@ from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry, check_identity, pid_alive
-from lmcache.server.sessions import Session, Sessions
+from lmcache.server.sessions import Sessions
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
@@ -283,12 +283,9 @@ class RequestHandler:
             self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
         rest = groups[lease.hit_groups :]  # L1 missed these: ask L2
-        session = self.sessions.start(req.request_id, lease, groups, pending=True, pid=pid)
-        self.tiers.prefetch(session, rest, layouts, self._count_hit)
+        job = self.tiers.prefetch(lease, rest, layouts)
+        self.sessions.start(req.request_id, lease, groups, prefetch=job, pid=pid)
         return LookupReply(id=req.id, hit_tokens=None)
-
-    def _count_hit(self, session: Session) -> None:
-        self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
 
     def _l2_layouts(self, req: Lookup) -> list[ChunkLayout] | None:
         """Every rank's chunk layout, if every rank's engine is registered (else no L2)."""
@@ -304,6 +301,8 @@ class RequestHandler:
         if session is None:
             logger.warning("lookup status asked for unknown request %r", req.request_id[:200])
             return LookupReply(id=req.id, hit_tokens=0)
+        if self.sessions.poll(session):  # the L2 prefetch just finished: the hit is known
+            self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
         return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
 
     def _free_lookup(self, req: FreeLookup) -> Reply:

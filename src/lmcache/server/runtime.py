@@ -135,7 +135,7 @@ class ServerRuntime:
         self.sessions = Sessions(store, s.chunk_size, s.lock_ttl_s)
         if write_behind is not None:
             self.tiers = TieredStore(
-                store, self.sessions, self._adapters, write_behind,
+                store, self._adapters, write_behind,
                 prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
             )  # fmt: skip
             self.tiers.start()

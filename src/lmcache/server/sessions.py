@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from lmcache.errors import BadRequestError
@@ -34,6 +35,8 @@ class Session:
     groups: list[list[ObjectKey]] = field(default_factory=list)
     expires: float = 0.0
     pid: int | None = None  # the process that looked it up (None: unknown)
+    # An L2 prefetch still loading more chunks into the lease (see `Sessions.poll`).
+    prefetch: Future[list[list[ObjectKey]]] | None = None
 
     def keys_in(self, start: int, end: int | None) -> Iterator[ObjectKey]:
         first = start // self.chunk_size
@@ -57,18 +60,19 @@ class Sessions:
         request_id: str,
         lease: Lease,
         groups: list[list[ObjectKey]],
-        pending: bool = False,
+        prefetch: Future[list[list[ObjectKey]]] | None = None,
         pid: int | None = None,
     ) -> Session:
-        """A lookup's result; ``pending`` while L2 chunks are still being loaded."""
+        """A lookup's result; its hit is unknown (None) while ``prefetch`` loads chunks."""
         session = Session(
             request_id,
             lease,
-            None if pending else lease.hit_groups * self._chunk_size,
+            None if prefetch is not None else lease.hit_groups * self._chunk_size,
             self._chunk_size,
             groups[: lease.hit_groups],
             time.monotonic() + self._ttl,
             pid,
+            prefetch,
         )
         with self._lock:
             full = len(self._sessions) >= MAX_SESSIONS and request_id not in self._sessions
@@ -84,11 +88,20 @@ class Sessions:
             self._store.unpin(old.lease)
         return session
 
-    def finish(self, session: Session, loaded: list[list[ObjectKey]]) -> None:
-        """The L2 prefetch of a pending lookup is done: ``loaded`` chunks are now pinned."""
+    def poll(self, session: Session) -> bool:
+        """Take in a finished L2 prefetch (its chunks are pinned in the lease by now): the
+        hit becomes known. True only for the call that resolved it."""
+        job = session.prefetch
+        if job is None or not job.done():
+            return False
         with self._lock:
+            if session.prefetch is not job:
+                return False  # another poll got here first
+            session.prefetch = None
+            loaded = job.result() if job.exception() is None else []
             session.groups.extend(loaded)
             session.hit_tokens = len(session.groups) * self._chunk_size
+        return True
 
     def get(self, request_id: str) -> Session | None:
         return self._sessions.get(request_id)

@@ -3,7 +3,8 @@
     store ─> L1 commit ─> WriteBehind (bounded; full = skip and count) ─> writer ─> every L2
     lookup ─> L1 prefix ─> rest: one batched `exists` per adapter ─> prefetch job:
               L2 ─get_into─> new L1 object ─commit─> pinned into the lookup's lease
-              the lookup answers "pending" until the job is done, then the full hit
+              the lookup answers "pending"; its session polls the job's handle (a Future)
+              and answers the full hit once it is done
 
 L2 keys also encode the chunk layout (`lmcache.storage.keyspace.l2_key`), so an engine
 never loads bytes written by an engine with another layout, even one of the same size.
@@ -17,17 +18,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
-from lmcache.server.sessions import Session, Sessions
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keyspace import l2_key
+from lmcache.storage.l1 import Lease
 from lmcache.storage.l2.base import L2Adapter, L2Error
 from lmcache.types import ObjectKey
 
@@ -101,7 +102,6 @@ class TieredStore:
     def __init__(
         self,
         store: ChunkStore,
-        sessions: Sessions,
         adapters: Sequence[L2Adapter],
         write_behind: WriteBehind,
         *,
@@ -109,7 +109,6 @@ class TieredStore:
         breaker_s: float = L2_BREAKER_S,
     ) -> None:
         self.store = store
-        self.sessions = sessions
         self.adapters = list(adapters)
         self.write_behind = write_behind
         self.prefetch_workers = prefetch_workers  # --l2-prefetch-workers
@@ -173,23 +172,16 @@ class TieredStore:
     # ----- read path -----------------------------------------------------------------------
 
     def prefetch(
-        self,
-        session: Session,
-        groups: list[list[ObjectKey]],
-        layouts: list[ChunkLayout],
-        done: Callable[[Session], None],
-    ) -> None:
+        self, lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
+    ) -> Future[list[list[ObjectKey]]]:
         """Find the chunk ``groups`` (those after the L1 hit) in L2 and load the longest run
-        into L1, in the background; the session is pending until then, then ``done``."""
-        self._prefetch.submit(self._find_and_load, session, groups, layouts, done)
+        into L1, pinned into ``lease``, in the background. The handle's result is the groups
+        loaded (possibly none); the lookup's session polls it (`Sessions.poll`)."""
+        return self._prefetch.submit(self._find_and_load, lease, groups, layouts)
 
     def _find_and_load(
-        self,
-        session: Session,
-        groups: list[list[ObjectKey]],
-        layouts: list[ChunkLayout],
-        done: Callable[[Session], None],
-    ) -> None:
+        self, lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
+    ) -> list[list[ObjectKey]]:
         try:
             sources = self._locate(groups, layouts)
         except Exception:
@@ -198,8 +190,7 @@ class TieredStore:
         run = 0
         while run < len(sources) and all(s is not None for s in sources[run]):
             run += 1
-        self._load(session, groups[:run], layouts, sources[:run])
-        done(session)
+        return self._load(lease, groups[:run], layouts, sources[:run])
 
     def _locate(
         self, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
@@ -225,11 +216,11 @@ class TieredStore:
 
     def _load(
         self,
-        session: Session,
+        lease: Lease,
         groups: list[list[ObjectKey]],
         layouts: list[ChunkLayout],
         sources: list[list[L2Adapter | None]],
-    ) -> None:
+    ) -> list[list[ObjectKey]]:
         loaded: list[list[ObjectKey]] = []
         start = time.perf_counter()
         try:
@@ -239,7 +230,7 @@ class TieredStore:
                     for k, lay, a in zip(group, layouts, where, strict=True)
                 ):
                     break
-                if self.store.extend(session.lease, [group]) != 1:
+                if self.store.extend(lease, [group]) != 1:
                     break  # evicted again already, or the session ended
                 loaded.append(group)
         except Exception:
@@ -247,7 +238,7 @@ class TieredStore:
             logger.exception("L2 prefetch failed")
         finally:
             self.counters.add(prefetch_seconds=time.perf_counter() - start)
-            self.sessions.finish(session, loaded)
+        return loaded
 
     def _load_one(self, key: ObjectKey, layout: ChunkLayout, adapter: L2Adapter | None) -> bool:
         if adapter is None:
