@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import msgspec
@@ -43,7 +42,7 @@ from lmcache.storage.eviction import make_policy
 from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import L1Cache
-from lmcache.transport.base import Data
+from lmcache.transport.base import MockTransport
 from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
 from lmcache.transport.zmq_server import Deferred, Frames, Outcome, ZmqServer
@@ -280,31 +279,16 @@ def test_stray_replies_are_skipped_within_the_deadline() -> None:
         router.close(linger=0)
 
 
-class FakeTransport:
-    """A `Transport` whose replies come from a function (like httpx's MockTransport)."""
-
-    def __init__(self, handler: Callable[[Request], Reply]) -> None:
-        self.handler = handler
-
-    def call(
-        self, request: Request, timeout: float | None = None, data: Sequence[Any] = ()
-    ) -> tuple[Reply, Data]:
-        return self.handler(request), []
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("prefer_local", [False, True])
 def test_a_server_of_another_protocol_version_is_refused(prefer_local: bool) -> None:
     other = PROTOCOL_VERSION + 1
 
-    def server(req: Request) -> Reply:
+    def server(req: Request, data: list[bytes]) -> Reply:
         if isinstance(req, Ping):
             return Pong(id=req.id, server_token="t", chunk_size=1, version="9.0", protocol=other)
         return Ok(id=req.id)
 
-    client = LMCacheClient(FakeTransport(server), prefer_local=prefer_local)
+    client = LMCacheClient(MockTransport(server), prefer_local=prefer_local)
     expected = (
         f"version 9.0\\) speaks protocol {other}, this client speaks protocol {PROTOCOL_VERSION}"
     )
@@ -314,7 +298,7 @@ def test_a_server_of_another_protocol_version_is_refused(prefer_local: bool) -> 
         else:
             client.ping()
     same = LMCacheClient(
-        FakeTransport(lambda req: Pong(id=req.id, server_token="t", chunk_size=1, version="x"))
+        MockTransport(lambda req, _: Pong(id=req.id, server_token="t", chunk_size=1, version="x"))
     )
     assert same.ping().protocol == PROTOCOL_VERSION
 

@@ -104,6 +104,7 @@ class ZmqTransport:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._lock = threading.Lock()
         self._rcvtimeo = -1  # the socket's current RCVTIMEO (ms), set only when it changes
+        self._closed = False
         self._sock = self._connect()
 
     def _connect(self) -> zmq.Socket[bytes]:
@@ -124,6 +125,8 @@ class ZmqTransport:
         timeout = self.timeout if timeout is None else timeout
         payload = encode(request)
         with self._lock:
+            if self._closed:
+                raise ServerUnavailableError(f"the transport to {self.endpoint} is closed")
             sock = self._sock
             try:
                 if data:
@@ -169,6 +172,7 @@ class ZmqTransport:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._sock.close(linger=0)
 
 
