@@ -33,15 +33,11 @@ from lmcache.protocol.messages import (
     Store,
     StoreBytes,
 )
+from lmcache.server.build import build
 from lmcache.server.handlers import RequestHandler, Runs
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
-from lmcache.server.sessions import Sessions
-from lmcache.storage.chunk_store import ChunkStore
-from lmcache.storage.eviction import make_policy
-from lmcache.storage.keys import ChunkHasher
-from lmcache.storage.keyspace import KeySpace
-from lmcache.storage.l1 import L1Cache
+from lmcache.settings import ServerSettings
 from lmcache.transport.base import MockTransport
 from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
@@ -178,17 +174,15 @@ def test_a_late_reply_is_never_taken_for_the_next_answer(echo: tuple[Echo, str])
         client.close()
 
 
+def small_handler() -> RequestHandler:
+    """The server's parts over a 1 MiB numpy pool, as `lmcache server` wires them."""
+    settings = ServerSettings(chunk_size=CHUNK, lock_ttl_s=30)
+    pool = np.zeros(1 << 20, dtype=np.uint8)
+    return build(settings, pool, registry=EngineRegistry(CHUNK), metrics=Metrics(dict)).handler
+
+
 def test_lookups_are_answered_on_the_loop_and_copies_deferred() -> None:
-    store = ChunkStore(L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU")))
-    handler = RequestHandler(
-        store=store,
-        keys=KeySpace(ChunkHasher(CHUNK)),
-        registry=EngineRegistry(CHUNK),
-        sessions=Sessions(store, CHUNK, 30),
-        metrics=Metrics(lambda: {}),
-        server_token="t",
-        lock_ttl=30,
-    )
+    handler = small_handler()
     tokens = unique_tokens(2 * CHUNK).astype("<u4").tobytes()
     lookup = Lookup(id=1, request_id="r", tokens=tokens, **MODEL)  # type: ignore[arg-type]
     assert handler.dispatch(lookup) == LookupReply(id=1, hit_tokens=0)
@@ -304,12 +298,7 @@ def test_a_server_of_another_protocol_version_is_refused(prefer_local: bool) -> 
 
 
 def test_every_request_type_has_a_route_that_says_where_it_runs() -> None:
-    store = ChunkStore(L1Cache(np.zeros(1 << 20, dtype=np.uint8), make_policy("LRU")))
-    handler = RequestHandler(
-        store=store, keys=KeySpace(ChunkHasher(CHUNK)), registry=EngineRegistry(CHUNK),
-        sessions=Sessions(store, CHUNK, 30), metrics=Metrics(lambda: {}), server_token="t",
-        lock_ttl=30,
-    )  # fmt: skip
+    handler = small_handler()
     assert set(handler.routes) == set(typing.get_args(Request))
     pooled = {t.__name__ for t, r in handler.routes.items() if r.runs is Runs.POOL}
     assert pooled == {"Store", "Retrieve", "StoreBytes", "RetrieveBytes"}

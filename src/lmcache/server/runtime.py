@@ -1,12 +1,11 @@
-"""The composition root: builds every component from settings, runs the maintenance
-thread and answers the HTTP views (`lmcache.http.app.ServerView`). The process around it
-(signals, uvicorn, start-up order, exit codes) is `lmcache.server.process`.
+"""The server's life inside the process: allocate the L1 pool, wire the parts over it
+(`lmcache.server.build`), start the L2 writer, the ZMQ server and the maintenance thread,
+answer the HTTP views (`lmcache.http.app.ServerView`), and free everything at stop. The
+process around it (signals, uvicorn, start-up order, exit codes) is `lmcache.server.process`.
 
-    settings ─> L1 pool (POSIX shm) ─> L1Cache ─┐
-                EngineRegistry ─────────────────┼─> RequestHandler ─> ZmqServer (port 5555)
-                Sessions, Metrics ──────────────┘            │
-                Maintenance thread (lock/session TTLs)       │
-    FastAPI app (port 8080) ── health / status / clear / metrics
+    settings ─> L2 adapters ─> stale segments removed ─> L1 pool (POSIX shm, pre-faulted)
+             ─> build(settings, pool) ─> RequestHandler ─> ZmqServer (tcp + local endpoint)
+             ─> maintenance thread (lock/session TTLs, dead engines)
 
 `start` and `stop` exclude each other (one lock): a stop during start-up (SIGTERM while
 the pool is pre-faulted) waits for the current step, and start then frees everything it
@@ -24,17 +23,14 @@ import uuid
 from typing import Any
 
 from lmcache import __version__
+from lmcache.server.build import build
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import TieredStore, WriteBehind
+from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
-from lmcache.storage.chunk_store import ChunkStore
-from lmcache.storage.eviction import make_policy
-from lmcache.storage.keys import ChunkHasher
-from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import L2Adapter, make_adapter
 from lmcache.storage.shm import ShmSegment, unlink_stale_segments
@@ -125,35 +121,22 @@ class ServerRuntime:
         # that a worker found the right segment, and is never a credential.
         self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
         self._check_abort()  # the pre-fault above is the long step
-        self.l1 = L1Cache(self._segment.array, make_policy(s.eviction_policy))
-        # L2's write-behind queue is the store's one hook: every chunk that becomes READY
-        # from an engine (not from L2) is offered to it.
-        write_behind = WriteBehind(s.l2_queue_size) if self._adapters else None
-        store = ChunkStore(
-            self.l1, on_stored=write_behind.offer if write_behind is not None else None
+        core = build(
+            s, self._segment.array, registry=self.registry, metrics=self.metrics,
+            adapters=self._adapters, server_token=self.server_token,
+            pool_name=self._segment.name, pool_seal=self._segment.token.hex(),
+            local_endpoint=f"ipc://{local_path}",
+        )  # fmt: skip
+        self.l1, self.sessions, self.tiers, handler = (
+            core.l1,
+            core.sessions,
+            core.tiers,
+            core.handler,
         )
-        self.sessions = Sessions(store, s.chunk_size, s.lock_ttl_s)
-        if write_behind is not None:
-            self.tiers = TieredStore(
-                store, self._adapters, write_behind,
-                prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
-            )  # fmt: skip
+        if self.tiers is not None:
             self.tiers.start()
             for adapter in self._adapters:
                 logger.info("L2 adapter %s", adapter.name)
-        handler = RequestHandler(
-            store=store,
-            keys=KeySpace(ChunkHasher(s.chunk_size, s.hash_algorithm, s.hash_memo_bytes)),
-            registry=self.registry,
-            sessions=self.sessions,
-            metrics=self.metrics,
-            server_token=self.server_token,
-            lock_ttl=s.lock_ttl_s,
-            pool_name=self._segment.name,
-            pool_seal=self._segment.token.hex(),
-            local_endpoint=f"ipc://{local_path}",
-            tiers=self.tiers,
-        )
         self._prepared = handler.prepared
         self._handler = handler
         curve = CurveServerKeys.from_dir(s.curve_keys_dir) if s.curve_keys_dir else None

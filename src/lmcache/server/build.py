@@ -1,0 +1,75 @@
+"""Composition: the server's parts for one L1 pool, wired together, nothing started.
+
+    settings, pool ─> L1Cache ─> ChunkStore ──(on_stored)──> WriteBehind ─> TieredStore
+                                    │                                          │
+                        Sessions <──┤        KeySpace (hasher, digests)        │
+                                    └──────> RequestHandler <──────────────────┘
+
+`build` allocates nothing and starts no thread, so it is cheap to call in a test with a
+numpy array as the pool; `lmcache.server.runtime.ServerRuntime` allocates the shared pool,
+calls it, then starts the L2 writer, the ZMQ server and the maintenance thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmcache.server.handlers import RequestHandler
+from lmcache.server.metrics import Metrics
+from lmcache.server.registry import EngineRegistry
+from lmcache.server.sessions import Sessions
+from lmcache.server.tiers import TieredStore, WriteBehind
+from lmcache.settings import ServerSettings
+from lmcache.storage.chunk_store import ChunkStore
+from lmcache.storage.eviction import make_policy
+from lmcache.storage.keys import ChunkHasher
+from lmcache.storage.keyspace import KeySpace
+from lmcache.storage.l1 import L1Cache
+from lmcache.storage.l2 import L2Adapter
+
+
+@dataclass(frozen=True)
+class Core:
+    l1: L1Cache
+    store: ChunkStore
+    sessions: Sessions
+    tiers: TieredStore | None  # None without L2 adapters
+    handler: RequestHandler
+
+
+def build(
+    settings: ServerSettings, pool: np.ndarray, *, registry: EngineRegistry, metrics: Metrics,
+    adapters: Sequence[L2Adapter] = (), server_token: str = "", pool_name: str = "",
+    pool_seal: str = "", local_endpoint: str = "",
+) -> Core:  # fmt: skip
+    """Wire the parts over ``pool`` (the L1 bytes) as ``settings`` say."""
+    s = settings
+    l1 = L1Cache(pool, make_policy(s.eviction_policy))
+    # L2's write-behind queue is the store's one hook: every chunk that becomes READY from
+    # an engine (not from L2) is offered to it.
+    write_behind = WriteBehind(s.l2_queue_size) if adapters else None
+    store = ChunkStore(l1, on_stored=write_behind.offer if write_behind is not None else None)
+    sessions = Sessions(store, s.chunk_size, s.lock_ttl_s)
+    tiers = None
+    if write_behind is not None:
+        tiers = TieredStore(
+            store, adapters, write_behind,
+            prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
+        )  # fmt: skip
+    handler = RequestHandler(
+        store=store,
+        keys=KeySpace(ChunkHasher(s.chunk_size, s.hash_algorithm, s.hash_memo_bytes)),
+        registry=registry,
+        sessions=sessions,
+        metrics=metrics,
+        server_token=server_token,
+        lock_ttl=s.lock_ttl_s,
+        pool_name=pool_name,
+        pool_seal=pool_seal,
+        local_endpoint=local_endpoint,
+        tiers=tiers,
+    )
+    return Core(l1, store, sessions, tiers, handler)
