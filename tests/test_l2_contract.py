@@ -371,6 +371,36 @@ def test_capacity_evicts_least_recently_used(backend: Backend) -> None:
         assert len(files) == 4 and sum(f.stat().st_size for f in files) == s["bytes"]
 
 
+@pytest.mark.parametrize(
+    ("policy", "survivors"),
+    [
+        ("LRU", [True, False, True, True, True]),  # 1: least recently used (0 was read)
+        ("LFU", [True, False, False, True, True]),  # 1 and 2: never read (0 and 3 were)
+        ("FIFO", [False, True, True, True, True]),  # 0: oldest, reads do not matter
+    ],
+)
+def test_capacity_follows_the_eviction_policy(
+    backend: Backend, policy: str, survivors: list[bool]
+) -> None:
+    """Bounded adapters drop objects in the order of the L1's own policies."""
+    if backend.redis is not None:
+        pytest.skip("Redis adapters are unbounded (Redis' own maxmemory policy applies)")
+    size = 200_000
+    a = backend.new(max_capacity_gb=capacity_gb(4 * (size + HEADER_SIZE)), eviction_policy=policy)
+    for i in range(4):
+        a.put(key(i), blob(size, seed=i))
+    out = memoryview(bytearray(size))
+    for k in (0, 0, 3):
+        assert a.get_into(key(k), out)
+    a.put(key(4), blob(size, seed=4))  # over capacity: one object goes ...
+    if policy == "LFU":  # ... and for LFU the next newcomer pushes out the other unread one
+        assert a.get_into(key(4), out)
+        a.put(key(5), blob(size, seed=5))
+    assert a.exists([key(i) for i in range(5)]) == survivors
+    assert a.stats()["eviction_policy"] == policy
+    assert a.stats()["bytes"] <= a.stats()["capacity_bytes"]
+
+
 @pytest.mark.parametrize("offset", [0, 4 * MiB + 3])
 def test_corrupted_payload_is_a_miss_and_deleted(backend: Backend, offset: int) -> None:
     a = backend.new()
@@ -567,6 +597,8 @@ def test_fs_io_error_raises_l2error_and_marks_unhealthy(tmp_path: Path) -> None:
         ({"type": "fs", "path": "/x", "max_capacity_gb": -1}, "'max_capacity_gb' must be"),
         ({"type": "fs", "path": "/x", "max_capacity_gb": "big"}, "'max_capacity_gb' must be"),
         ({"type": "memory", "max_capacity_gb": True}, "'max_capacity_gb' must be"),
+        ({"type": "fs", "path": "/x", "eviction_policy": "MRU"}, "'eviction_policy': unknown"),
+        ({"type": "memory", "eviction_policy": 3}, "'eviction_policy' must be a string"),
         ({"type": "redis"}, "l2 adapter 'redis': 'url' is required"),
         ({"type": "redis", "url": "http://h:1"}, "'url' scheme must be"),
         ({"type": "redis", "url": "redis://h:99999"}, "'url' is not a valid URL"),

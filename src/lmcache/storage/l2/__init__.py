@@ -2,7 +2,7 @@
 
     make_adapter({"type": ...}) ──> L2Adapter
                                      ├── MemoryL2   dict in this process (tests)
-                                     ├── FsL2       one file per object, own LRU capacity
+                                     ├── FsL2       one file per object, capacity by policy
                                      └── RedisL2    Redis / Valkey / Redis Cluster, parts + meta
 
 Every stored object carries a header with its length and checksum (`format`), so
@@ -11,10 +11,10 @@ answers a miss instead of wrong bytes.
 
 Configs (one JSON object per ``--l2-adapter``)::
 
-    {"type": "fs", "path": "/data/kv", "max_capacity_gb": 500}
+    {"type": "fs", "path": "/data/kv", "max_capacity_gb": 500, "eviction_policy": "LRU"}
     {"type": "redis", "url": "redis://host:6379/0"}   (optional: part_mb, timeout_s,
                                                       retries, key_prefix, cluster)
-    {"type": "memory", "max_capacity_gb": 1}
+    {"type": "memory", "max_capacity_gb": 1}            (optional: eviction_policy)
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ __all__ = ["L2Adapter", "L2Error", "make_adapter"]
 def _fs(c: Mapping[str, Any]) -> L2Adapter:
     from lmcache.storage.l2.fs import FsL2
 
-    return FsL2(_string(c, "fs", "path"), c.get("max_capacity_gb"))
+    return FsL2(_string(c, "fs", "path"), c.get("max_capacity_gb"), c.get("eviction_policy", "LRU"))
 
 
 def _memory(c: Mapping[str, Any]) -> L2Adapter:
     from lmcache.storage.l2.memory import MemoryL2
 
-    return MemoryL2(c.get("max_capacity_gb"), _string(c, "memory", "name", "memory"))
+    return MemoryL2(
+        c.get("max_capacity_gb"), _string(c, "memory", "name", "memory"),
+        c.get("eviction_policy", "LRU"),
+    )  # fmt: skip
 
 
 def _redis(c: Mapping[str, Any]) -> L2Adapter:
@@ -57,8 +60,8 @@ def _redis(c: Mapping[str, Any]) -> L2Adapter:
 
 # type -> (builder, the keys it takes besides "type")
 _TYPES: dict[str, tuple[Callable[[Mapping[str, Any]], L2Adapter], frozenset[str]]] = {
-    "fs": (_fs, frozenset({"path", "max_capacity_gb"})),
-    "memory": (_memory, frozenset({"max_capacity_gb", "name"})),
+    "fs": (_fs, frozenset({"path", "max_capacity_gb", "eviction_policy"})),
+    "memory": (_memory, frozenset({"max_capacity_gb", "name", "eviction_policy"})),
     "redis": (
         _redis,
         frozenset({"url", "part_mb", "timeout_s", "retries", "key_prefix", "cluster"}),

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from lmcache.errors import ConfigError, LMCacheError
+from lmcache.storage.eviction import EvictionPolicy, make_policy
 from lmcache.types import ObjectKey
 
 GiB = 1 << 30
@@ -65,6 +66,16 @@ class L2Adapter(Protocol):
 def config_error(kind: str, message: str) -> ConfigError:
     """``l2 adapter 'fs': 'path' is required`` -- every config message names the field."""
     return ConfigError(f"l2 adapter {kind!r}: {message}")
+
+
+def policy_for(kind: str, name: object) -> EvictionPolicy:
+    """The eviction policy an adapter's capacity uses (``"eviction_policy"``, as L1's)."""
+    if not isinstance(name, str):
+        raise config_error(kind, f"'eviction_policy' must be a string, got {name!r}")
+    try:
+        return make_policy(name)
+    except ValueError as exc:
+        raise config_error(kind, f"'eviction_policy': {exc}") from None
 
 
 def capacity_bytes(kind: str, max_capacity_gb: float | None) -> int | None:

@@ -1,4 +1,6 @@
-"""`FsL2`: one file per object under a directory, with its own LRU capacity limit.
+"""`FsL2`: one file per object under a directory, with a capacity limit whose eviction
+order is one of the L1's policies (``"eviction_policy"``: LRU by default; see
+`lmcache.storage.capacity`). Recency survives a restart (file mtimes); hit counts do not.
 
     <path>/ab/cd/<key hex>.kv       ab, cd = key bytes 16 and 17 (the start of the chunk hash,
                                     so one model's objects spread over 65536 directories)
@@ -11,9 +13,9 @@
 
 Files are not fsynced: the rename already gives readers whole objects, and a file
 torn by a crash or power loss fails its size or checksum check and becomes a miss.
-The in-memory index (one lock) answers `exists` and drives the capacity: it is
-the recency order (least recent first), rebuilt from mtimes at start, and hits
-touch the file's mtime so that order survives restarts. One process per directory.
+The in-memory index (one lock) answers `exists` and drives the capacity by its eviction
+policy; at start it is rebuilt in mtime order, and hits touch the file's mtime, so that
+recency (LRU, FIFO order) survives restarts. One process per directory.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import os
 import re
 import secrets
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import xxhash
 
+from lmcache.storage.capacity import CapacityIndex
 from lmcache.storage.l2.base import (
     Health,
     L2Error,
@@ -36,6 +38,7 @@ from lmcache.storage.l2.base import (
     capacity_bytes,
     check_key,
     config_error,
+    policy_for,
 )
 from lmcache.storage.l2.format import CHUNK, HEADER_SIZE, hasher, header_for, unpack_header
 from lmcache.types import ObjectKey
@@ -49,7 +52,12 @@ _CAN_TOUCH_FD = os.utime in os.supports_fd
 
 
 class FsL2:
-    def __init__(self, path: str | os.PathLike[str], max_capacity_gb: float | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_capacity_gb: float | None = None,
+        eviction_policy: str = "LRU",
+    ) -> None:
         if not path:
             raise config_error("fs", "'path' is required")
         self.root = os.path.abspath(os.fspath(path))
@@ -62,8 +70,10 @@ class FsL2:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise config_error("fs", f"'path' {self.root!r} is not a writable directory")
         self._lock = threading.Lock()
-        self._index: OrderedDict[ObjectKey, int] = OrderedDict()  # key -> file size
-        self._bytes = 0
+        # key -> file size, and which file goes first when over capacity
+        self._index = CapacityIndex[ObjectKey](
+            policy_for("fs", eviction_policy), self.capacity_bytes
+        )
         self._dirs: set[str] = set()
         self._health = Health()
         self._closed = False
@@ -104,12 +114,10 @@ class FsL2:
                             torn += _unlink(entry.path)
                             continue
                         found.append((st.st_mtime_ns, key, st.st_size))
-        found.sort(key=lambda t: t[0])
-        for _, key, size in found:
-            self._index[key] = size
-            self._bytes += size
+        found.sort(key=lambda t: t[0])  # oldest first: the order they were last used in
         with self._lock:
-            self._evict_locked()
+            for _, key, size in found:
+                self._drop_locked(self._index.put(key, size))
         if stray or torn:
             logger.info("%s: removed %d stray temp and %d torn files", self.name, stray, torn)
 
@@ -150,20 +158,16 @@ class FsL2:
                 os.close(fd)
             with self._lock:
                 os.replace(temp, path)
-                old = self._index.pop(key, None)
-                self._index[key] = size
-                self._bytes += size - (old or 0)
-                self._evict_locked()
+                self._drop_locked(self._index.put(key, size))
         except OSError as exc:
             _unlink(temp)
             raise self._health.failed(f"{self.name}: put", exc) from exc
         self._health.add("puts")
         self._health.ok()
 
-    def _evict_locked(self) -> None:
-        while self.capacity_bytes is not None and self._bytes > self.capacity_bytes:
-            key, size = self._index.popitem(last=False)
-            self._bytes -= size
+    def _drop_locked(self, evicted: list[tuple[ObjectKey, int]]) -> None:
+        """Remove the files the capacity index evicted (it has forgotten them already)."""
+        for key, _ in evicted:
             self._health.add("evictions")
             try:
                 os.unlink(self.path_of(key))
@@ -218,8 +222,7 @@ class FsL2:
             self._health.add("misses")
             return False
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+            self._index.touch(key)
         self._health.add("hits")
         self._health.ok()
         return True
@@ -239,9 +242,7 @@ class FsL2:
         logger.warning("%s: object %s failed verification; deleted", self.name, key.hex())
 
     def _forget_locked(self, key: ObjectKey) -> None:
-        size = self._index.pop(key, None)
-        if size is not None:
-            self._bytes -= size
+        self._index.pop(key)
 
     def delete(self, key: ObjectKey) -> None:
         check_key(key)
@@ -261,9 +262,8 @@ class FsL2:
         removed = 0
         with self._lock:
             try:
-                while self._index:
-                    key, size = self._index.popitem(last=False)
-                    self._bytes -= size
+                for key in list(self._index):
+                    self._index.pop(key)
                     removed += _unlink(self.path_of(key), strict=True)
             except OSError as exc:
                 raise self._health.failed(f"{self.name}: clear", exc) from exc
@@ -271,7 +271,7 @@ class FsL2:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            objects, nbytes = len(self._index), self._bytes
+            objects, nbytes = len(self._index), self._index.bytes
         return {
             "type": "fs",
             "name": self.name,
@@ -279,6 +279,7 @@ class FsL2:
             "objects": objects,
             "bytes": nbytes,
             "capacity_bytes": self.capacity_bytes,
+            "eviction_policy": self._index.policy.name,
             **self._health.snapshot(),
         }
 

@@ -13,11 +13,18 @@ Setting ``down = True`` makes every call raise `L2Error`, like an unreachable ba
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from lmcache.storage.l2.base import Health, L2Error, byte_view, capacity_bytes, check_key
+from lmcache.storage.capacity import CapacityIndex
+from lmcache.storage.l2.base import (
+    Health,
+    L2Error,
+    byte_view,
+    capacity_bytes,
+    check_key,
+    policy_for,
+)
 from lmcache.storage.l2.format import (
     HEADER_SIZE,
     copy_hashing,
@@ -29,11 +36,17 @@ from lmcache.types import ObjectKey
 
 
 class MemoryL2:
-    def __init__(self, max_capacity_gb: float | None = None, name: str = "memory") -> None:
+    def __init__(
+        self, max_capacity_gb: float | None = None, name: str = "memory",
+        eviction_policy: str = "LRU",
+    ) -> None:  # fmt: skip
         self.name = name
         self.capacity_bytes = capacity_bytes("memory", max_capacity_gb)
-        self._objects: OrderedDict[ObjectKey, bytearray] = OrderedDict()
-        self._bytes = 0
+        self._objects: dict[ObjectKey, bytearray] = {}
+        # sizes, and which object goes first when over capacity
+        self._index = CapacityIndex[ObjectKey](
+            policy_for("memory", eviction_policy), self.capacity_bytes
+        )
         self._lock = threading.Lock()
         self._health = Health()
         self._closed = False
@@ -61,12 +74,9 @@ class MemoryL2:
         blob[:HEADER_SIZE] = header_for(key, view).pack()
         blob[HEADER_SIZE:] = view
         with self._lock:
-            old = self._objects.pop(key, None)
-            self._bytes += size - (len(old) if old is not None else 0)
             self._objects[key] = blob
-            while self.capacity_bytes is not None and self._bytes > self.capacity_bytes:
-                _, victim = self._objects.popitem(last=False)
-                self._bytes -= len(victim)
+            for victim, _ in self._index.put(key, size):
+                del self._objects[victim]
                 self._health.add("evictions")
         self._health.add("puts")
 
@@ -82,7 +92,7 @@ class MemoryL2:
         with self._lock:
             blob = self._objects.get(key)
             if blob is not None:
-                self._objects.move_to_end(key)
+                self._index.touch(key)
         if blob is None:
             self._health.add("misses")
             return False
@@ -97,7 +107,7 @@ class MemoryL2:
             with self._lock:
                 if self._objects.get(key) is blob:
                     del self._objects[key]
-                    self._bytes -= len(blob)
+                    self._index.pop(key)
             self._health.add("corrupted")
             self._health.add("misses")
             return False
@@ -107,27 +117,27 @@ class MemoryL2:
     def delete(self, key: ObjectKey) -> None:
         self._check_open("delete")
         with self._lock:
-            old = self._objects.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old)
+            self._objects.pop(key, None)
+            self._index.pop(key)
 
     def clear(self) -> int:
         self._check_open("clear")
         with self._lock:
             n = len(self._objects)
             self._objects.clear()
-            self._bytes = 0
+            self._index.clear()
         return n
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            objects, nbytes = len(self._objects), self._bytes
+            objects, nbytes = len(self._objects), self._index.bytes
         return {
             "type": "memory",
             "name": self.name,
             "objects": objects,
             "bytes": nbytes,
             "capacity_bytes": self.capacity_bytes,
+            "eviction_policy": self._index.policy.name,
             **self._health.snapshot(),
         }
 
