@@ -133,3 +133,42 @@ def test_invalid_adapter_config_names_the_field() -> None:
     worse = start_server("--l2-adapter", "not json", wait=False)
     assert worse.proc.wait(timeout=30) != 0
     assert "--l2-adapter" in worse.log()
+
+
+def test_store_policy_first_is_a_fallback_chain(engine: ShmKVCache, tmp_path: Path) -> None:
+    """--l2-store-policy first: chunks go to the first tier that is up, the next tier only
+    while an earlier one fails (from the very chunk whose write failed)."""
+    near, far = tmp_path / "near", tmp_path / "far"
+    server = start_server(
+        "--l2-adapter", fs_adapter(near), "--l2-adapter", fs_adapter(far),
+        "--l2-store-policy", "first",
+    )  # fmt: skip
+    try:
+        store_three_chunks(server, engine, 11, seed=5)
+        wait_l2_objects(server, 3)
+
+        def objects() -> list[int]:
+            return [a["objects"] for a in server.http().get("/status").json()["l2_adapters"]]
+
+        assert objects() == [3, 0]
+        near.rename(tmp_path / "near.gone")  # the near tier breaks: writes there fail
+        near.write_bytes(b"not a directory")
+        store_three_chunks(server, engine, 12, seed=6)
+        wait_l2_objects(server, 6)
+        assert objects() == [3, 3]
+        assert server.http().get("/status").json()["l2_adapters"][0]["store_policy"] == "first"
+    finally:
+        server.stop()
+
+
+def test_store_policy_all_writes_every_tier(engine: ShmKVCache, tmp_path: Path) -> None:
+    server = start_server(
+        "--l2-adapter", fs_adapter(tmp_path / "a"), "--l2-adapter", fs_adapter(tmp_path / "b")
+    )
+    try:
+        store_three_chunks(server, engine, 13, seed=7)
+        wait_l2_objects(server, 6)
+        status = server.http().get("/status").json()["l2_adapters"]
+        assert [a["objects"] for a in status] == [3, 3] and status[0]["store_policy"] == "all"
+    finally:
+        server.stop()

@@ -24,6 +24,7 @@ from lmcache.redact import redact
 
 EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
 HashAlgorithm = Literal["sha256", "blake2b"]
+L2StorePolicyName = Literal["all", "first"]
 MIN_L1_BYTES = 64 << 10  # 16 pages; tests run real servers with pools of 4 small chunks
 
 
@@ -72,6 +73,12 @@ class ServerSettings(BaseSettings):
         description="L2 tier as JSON, repeatable, in lookup order, e.g. "
         '\'{"type": "fs", "path": "/data/kv", "max_capacity_gb": 500}\' or '
         '\'{"type": "redis", "url": "redis://host:6379/0"}\'',
+    )
+    l2_store_policy: L2StorePolicyName = Field(
+        "all",
+        description="which L2 tiers a stored chunk is copied to: all = every tier that is up "
+        "(a copy in each); first = the first tier that is up, in --l2-adapter order (a "
+        "fallback chain: later tiers only while earlier ones are down)",
     )
     l2_queue_size: int = Field(
         L2_QUEUE_SIZE,

@@ -21,7 +21,7 @@ from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import TieredStore, WriteBehind
+from lmcache.server.tiers import STORE_POLICIES, TieredStore, WriteBehind
 from lmcache.settings import ServerSettings
 from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy
@@ -58,6 +58,7 @@ def build(
         tiers = TieredStore(
             store, adapters, write_behind,
             prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
+            store_policy=STORE_POLICIES[s.l2_store_policy](),
         )  # fmt: skip
     handler = RequestHandler(
         store=store,

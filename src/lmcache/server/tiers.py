@@ -18,10 +18,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,6 +72,46 @@ class WriteBehind:
         return self._queue.qsize()
 
 
+class StorePolicy(Protocol):
+    """Which adapters a chunk is copied to, given which are up (as a priority function is
+    to L1 eviction: the tiered store stays generic)."""
+
+    name: str
+
+    def targets(
+        self, adapters: Sequence[L2Adapter], up: Callable[[L2Adapter], bool]
+    ) -> list[L2Adapter]: ...
+
+
+class WriteAll:
+    """Every tier that is up: a copy in each (the default)."""
+
+    name = "all"
+
+    def targets(
+        self, adapters: Sequence[L2Adapter], up: Callable[[L2Adapter], bool]
+    ) -> list[L2Adapter]:
+        return [a for a in adapters if up(a)]
+
+
+class WriteFirst:
+    """The first tier that is up, in configured order: later tiers are a fallback chain
+    that takes writes only while the earlier ones are down."""
+
+    name = "first"
+
+    def targets(
+        self, adapters: Sequence[L2Adapter], up: Callable[[L2Adapter], bool]
+    ) -> list[L2Adapter]:
+        return next(([a] for a in adapters if up(a)), [])
+
+
+STORE_POLICIES: dict[str, type[WriteAll] | type[WriteFirst]] = {
+    "all": WriteAll,
+    "first": WriteFirst,
+}
+
+
 @dataclass
 class _Counters:
     """Updated by the request threads, the writer and the prefetch workers at once: ``+=``
@@ -107,12 +147,14 @@ class TieredStore:
         *,
         prefetch_workers: int = L2_PREFETCH_WORKERS,
         breaker_s: float = L2_BREAKER_S,
+        store_policy: StorePolicy | None = None,
     ) -> None:
         self.store = store
         self.adapters = list(adapters)
         self.write_behind = write_behind
         self.prefetch_workers = prefetch_workers  # --l2-prefetch-workers
         self.breaker_s = breaker_s  # --l2-breaker-s
+        self.store_policy: StorePolicy = store_policy or WriteAll()  # --l2-store-policy
         self._prefetch = ThreadPoolExecutor(
             prefetch_workers, thread_name_prefix="lmcache-l2-prefetch"
         )
@@ -156,15 +198,21 @@ class TieredStore:
             ((offset, nbytes),) = lease.offsets([key])
             data = self.store.view(offset, nbytes).data
             start = time.perf_counter()
-            for adapter in self.adapters:
-                if self._down_until.get(adapter.name, 0.0) > time.monotonic():
-                    continue
-                try:
-                    adapter.put(l2_key(key, tag), data)
-                except L2Error as exc:
-                    self._trip(adapter, exc)
-                    continue
-                self.counters.add(stored=1, store_bytes=nbytes)
+            tried: set[str] = set()
+            # Ask the policy again after a failure: the failed tier is down now, so a
+            # fallback chain (`WriteFirst`) moves on to the next one for this very chunk.
+            while todo := [
+                a for a in self.store_policy.targets(self.adapters, self._up)
+                if a.name not in tried
+            ]:  # fmt: skip
+                for adapter in todo:
+                    tried.add(adapter.name)
+                    try:
+                        adapter.put(l2_key(key, tag), data)
+                    except L2Error as exc:
+                        self._trip(adapter, exc)
+                        continue
+                    self.counters.add(stored=1, store_bytes=nbytes)
             self.counters.add(store_seconds=time.perf_counter() - start)
         finally:
             self.store.unpin(lease)
@@ -201,7 +249,7 @@ class TieredStore:
             todo = [(i, r) for i, g in enumerate(found) for r, a in enumerate(g) if a is None]
             if not todo:
                 break
-            if self._down_until.get(adapter.name, 0.0) > time.monotonic():
+            if not self._up(adapter):
                 continue  # failed recently: do not make every lookup wait for its timeout
             keys = [l2_key(groups[i][r], layouts[r].tag) for i, r in todo]
             try:
@@ -260,6 +308,10 @@ class TieredStore:
             self.counters.add(prefetched=1, prefetch_bytes=layout.nbytes)
         return bool(result.stored or result.cached)  # cached: stored by an engine meanwhile
 
+    def _up(self, adapter: L2Adapter) -> bool:
+        """Not skipped after a recent failure (see `_trip`)."""
+        return self._down_until.get(adapter.name, 0.0) <= time.monotonic()
+
     def _trip(self, adapter: L2Adapter, exc: Exception) -> None:
         """Skip an adapter's lookups for a few seconds after a failure (it may be down)."""
         if self._down_until.get(adapter.name, 0.0) <= time.monotonic():
@@ -282,6 +334,7 @@ class TieredStore:
     def status(self) -> list[dict[str, Any]]:
         c = self.counters.snapshot()
         shared = {
+            "store_policy": self.store_policy.name,
             "queue_depth": len(self.write_behind),
             "queue_skipped_full": self.write_behind.skipped_full,
             "stored_objects": c.stored,
