@@ -30,14 +30,28 @@ from lmcache.integration.vllm.scheduler import SchedulerSide
 from lmcache.integration.vllm.worker import WorkerSide
 from lmcache.logs import ensure_logging
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # vLLM's own types at the boundary, as its connector base names them
     import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache.integration")
 
 
 class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
-    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        """One per process: SCHEDULER talks lookups and plans, WORKER moves blocks. Never
+        raises for a server that is down: the link starts degraded and reconnects."""
         super().__init__(vllm_config, role, kv_cache_config)
         ensure_logging()
         transfer = vllm_config.kv_transfer_config
@@ -67,31 +81,44 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
     # ----- worker side ----------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Once, before the first step: describe (and, engine_driven, share) our KV memory."""
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Before the forward: load every planned chunk into its blocks, synchronously; a
+        load that fails marks its blocks for `get_block_ids_with_load_errors` (recompute)."""
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, Metadata) and meta.loads:
             self._worker.start_load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing to wait for: `start_load_kv` finished every load."""
         return None
 
     def save_kv_layer(
-        self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
     ) -> None:
+        """Nothing per layer: whole chunks are stored in `wait_for_save`."""
         return None
 
     def wait_for_save(self) -> None:
+        """After the forward: store the step's planned chunks, synchronously; a failed store
+        is logged and skipped (the request is unaffected)."""
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, Metadata):
             self._worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Never any in flight: nothing finishes asynchronously."""
         return None, None  # loads finish inside the step that needs them (sync); stores too
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks whose load failed since the last call (vLLM recomputes them)."""
         return self._worker.load_errors() if self._worker is not None else set()
 
     def shutdown(self) -> None:
@@ -103,22 +130,29 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
     # ----- scheduler side ----------------------------------------------------------------
 
     def get_num_new_matched_tokens(
-        self, request: Any, num_computed_tokens: int
+        self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` the server can load (None: ask again next
+        step, an L2 prefetch is running); never a partial block."""
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """vLLM allocated the blocks: plan the load of ``num_external_tokens`` into them."""
         assert self._scheduler is not None
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
-    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """This step's loads and stores, for the workers (`Metadata`)."""
         assert self._scheduler is not None
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(
-        self, request: Any, block_ids: list[int]
+        self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        """End the request's lookup session (its locks); its blocks may be freed at once."""
         if self._scheduler is not None:
             try:
                 self._scheduler.request_finished(request)
@@ -131,7 +165,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return self._scheduler.reset_cache() if self._scheduler is not None else False
 
 
-def _parallel(vllm_config: Any) -> ParallelStrategy:
+def _parallel(vllm_config: VllmConfig) -> ParallelStrategy:
     pc = vllm_config.parallel_config
     world = pc.tensor_parallel_size * pc.pipeline_parallel_size
     rank = 0
