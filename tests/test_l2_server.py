@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lmcache.engine.shm_kv import ShmKVCache
+from lmcache.protocol.messages import (
+    KVLayout,
+    LayerPlacement,
+    Lookup,
+    LookupReply,
+    Ok,
+    QueryLookup,
+    RegisterKV,
+    StoreBytes,
+    StoreReply,
+    WorkerCopy,
+)
+from lmcache.server.build import build
+from lmcache.server.metrics import Metrics
+from lmcache.server.registry import EngineRegistry
+from lmcache.settings import ServerSettings
+from lmcache.storage.l2.memory import MemoryL2
+from lmcache.transport.zmq_server import Deferred
+from lmcache.types import ObjectKey
 
 from .conftest import (
     CHUNK,
@@ -172,3 +193,52 @@ def test_store_policy_all_writes_every_tier(engine: ShmKVCache, tmp_path: Path) 
         assert [a["objects"] for a in status] == [3, 3] and status[0]["store_policy"] == "all"
     finally:
         server.stop()
+
+
+def test_a_prefetch_that_finishes_at_once_counts_each_chunk_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The L1 hit is fixed before L2 loads more into the same lease: a prefetch that ran
+    faster than the lookup once had its chunks counted twice (a hit past the prompt)."""
+    c = 4  # tokens per chunk
+    core = build(
+        ServerSettings(chunk_size=c), np.zeros(1 << 20, dtype=np.uint8),
+        registry=EngineRegistry(c), metrics=Metrics(dict), adapters=[MemoryL2()],
+    )  # fmt: skip
+    assert core.tiers is not None
+    core.tiers.start()
+    h = core.handler
+    try:
+        layout = KVLayout(
+            num_layers=1, num_blocks=8, block_size=c, block_bytes=64, block_stride=64,
+            layers=[LayerPlacement(0, 0)],
+        )  # fmt: skip
+        assert h.dispatch(RegisterKV(id=1, instance_id=1, layout=layout, memory=WorkerCopy(),
+                                     rank=0, **MODEL)) == Ok(id=1)  # type: ignore[arg-type]  # fmt: skip
+        tokens = unique_tokens(4 * c).astype("<u4").tobytes()
+
+        def store(rid: int, chunks: int) -> None:
+            req = StoreBytes(id=rid, request_id="s", instance_id=1, tokens=tokens, start=0,
+                             end=chunks * c)  # fmt: skip
+            work = h.dispatch(req, [memoryview(bytes([rid]) * 64)] * chunks)
+            assert isinstance(work, Deferred) and isinstance(work.run(), StoreReply)
+
+        store(2, 4)  # all four chunks, copied to L2 behind
+        deadline = time.monotonic() + 10
+        while core.tiers.status()[0]["stored_objects"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        core.store.clear()
+        store(3, 1)  # L1 holds chunk 0 only; chunks 1-3 are in L2
+
+        def at_once(*args: object) -> Future[list[list[ObjectKey]]]:
+            done: Future[list[list[ObjectKey]]] = Future()
+            done.set_result(core.tiers._find_and_load(*args))  # type: ignore[union-attr,arg-type]
+            return done
+
+        monkeypatch.setattr(core.tiers, "prefetch", at_once)
+        lookup = Lookup(id=4, request_id="r", tokens=tokens, **MODEL)  # type: ignore[arg-type]
+        assert h.dispatch(lookup) == LookupReply(id=4, hit_tokens=None)
+        assert h.dispatch(QueryLookup(id=5, request_id="r")) == LookupReply(id=5, hit_tokens=4 * c)
+    finally:
+        core.tiers.stop()

@@ -277,14 +277,15 @@ class RequestHandler:
         num_tokens = len(req.tokens) // TOKEN_BYTES
         lease = self.store.hold_prefix(groups, owner=req.request_id, ttl=self.lock_ttl)
         self.metrics.lookup_requested_tokens.inc(num_tokens)
-        layouts = self._l2_layouts(req) if lease.hit_groups < len(groups) else None
+        # Split now: once a prefetch runs, it pins more groups into the same lease.
+        held, rest = groups[: lease.hit_groups], groups[lease.hit_groups :]
+        layouts = self._l2_layouts(req) if rest else None
         if layouts is None or self.tiers is None:
-            session = self.sessions.start(req.request_id, lease, groups, pid=pid)
+            session = self.sessions.start(req.request_id, lease, held, pid=pid)
             self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
-        rest = groups[lease.hit_groups :]  # L1 missed these: ask L2
-        job = self.tiers.prefetch(lease, rest, layouts)
-        self.sessions.start(req.request_id, lease, groups, prefetch=job, pid=pid)
+        job = self.tiers.prefetch(lease, rest, layouts)  # L1 missed these: ask L2
+        self.sessions.start(req.request_id, lease, held, prefetch=job, pid=pid)
         return LookupReply(id=req.id, hit_tokens=None)
 
     def _l2_layouts(self, req: Lookup) -> list[ChunkLayout] | None:

@@ -59,17 +59,19 @@ class Sessions:
         self,
         request_id: str,
         lease: Lease,
-        groups: list[list[ObjectKey]],
+        held: list[list[ObjectKey]],
         prefetch: Future[list[list[ObjectKey]]] | None = None,
         pid: int | None = None,
     ) -> Session:
-        """A lookup's result; its hit is unknown (None) while ``prefetch`` loads chunks."""
+        """A lookup's result: ``held`` are the chunk groups pinned in ``lease`` (every rank's
+        key per chunk, from the first); the hit is unknown (None) while ``prefetch`` loads
+        more into the lease (which is why the caller says what was held before it ran)."""
         session = Session(
             request_id,
             lease,
-            None if prefetch is not None else lease.hit_groups * self._chunk_size,
+            None if prefetch is not None else len(held) * self._chunk_size,
             self._chunk_size,
-            groups[: lease.hit_groups],
+            list(held),
             time.monotonic() + self._ttl,
             pid,
             prefetch,
