@@ -10,7 +10,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def cpu_isa() -> str:
     return platform.machine() or "unknown"
 
 
-def cache_identity(vllm_config: Any) -> CacheIdentity:
+def cache_identity(vllm_config: VllmConfig) -> CacheIdentity:
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     dtype = str(cc.cache_dtype)
     if dtype == "auto":

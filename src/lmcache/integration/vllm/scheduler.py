@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lmcache.errors import LMCacheError
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, StoreSpec
+
+if TYPE_CHECKING:  # vLLM's own types (this module is unit-tested with small fakes of them)
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache.integration")
 
@@ -61,7 +66,7 @@ class SchedulerSide:
     # ----- vLLM entry points (never raise) --------------------------------------------------
 
     def get_num_new_matched_tokens(
-        self, request: Any, num_computed_tokens: int
+        self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         try:
             return self._matched(request, num_computed_tokens)
@@ -71,13 +76,15 @@ class SchedulerSide:
             )
             return 0, False
 
-    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         try:
             self._after_alloc(request, blocks, num_external_tokens)
         except Exception:
             logger.exception("planning the load of request %s failed", request.request_id)
 
-    def build_connector_meta(self, scheduler_output: Any) -> Metadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Metadata:
         meta = Metadata(loads=self._loads)
         self._loads = []
         try:
@@ -87,7 +94,7 @@ class SchedulerSide:
             logger.exception("planning stores failed; skipping them this step")
         return meta
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: Request) -> None:
         tracker = self._trackers.pop(request.request_id, None)
         if tracker is None or tracker.hit is None or not self.link.healthy:
             return
@@ -106,7 +113,7 @@ class SchedulerSide:
 
     # ----- internals -------------------------------------------------------------------
 
-    def _matched(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def _matched(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         rid = request.request_id
         tracker = self._trackers.get(rid)
         if tracker is not None and _is_preempted(request):
@@ -160,7 +167,9 @@ class SchedulerSide:
             self.link.mark_down(exc)
             return 0
 
-    def _after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+    def _after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         tracker = self._trackers.get(request.request_id)
         if tracker is None:
             return
@@ -195,7 +204,7 @@ class SchedulerSide:
         except LMCacheError as exc:
             self.link.mark_down(exc)
 
-    def _plan_stores(self, out: Any) -> list[StoreSpec]:
+    def _plan_stores(self, out: SchedulerOutput) -> list[StoreSpec]:
         stores = []
         for new in out.scheduled_new_reqs:
             tracker = self._trackers.get(new.req_id)
@@ -219,7 +228,9 @@ class SchedulerSide:
                 stores.append(spec)
         return stores
 
-    def _store_spec(self, tracker: _Tracker, computed: int, out: Any) -> StoreSpec | None:
+    def _store_spec(
+        self, tracker: _Tracker, computed: int, out: SchedulerOutput
+    ) -> StoreSpec | None:
         if not self.link.healthy:
             return None
         c, bs = self.chunk_size, self.identity.block_size
@@ -240,6 +251,6 @@ class SchedulerSide:
         )
 
 
-def _is_preempted(request: Any) -> bool:
+def _is_preempted(request: Request) -> bool:
     status = getattr(request, "status", None)
     return getattr(status, "name", "") == "PREEMPTED"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from lmcache.integration.vllm.transfer_paths import (
 )
 from lmcache.protocol.messages import KVLayout, Pong
 from lmcache.storage.shm import ShmSegment
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("lmcache.integration")
 
@@ -88,7 +91,7 @@ class WorkerSide:
 
     # ----- registration -------------------------------------------------------------------
 
-    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from lmcache.integration.vllm import kv_memory
 
         logger.info("Registering kv caches!")
