@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lmcache.errors import ConfigError
+from lmcache.processes import free_port
 from lmcache.storage.l2 import make_adapter
 from lmcache.storage.l2.base import GiB, L2Adapter, L2Error
 from lmcache.storage.l2.format import HEADER_SIZE
@@ -64,12 +65,6 @@ def need_redis() -> None:
 
 
 # ----- real redis-server processes ---------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

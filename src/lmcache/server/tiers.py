@@ -43,17 +43,14 @@ class WriteBehind:
         self.size = size  # --l2-queue-size
         self._queue: queue.Queue[tuple[ObjectKey, bytes] | None] = queue.Queue(size)
         self._lock = threading.Lock()  # offered from every request thread at once
-        self.queued = 0
         self.skipped_full = 0
 
     def offer(self, key: ObjectKey, tag: bytes) -> None:
         try:
             self._queue.put_nowait((key, tag))
-            added = "queued"
         except queue.Full:
-            added = "skipped_full"
-        with self._lock:
-            setattr(self, added, getattr(self, added) + 1)
+            with self._lock:
+                self.skipped_full += 1
 
     def take(self) -> tuple[ObjectKey, bytes] | None:
         """The next chunk to copy; None: stop."""
@@ -106,7 +103,7 @@ class WriteFirst:
         return next(([a] for a in adapters if up(a)), [])
 
 
-STORE_POLICIES: dict[str, type[WriteAll] | type[WriteFirst]] = {
+STORE_POLICIES: dict[str, Callable[[], StorePolicy]] = {
     "all": WriteAll,
     "first": WriteFirst,
 }
@@ -314,7 +311,7 @@ class TieredStore:
 
     def _trip(self, adapter: L2Adapter, exc: Exception) -> None:
         """Skip an adapter's lookups for a few seconds after a failure (it may be down)."""
-        if self._down_until.get(adapter.name, 0.0) <= time.monotonic():
+        if self._up(adapter):  # log when it goes down, not on every failure while down
             logger.warning(
                 "L2 %s failed (%s): lookups skip it for %gs", adapter.name, exc, self.breaker_s
             )
