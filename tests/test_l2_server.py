@@ -184,13 +184,15 @@ def test_store_policy_first_is_a_fallback_chain(engine: ShmKVCache, tmp_path: Pa
 
 def test_store_policy_all_writes_every_tier(engine: ShmKVCache, tmp_path: Path) -> None:
     server = start_server(
-        "--l2-adapter", fs_adapter(tmp_path / "a"), "--l2-adapter", fs_adapter(tmp_path / "b")
-    )
+        "--l2-adapter", fs_adapter(tmp_path / "a"), "--l2-adapter", fs_adapter(tmp_path / "b"),
+        "--l2-prefetch-policy", "fastest",
+    )  # fmt: skip
     try:
         store_three_chunks(server, engine, 13, seed=7)
         wait_l2_objects(server, 6)
         status = server.http().get("/status").json()["l2_adapters"]
         assert [a["objects"] for a in status] == [3, 3] and status[0]["store_policy"] == "all"
+        assert [(a["prefetch_policy"], a["read_gbps"]) for a in status] == [("fastest", None)] * 2
     finally:
         server.stop()
 

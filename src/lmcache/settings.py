@@ -24,7 +24,8 @@ from lmcache.redact import redact
 
 EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
 HashAlgorithm = Literal["sha256", "blake2b"]
-L2StorePolicyName = Literal["all", "first"]
+L2StorePolicyName = Literal["all", "first"]  # lmcache.storage.l2.policies.STORE_POLICIES
+L2PrefetchPolicyName = Literal["order", "fastest"]  # ... .PREFETCH_POLICIES
 MIN_L1_BYTES = 64 << 10  # 16 pages; tests run real servers with pools of 4 small chunks
 
 
@@ -79,6 +80,12 @@ class ServerSettings(BaseSettings):
         description="which L2 tiers a stored chunk is copied to: all = every tier that is up "
         "(a copy in each); first = the first tier that is up, in --l2-adapter order (a "
         "fallback chain: later tiers only while earlier ones are down)",
+    )
+    l2_prefetch_policy: L2PrefetchPolicyName = Field(
+        "order",
+        description="which L2 tier a chunk held by several tiers is read from: order = the "
+        "first in --l2-adapter order; fastest = the highest read throughput measured so far "
+        "(each tier is tried once first)",
     )
     l2_queue_size: int = Field(
         L2_QUEUE_SIZE,

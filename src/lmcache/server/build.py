@@ -21,7 +21,7 @@ from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import STORE_POLICIES, TieredStore, WriteBehind
+from lmcache.server.tiers import TieredStore, WriteBehind
 from lmcache.settings import ServerSettings
 from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy
@@ -29,6 +29,7 @@ from lmcache.storage.keys import ChunkHasher
 from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import L2Adapter
+from lmcache.storage.l2.policies import PREFETCH_POLICIES, STORE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def build(
             store, adapters, write_behind,
             prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
             store_policy=STORE_POLICIES[s.l2_store_policy](),
+            prefetch_policy=PREFETCH_POLICIES[s.l2_prefetch_policy](),
         )  # fmt: skip
     handler = RequestHandler(
         store=store,

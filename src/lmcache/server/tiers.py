@@ -18,10 +18,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keyspace import l2_key
 from lmcache.storage.l1 import Lease
 from lmcache.storage.l2.base import L2Adapter, L2Error
+from lmcache.storage.l2.policies import Fastest, InOrder, PrefetchPolicy, StorePolicy, WriteAll
 from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
@@ -69,46 +70,6 @@ class WriteBehind:
         return self._queue.qsize()
 
 
-class StorePolicy(Protocol):
-    """Which adapters a chunk is copied to, given which are up (as a priority function is
-    to L1 eviction: the tiered store stays generic)."""
-
-    name: str
-
-    def targets(
-        self, adapters: Sequence[L2Adapter], up: Callable[[L2Adapter], bool]
-    ) -> list[L2Adapter]: ...
-
-
-class WriteAll:
-    """Every tier that is up: a copy in each (the default)."""
-
-    name = "all"
-
-    def targets(
-        self, adapters: Sequence[L2Adapter], up: Callable[[L2Adapter], bool]
-    ) -> list[L2Adapter]:
-        return [a for a in adapters if up(a)]
-
-
-class WriteFirst:
-    """The first tier that is up, in configured order: later tiers are a fallback chain
-    that takes writes only while the earlier ones are down."""
-
-    name = "first"
-
-    def targets(
-        self, adapters: Sequence[L2Adapter], up: Callable[[L2Adapter], bool]
-    ) -> list[L2Adapter]:
-        return next(([a] for a in adapters if up(a)), [])
-
-
-STORE_POLICIES: dict[str, Callable[[], StorePolicy]] = {
-    "all": WriteAll,
-    "first": WriteFirst,
-}
-
-
 @dataclass
 class _Counters:
     """Updated by the request threads, the writer and the prefetch workers at once: ``+=``
@@ -145,6 +106,7 @@ class TieredStore:
         prefetch_workers: int = L2_PREFETCH_WORKERS,
         breaker_s: float = L2_BREAKER_S,
         store_policy: StorePolicy | None = None,
+        prefetch_policy: PrefetchPolicy | None = None,
     ) -> None:
         self.store = store
         self.adapters = list(adapters)
@@ -152,6 +114,7 @@ class TieredStore:
         self.prefetch_workers = prefetch_workers  # --l2-prefetch-workers
         self.breaker_s = breaker_s  # --l2-breaker-s
         self.store_policy: StorePolicy = store_policy or WriteAll()  # --l2-store-policy
+        self.prefetch_policy: PrefetchPolicy = prefetch_policy or InOrder()  # --l2-prefetch-policy
         self._prefetch = ThreadPoolExecutor(
             prefetch_workers, thread_name_prefix="lmcache-l2-prefetch"
         )
@@ -240,14 +203,14 @@ class TieredStore:
     def _locate(
         self, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
     ) -> list[list[L2Adapter | None]]:
-        """For every key, the first adapter that has it (one `exists` call per adapter)."""
+        """For every key, the first adapter in the prefetch policy's order that has it (one
+        `exists` call per adapter). Adapters that failed recently are not asked: a lookup
+        must not wait for their timeout."""
         found: list[list[L2Adapter | None]] = [[None] * len(g) for g in groups]
-        for adapter in self.adapters:
+        for adapter in self.prefetch_policy.order(self.adapters, self._up):
             todo = [(i, r) for i, g in enumerate(found) for r, a in enumerate(g) if a is None]
             if not todo:
                 break
-            if not self._up(adapter):
-                continue  # failed recently: do not make every lookup wait for its timeout
             keys = [l2_key(groups[i][r], layouts[r].tag) for i, r in todo]
             try:
                 present = adapter.exists(keys)
@@ -290,12 +253,15 @@ class TieredStore:
             return False
 
         def fill(_: int, out: np.ndarray) -> bool:
+            start = time.perf_counter()
             try:
                 ok = adapter.get_into(l2_key(key, layout.tag), out.data)
             except L2Error as exc:
                 self._trip(adapter, exc)
                 ok = False
-            if not ok:
+            if ok:
+                self.prefetch_policy.observe(adapter, out.nbytes, time.perf_counter() - start)
+            else:
                 self.counters.add(prefetch_failures=1)
             return ok
 
@@ -332,6 +298,7 @@ class TieredStore:
         c = self.counters.snapshot()
         shared = {
             "store_policy": self.store_policy.name,
+            "prefetch_policy": self.prefetch_policy.name,
             "queue_depth": len(self.write_behind),
             "queue_skipped_full": self.write_behind.skipped_full,
             "stored_objects": c.stored,
@@ -340,7 +307,14 @@ class TieredStore:
             "prefetched_objects": c.prefetched,
             "prefetch_failures": c.prefetch_failures,
         }
-        return [{**_safe_stats(a), **shared} for a in self.adapters]
+        # What `Fastest` ranks by, so an operator can see why reads go where they go.
+        policy = self.prefetch_policy
+        speeds = policy.speeds() if isinstance(policy, Fastest) else None
+        return [
+            {**_safe_stats(a), **shared}
+            | ({"read_gbps": speeds.get(a.name)} if speeds is not None else {})
+            for a in self.adapters
+        ]
 
     def problems(self) -> list[str]:
         out = [
