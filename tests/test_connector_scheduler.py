@@ -56,10 +56,14 @@ class FakeLink:
 
 
 def side(
-    client: FakeClient, *, can_load: bool = True, can_store: bool = True
+    client: FakeClient, *, can_load: bool = True, can_store: bool = True, async_store: bool = True
 ) -> tuple[SchedulerSide, FakeLink]:
     link = FakeLink(client)
-    return SchedulerSide(link, IDENT, can_load=can_load, can_store=can_store), link  # type: ignore[arg-type]
+    s = SchedulerSide(
+        link,  # type: ignore[arg-type]
+        IDENT, can_load=can_load, can_store=can_store, async_store=async_store,
+    )  # fmt: skip
+    return s, link
 
 
 def request(rid: str, n: int, salt: str | None = None) -> Any:
@@ -73,9 +77,13 @@ def blocks(ids: list[int]) -> Any:
 
 
 def step(
-    new: list[tuple[str, list[int], int]], scheduled: dict[str, int], cached: Any = None
+    new: list[tuple[str, list[int], int]],
+    scheduled: dict[str, int],
+    cached: Any = None,
+    preempted: set[str] | None = None,
 ) -> Any:
     return SimpleNamespace(
+        preempted_req_ids=preempted,
         scheduled_new_reqs=[
             SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=c) for r, b, c in new
         ],
@@ -216,3 +224,59 @@ def test_salt_is_passed_to_lookups() -> None:
     s, _ = side(client)
     s.get_num_new_matched_tokens(request("a", 600, salt="tenant-1"), 0)
     assert seen["cache_salt"] == "tenant-1" and seen["kv_spec"] == "spec"
+
+
+def lookups(client: FakeClient) -> int:
+    return len([c for c in client.calls if c[0] == "lookup"])
+
+
+def test_vllm_prefix_cache_covering_every_whole_chunk_costs_no_server_call() -> None:
+    """vLLM's own cache has all a lookup could add: no lookup, no store, no session to end
+    (issue 12, co-operation with vLLM's prefix cache)."""
+    client = FakeClient(hit=1024)
+    s, _ = side(client)
+    req = request("a", 1100)
+    assert s.get_num_new_matched_tokens(req, 1024) == (0, False)
+    s.update_state_after_alloc(req, blocks(list(range(9))), 0)
+    meta = s.build_connector_meta(step([("a", list(range(9)), 1024)], {"a": 76}))
+    assert meta.stores == [] and meta.loads == []
+    assert s.request_finished(req) is False  # nothing stored: blocks freed at once
+    assert client.calls == []
+    # A prompt of exactly 4 chunks: vLLM keeps the last token's block to compute; its
+    # 896 cached tokens leave chunk 3 to us, so this one is looked up.
+    assert s.get_num_new_matched_tokens(request("b", 1024), 896) == (127, False)
+    assert lookups(client) == 1
+
+
+def test_a_partial_vllm_hit_loads_only_what_vllm_lacks() -> None:
+    client = FakeClient(hit=1024)
+    s, _ = side(client)
+    req = request("a", 1100)
+    assert s.get_num_new_matched_tokens(req, 640) == (384, False)
+    s.update_state_after_alloc(req, blocks(list(range(9))), 384)
+    load = s.build_connector_meta(step([], {})).loads[0]
+    assert (load.start, load.end, load.skip_tokens) == (512, 1024, 128)
+    assert load.block_ids == [4, 5, 6, 7]
+
+
+def test_a_request_that_stored_keeps_its_blocks_until_the_workers_report() -> None:
+    s, _ = side(FakeClient(hit=0))
+    req = request("a", 600)
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, blocks([]), 0)
+    meta = s.build_connector_meta(step([("a", [0, 1, 2, 3, 4], 0)], {"a": 600}))
+    assert meta.stores and meta.finished_stores == []
+    assert s.request_finished(req) is True
+    assert s.build_connector_meta(step([], {})).finished_stores == ["a"]  # shipped once
+    assert s.build_connector_meta(step([], {})).finished_stores == []
+
+    sync, _ = side(FakeClient(hit=0), async_store=False)
+    sync.get_num_new_matched_tokens(req, 0)
+    sync.build_connector_meta(step([("a", [0, 1, 2, 3, 4], 0)], {"a": 600}))
+    assert sync.request_finished(req) is False  # stores ran inside the step
+
+
+def test_preempted_requests_are_told_to_the_workers() -> None:
+    s, _ = side(FakeClient(hit=0))
+    assert s.build_connector_meta(step([], {}, preempted={"b", "a"})).preempted == ["a", "b"]
+    assert s.build_connector_meta(step([], {})).preempted == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -157,6 +158,7 @@ class TestTransferPathContract:
     def test_a_server_error_becomes_load_errors_until_registered_again(self, rig: Rig) -> None:
         tokens, src, dst = two_chunks()
         rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))
+        assert rig.worker.wait_for_stores(30)
         kind, link = type(rig.path), rig.worker.link
         link.client.unregister(rig.worker.instance_id)  # as after a server restart
         with pytest.raises(UnknownEngineError):
@@ -174,12 +176,71 @@ class TestTransferPathContract:
         tokens, src, dst = two_chunks()
         rig.worker.link.mark_down("test")
         rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))
+        assert rig.worker.wait_for_stores(30)
         rig.kv.blocks[:, :, dst] = SENTINEL
         rig.worker.start_load(Metadata(loads=[load_spec(tokens, dst, skip_blocks=BPC)]))
         assert rig.worker.load_errors() == set(dst[BPC:])
         assert (rig.blocks(dst) == SENTINEL).all()
         with pytest.raises(CacheMissError):  # the save above stored nothing
             rig.path.load(load_spec(tokens, dst))
+
+
+class TestStoresOffTheStep:
+    """Stores run on the store thread after `save` returns (the default, async_store)."""
+
+    def test_a_finished_request_is_reported_once_its_stores_are_done(self, rig: Rig) -> None:
+        tokens, src, dst = two_chunks()
+        original = rig.blocks(src)
+        gate = threading.Event()
+        path_store = rig.path.store
+
+        def held_store(spec: StoreSpec) -> None:
+            gate.wait(30)
+            path_store(spec)
+
+        rig.path.store = held_store  # type: ignore[method-assign]
+        rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))  # returns at once
+        rig.worker.save(Metadata(finished_stores=["s", "never-stored"]))
+        assert rig.worker.finished_stores() == {"never-stored"}  # "s" is still storing
+        gate.set()
+        assert rig.worker.wait_for_stores(30)
+        assert rig.worker.finished_stores() == {"s"}
+        assert rig.worker.finished_stores() == set()  # reported once
+        rig.path.load(load_spec(tokens, dst))
+        np.testing.assert_array_equal(rig.blocks(dst), original)
+
+    def test_a_preemption_waits_for_running_stores(self, rig: Rig) -> None:
+        tokens, src, _ = two_chunks()
+        gate, finished = threading.Event(), threading.Event()
+        path_store = rig.path.store
+
+        def held_store(spec: StoreSpec) -> None:
+            gate.wait(30)
+            path_store(spec)
+            finished.set()
+
+        rig.path.store = held_store  # type: ignore[method-assign]
+        rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))
+        rig.worker.handle_preemptions(Metadata())  # nothing preempted: no wait
+        assert not finished.is_set()
+        threading.Timer(0.2, gate.set).start()
+        rig.worker.handle_preemptions(Metadata(preempted=["other"]))
+        assert finished.is_set()  # the store ended before the step could reuse blocks
+
+    def test_a_failed_load_drops_that_requests_stores_of_the_step(self, rig: Rig) -> None:
+        """Its later tokens were computed over blocks with no valid KV: never cached."""
+        tokens, src, dst = two_chunks()
+        miss = LoadSpec(request_id="s", tokens=unique_tokens(CHUNK).tolist(), start=0,
+                        end=CHUNK, block_ids=dst[:BPC])  # fmt: skip
+        rig.worker.start_load(Metadata(loads=[miss]))
+        assert rig.worker.load_errors() == set(dst[:BPC])
+        rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))
+        assert rig.worker.wait_for_stores(30)
+        with pytest.raises(CacheMissError):
+            rig.path.load(load_spec(tokens, dst))
+        rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))  # a later step: stored
+        assert rig.worker.wait_for_stores(30)
+        rig.path.load(load_spec(tokens, dst))
 
 
 def test_the_paths_agree_byte_for_byte(server: ServerProcess, engine: ShmKVCache) -> None:

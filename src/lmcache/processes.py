@@ -79,9 +79,10 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+    def wait_log(self, text: str, timeout: float = 10.0, since: int = 0) -> None:
+        """Until ``text`` is logged (after the first ``since`` characters of the log)."""
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while text not in self.log()[since:]:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not logged; log:\n{self.log()}")
             time.sleep(0.02)

@@ -107,6 +107,7 @@ def start_vllm(
     *,
     extra_args: tuple[str, ...] = (),
     wait: bool = True,
+    env: dict[str, str] | None = None,
 ) -> VllmProcess:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
@@ -118,7 +119,7 @@ def start_vllm(
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV}
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV, **(env or {})}
         )
     v = VllmProcess(proc, port, model, log)
     if wait:

@@ -82,11 +82,10 @@ def test_repeated_prompt_is_retrieved_with_identical_output(
     tokens = prompt(1, 1100)  # 4 whole chunks of 256 tokens, plus a tail that is never cached
     mark = len(server.log())
     cold = vllm.complete(tokens)
-    server.wait_log("Stored ")
-    assert "Stored 1024 tokens in " in new_log(server, mark)
+    server.wait_log("Stored 1024 tokens in ", since=mark)  # stored behind the step
     mark = len(server.log())
     warm = vllm.complete(tokens)
-    server.wait_log("Retrieved 1024 tokens in ")
+    server.wait_log("Retrieved 1024 tokens in ", since=mark)
     assert "Stored" not in new_log(server, mark)
     same_output(cold, warm)
 
@@ -94,12 +93,13 @@ def test_repeated_prompt_is_retrieved_with_identical_output(
 def test_shared_prefix_gets_a_partial_hit(stack: tuple[ServerProcess, VllmProcess]) -> None:
     server, vllm = stack
     base = prompt(2, 1100)
+    mark = len(server.log())
     vllm.complete(base)
+    server.wait_log("Stored 1024 tokens in ", since=mark)
     other = base[:600] + prompt(3, 500)  # shares 2 whole chunks (512 tokens)
     mark = len(server.log())
     reference_free = vllm.complete(other)
-    log = new_log(server, mark)
-    assert "Retrieved 512 tokens in " in log
-    assert "Stored 512 tokens in " in log  # its own chunks 2 and 3 are new
+    assert "Retrieved 512 tokens in " in new_log(server, mark)
+    server.wait_log("Stored 512 tokens in ", since=mark)  # its own chunks 2 and 3 are new
     again = vllm.complete(other)  # now a hit on 1024 tokens
     same_output(reference_free, again)

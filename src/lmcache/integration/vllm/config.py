@@ -16,7 +16,21 @@ logger = logging.getLogger("lmcache.integration")
 PREFIX = "lmcache.mp."
 TransferMode = Literal["auto", "engine_driven", "lmcache_driven"]
 TRANSFER_MODES = ("auto", "engine_driven", "lmcache_driven")
-_CASTS: dict[Any, Any] = {"str": str, "int": int, "float": float}
+
+
+def _bool(raw: object) -> bool:
+    """JSON true/false, or the strings people write in shell-quoted configs."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_CASTS: dict[Any, Any] = {"str": str, "int": int, "float": float, "bool": _bool}
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,9 @@ class ConnectorConfig:
         RPC_TIMEOUT_S  # seconds to wait for a reply before the server counts as down
     )
     heartbeat_interval: float = 1.0  # seconds between pings (and reconnection attempts)
+    # Stores run on a thread after the step (vLLM keeps a finished request's blocks until
+    # they are done); false: inside `wait_for_save`, the step waits (store_queue.py).
+    async_store: bool = True
     # A server on another host (README, "Threat model"): its server.key and our key_secret.
     curve_server_key: str = ""
     curve_client_cert: str = ""

@@ -66,7 +66,10 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if role == KVConnectorRole.SCHEDULER:
             _prefer_recompute(transfer)
             link = ServerLink(config)
-            self._scheduler = SchedulerSide(link, identity, can_load=can_load, can_store=can_store)
+            self._scheduler = SchedulerSide(
+                link, identity, can_load=can_load, can_store=can_store,
+                async_store=config.async_store,
+            )  # fmt: skip
             logger.info(
                 "LMCache connector (scheduler) connected to %s, chunk size %d",
                 link.endpoint, link.chunk_size,
@@ -75,7 +78,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             link = ServerLink(config)
             self._worker = WorkerSide(
                 link, identity, _parallel(vllm_config), config.transfer_mode,
-                can_load=can_load, can_store=can_store,
+                can_load=can_load, can_store=can_store, async_store=config.async_store,
             )  # fmt: skip
 
     # ----- worker side ----------------------------------------------------------------
@@ -84,6 +87,12 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """Once, before the first step: describe (and, engine_driven, share) our KV memory."""
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step touches a block: wait for stores reading preempted requests'
+        blocks (free again, so this step may write them)."""
+        if self._worker is not None and isinstance(kv_connector_metadata, Metadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Before the forward: load every planned chunk into its blocks, synchronously; a
@@ -107,15 +116,18 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return None
 
     def wait_for_save(self) -> None:
-        """After the forward: store the step's planned chunks, synchronously; a failed store
-        is logged and skipped (the request is unaffected)."""
+        """After the forward: queue the step's planned stores for the store thread (or,
+        with ``lmcache.mp.async_store = false``, run them here); a failed store is logged
+        and skipped (the request is unaffected)."""
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, Metadata):
             self._worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Never any in flight: nothing finishes asynchronously."""
-        return None, None  # loads finish inside the step that needs them (sync); stores too
+        """Finished requests whose stores are done (vLLM frees their blocks now); loads
+        finish inside the step that needs them, so none are ever reported here."""
+        done = self._worker.finished_stores() if self._worker is not None else set()
+        return done or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes them)."""
@@ -152,14 +164,11 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """End the request's lookup session (its locks); its blocks may be freed at once."""
-        if self._scheduler is not None:
-            try:
-                self._scheduler.request_finished(request)
-            except Exception:
-                logger.exception("ending the session of request %s failed", request.request_id)
-        # Stores finish inside the step that issued them, so blocks can be freed at once.
-        return False, None
+        """End the request's lookup session (its locks). True: it had stores, which may
+        still run on the workers; vLLM keeps its blocks until `get_finished` reports it."""
+        if self._scheduler is None:
+            return False, None
+        return self._scheduler.request_finished(request), None
 
     def reset_cache(self) -> bool:
         return self._scheduler.reset_cache() if self._scheduler is not None else False

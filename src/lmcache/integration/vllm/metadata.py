@@ -1,8 +1,11 @@
 """What the scheduler tells the workers each step (pickled by vLLM into SchedulerOutput).
 
 scheduler step N                                   every worker, step N
-build_connector_meta ─> Metadata{loads, stores} ─> start_load_kv: run `loads`
-                                                   wait_for_save: run `stores`
+build_connector_meta ─> Metadata{loads, stores,  ─> handle_preemptions: wait for stores
+                          preempted,                 that read `preempted` requests' blocks
+                          finished_stores}           start_load_kv: run `loads`
+                                                     wait_for_save: queue `stores`; note
+                                                     `finished_stores` for get_finished
 """
 
 from __future__ import annotations
@@ -55,3 +58,8 @@ class StoreSpec:
 class Metadata(KVConnectorMetadata):  # type: ignore[misc]
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
+    # Requests preempted while this step was scheduled: their blocks may be reused now.
+    preempted: list[str] = field(default_factory=list)
+    # Finished requests whose blocks vLLM keeps until get_finished reports them (they had
+    # stores, which may still be running).
+    finished_stores: list[str] = field(default_factory=list)

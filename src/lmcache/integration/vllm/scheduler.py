@@ -11,7 +11,9 @@ Per request (a `_Tracker`)::
     build_connector_meta ──────── ship the load once; every step, store each newly
             │                     computed whole prompt chunk (each chunk once)
             v
-    request_finished ──────────── end the server session (drops leftover locks)
+    request_finished ──────────── end the server session (drops leftover locks); if it
+                                  stored anything (async stores), keep its blocks until
+                                  the workers report its stores done (`get_finished`)
 
 Nothing here may raise into vLLM: an exception in a scheduler method kills the
 engine, so every entry point falls back to "no cache" and logs instead.
@@ -47,12 +49,19 @@ class _Tracker:
     load_planned: bool = False
     load_failed: bool = False
     stored: int = 0  # prompt tokens known to be in LMCache (stored or hit)
+    stores_issued: bool = False  # a store was planned (it may still run on the workers)
     block_ids: list[int] = field(default_factory=list)
 
 
 class SchedulerSide:
     def __init__(
-        self, link: ServerLink, identity: CacheIdentity, *, can_load: bool, can_store: bool
+        self,
+        link: ServerLink,
+        identity: CacheIdentity,
+        *,
+        can_load: bool,
+        can_store: bool,
+        async_store: bool = True,
     ) -> None:
         self.link = link
         self.identity = identity
@@ -61,6 +70,8 @@ class SchedulerSide:
         self.can_store = can_store
         self._trackers: dict[str, _Tracker] = {}
         self._loads: list[LoadSpec] = []
+        self.async_store = async_store
+        self._finished_stores: list[str] = []  # for the next step's metadata
         link.start_heartbeat()
 
     # ----- vLLM entry points (never raise) --------------------------------------------------
@@ -85,8 +96,9 @@ class SchedulerSide:
             logger.exception("planning the load of request %s failed", request.request_id)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Metadata:
-        meta = Metadata(loads=self._loads)
-        self._loads = []
+        meta = Metadata(loads=self._loads, finished_stores=self._finished_stores)
+        self._loads, self._finished_stores = [], []
+        meta.preempted = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         try:
             if self.can_store:
                 meta.stores = self._plan_stores(scheduler_output)
@@ -94,14 +106,22 @@ class SchedulerSide:
             logger.exception("planning stores failed; skipping them this step")
         return meta
 
-    def request_finished(self, request: Request) -> None:
+    def request_finished(self, request: Request) -> bool:
+        """End the request's server session; True: keep its blocks until the workers report
+        its stores done (never raises: a False would free blocks under a running store, so
+        the answer is decided before anything that can fail)."""
         tracker = self._trackers.pop(request.request_id, None)
-        if tracker is None or tracker.hit is None or not self.link.healthy:
-            return
-        try:
-            self.link.client.end_session(request.request_id)
-        except LMCacheError as exc:
-            self.link.mark_down(exc)
+        delay = tracker is not None and tracker.stores_issued and self.async_store
+        if delay:
+            self._finished_stores.append(request.request_id)
+        if tracker is not None and tracker.lookup_sent and self.link.healthy:
+            try:
+                self.link.client.end_session(request.request_id)
+            except LMCacheError as exc:
+                self.link.mark_down(exc)
+            except Exception:
+                logger.exception("ending the session of request %s failed", request.request_id)
+        return delay
 
     def reset_cache(self) -> bool:
         try:
@@ -128,6 +148,13 @@ class SchedulerSide:
             self._trackers[rid] = tracker
         if tracker.load_failed or not self.can_load:
             return 0, False
+        if tracker.hit is None and num_computed_tokens >= self._lookup_end(tracker):
+            # vLLM's own prefix cache covers every whole chunk a lookup could add: no call
+            # to the server, and no store of what vLLM had (it was stored when computed).
+            tracker.hit = 0
+            tracker.stored = max(
+                tracker.stored, num_computed_tokens // self.chunk_size * self.chunk_size
+            )
         if tracker.hit is None:
             tracker.hit = self._lookup(tracker)
             if tracker.hit is None:
@@ -144,6 +171,12 @@ class SchedulerSide:
         # finished. A failed copy is reported through `get_block_ids_with_load_errors`,
         # and vLLM recomputes those blocks (the connector sets the "recompute" policy).
         return (need, False) if need > 0 else (0, False)
+
+    def _lookup_end(self, tracker: _Tracker) -> int:
+        """The most prompt tokens a lookup can add to: whole chunks, but never the last
+        token (vLLM computes it for the logits)."""
+        whole = len(tracker.tokens) // self.chunk_size * self.chunk_size
+        return min(whole, len(tracker.tokens) - 1)
 
     def _lookup(self, tracker: _Tracker) -> int | None:
         end = len(tracker.tokens) // self.chunk_size * self.chunk_size
@@ -241,6 +274,7 @@ class SchedulerSide:
         if end <= start:
             return None
         tracker.stored = end
+        tracker.stores_issued = True
         return StoreSpec(
             request_id=tracker.request_id,
             tokens=tracker.tokens[:end],

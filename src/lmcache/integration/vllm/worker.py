@@ -1,9 +1,9 @@
 """The worker half of the connector: registration, loads and stores.
 
-Transfers run synchronously inside the step that vLLM asks for them (loads in
-`start_load_kv`, stores in `wait_for_save`), so no copy is ever in flight when
-vLLM frees, preempts or reuses a block: a request's blocks never change under
-a copy, and `request_finished` never has to delay freeing them.
+Loads run synchronously in `start_load_kv`, before the forward that needs them. Stores
+are queued in `wait_for_save`, after the forward, and run on a thread (`StoreQueue`) while
+the engine goes on; how a block is kept from being reused under a running store is told in
+`store_queue.py`. ``lmcache.mp.async_store = false`` runs them inside `wait_for_save`.
 
 How the bytes move is a `TransferPath` (see `transfer_paths.py`), picked at every
 registration, the first and each one after a server restart (`link.on_recover`):
@@ -39,7 +39,8 @@ from lmcache.errors import (
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.link import ServerLink
-from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy
+from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy, StoreSpec
+from lmcache.integration.vllm.store_queue import StoreQueue
 from lmcache.integration.vllm.transfer_paths import (
     BytesPath,
     NoSharedMemory,
@@ -66,6 +67,7 @@ class WorkerSide:
         *,
         can_load: bool,
         can_store: bool,
+        async_store: bool = True,
     ) -> None:
         self.link = link
         self.identity = identity
@@ -81,6 +83,8 @@ class WorkerSide:
         self._copier: BlockCopier | None = None
         self._segments: list[ShmSegment] = []
         self._load_errors: set[int] = set()
+        self._failed_loads: set[str] = set()  # requests whose load failed in this step
+        self._stores = StoreQueue(self._store_one) if async_store and can_store else None
         link.instance_id = self.instance_id
         link.on_recover = self._register
 
@@ -205,21 +209,41 @@ class WorkerSide:
             if not ok:  # vLLM recomputes these blocks (the skipped ones it has already)
                 first = spec.skip_tokens // self.identity.block_size
                 self._load_errors.update(spec.block_ids[first:])
+                self._failed_loads.add(spec.request_id)
+
+    def handle_preemptions(self, meta: Metadata) -> None:
+        """Before this step touches any block: a preempted request's blocks are free again
+        and this step's forward may write them, so the stores still reading blocks must
+        end first (all of them: preemption is rare, and a store is bounded by its RPC
+        timeouts)."""
+        if self._stores is not None and meta.preempted and self._stores.in_flight:
+            self._stores.wait()
 
     def save(self, meta: Metadata) -> None:
-        path = self.path
-        if not (self.can_store and meta.stores and path is not None and self.link.healthy):
+        """After the forward: queue (or run) this step's stores. A request whose load failed
+        in this step computed its later tokens over blocks that hold no valid KV (vLLM
+        recomputes them next step), so none of its stores from this step are kept."""
+        failed, self._failed_loads = self._failed_loads, set()
+        stores = [s for s in meta.stores if s.request_id not in failed] if self.can_store else []
+        if self._stores is None:
+            for spec in stores:
+                self._store_one(spec)
             return
-        for spec in meta.stores:
-            try:
-                path.store(spec)
-            except LMCacheError as exc:
-                logger.warning("store of request %s skipped: %s", spec.request_id, exc)
-                if isinstance(exc, ServerUnavailableError):
-                    self.link.mark_down(exc)
-                    return
-            except Exception:
-                logger.exception("store of request %s failed", spec.request_id)
+        self._stores.finish(meta.finished_stores)
+        self._stores.submit(stores)
+
+    def _store_one(self, spec: StoreSpec) -> None:
+        path = self.path
+        if path is None or not self.link.healthy:
+            return  # degraded: skipped (the scheduler's stores are best effort)
+        try:
+            path.store(spec)
+        except LMCacheError as exc:
+            logger.warning("store of request %s skipped: %s", spec.request_id, exc)
+            if isinstance(exc, ServerUnavailableError):
+                self.link.mark_down(exc)
+        except Exception:
+            logger.exception("store of request %s failed", spec.request_id)
 
     # ----- completion ------------------------------------------------------------------------
 
@@ -227,7 +251,17 @@ class WorkerSide:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def wait_for_stores(self, timeout: float | None = None) -> bool:
+        """Until every queued store is done (False: timed out); for tests and tools."""
+        return self._stores.wait(timeout) if self._stores is not None else True
+
+    def finished_stores(self) -> set[str]:
+        """Finished requests whose stores are done: vLLM may free their blocks now."""
+        return self._stores.done() if self._stores is not None else set()
+
     def shutdown(self) -> None:
+        if self._stores is not None:
+            self._stores.close()  # before the link and the path they use
         self.link.close()
         if self.path is not None:
             self.path.close()
