@@ -11,6 +11,10 @@ setup(
         Extension(
             "lmcache.engine._blockcopy",
             sources=["src/lmcache/engine/_blockcopy.c"],
+            depends=[
+                "src/lmcache/engine/_blockcopy_pool.h",
+                "src/lmcache/engine/_blockcopy_stream.h",
+            ],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         )
     ]

@@ -1,7 +1,9 @@
 """The one copy routine (`BlockCopier` over the C `_blockcopy`): bytes, bounds and SIGBUS.
 
-Correctness is checked against plain numpy indexing of the same layout; the SIGBUS tests
-truncate a file this test created under a mapping this test made.
+Correctness is checked against plain numpy indexing of the same layout, for every thread
+count (a contract: one suite, parametrized), with copies split into parts and streamed even
+at test sizes (`tuned`); the SIGBUS tests truncate a file this test created under a mapping
+this test made.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def layout_of(  # noqa: PLR0917
     return lay, per_segment
 
 
+THREADS = [1, 2, 4]
+
+
+@contextlib.contextmanager
+def tuned(stream_min_bytes: int = 0, part_min_bytes: int = 1) -> Iterator[None]:
+    """Streamed stores and one part per thread even for tiny copies (production thresholds
+    are in MiB), so that test sizes take the paths that real ones do."""
+    before = _blockcopy._tune(stream_min_bytes, part_min_bytes)
+    try:
+        yield
+    finally:
+        _blockcopy._tune(*before)
+
+
 def reference_chunk(lay: KVLayout, arrays: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
     """The chunk buffer [layers, planes, blocks, plane_bytes], by numpy indexing."""
     pb = lay.block_bytes // lay.planes
@@ -60,7 +76,8 @@ def reference_chunk(lay: KVLayout, arrays: list[np.ndarray], ids: np.ndarray) ->
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("threads", THREADS)
+@settings(max_examples=40, deadline=None)
 @given(
     layers=st.integers(1, 4),
     planes=st.integers(1, 2),
@@ -73,8 +90,19 @@ def reference_chunk(lay: KVLayout, arrays: list[np.ndarray], ids: np.ndarray) ->
     data=st.data(),
 )
 def test_gather_then_scatter_matches_numpy(  # noqa: PLR0917
-    layers: int, planes: int, blocks: int, pb: int, gap: int, segments: int, bpc: int,
-    seed: int, data: st.DataObject,
+    threads: int, layers: int, planes: int, blocks: int, pb: int, gap: int, segments: int,
+    bpc: int, seed: int, data: st.DataObject,
+) -> None:  # fmt: skip
+    streamed = data.draw(st.booleans())
+    with tuned(0 if streamed else 1 << 62, 1):
+        check_gather_then_scatter(
+            threads, layers, planes, blocks, pb, gap, segments, bpc, seed, data
+        )  # fmt: skip
+
+
+def check_gather_then_scatter(  # noqa: PLR0917
+    threads: int, layers: int, planes: int, blocks: int, pb: int, gap: int, segments: int,
+    bpc: int, seed: int, data: st.DataObject,
 ) -> None:  # fmt: skip
     segments, bpc = min(segments, layers), min(bpc, blocks)
     lay, sizes = layout_of(layers, planes, blocks, pb, gap, segments)
@@ -84,7 +112,7 @@ def test_gather_then_scatter_matches_numpy(  # noqa: PLR0917
     ids = rng.permutation(blocks)[: chunks * bpc].astype(np.int64)
     if data.draw(st.booleans()):  # runs of consecutive ids take the one-memcpy path
         ids = np.arange(chunks * bpc, dtype=np.int64)
-    copier = BlockCopier(lay, arrays, bpc)
+    copier = BlockCopier(lay, arrays, bpc, copy_threads=threads)
     bufs = [np.zeros(copier.chunk_bytes, dtype=np.uint8) for _ in range(chunks)]
     copier.gather_range(ids, list(enumerate(bufs)))
     for i, buf in enumerate(bufs):
@@ -105,6 +133,85 @@ def test_gather_then_scatter_matches_numpy(  # noqa: PLR0917
                 expected[p.segment][at : at + pb] = src_chunk[li, plane, j]
     for got, want in zip(arrays, expected, strict=True):
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize(
+    ("pb", "gap", "ids"),
+    [
+        (32768, 0, [3, 4, 5, 6, 0, 1, 9, 10]),  # runs of adjacent blocks: coalesced pieces
+        (32768, 0, [7, 1, 5, 3, 11, 9, 0, 2]),  # no two adjacent
+        (4099, 0, [2, 3, 4, 5, 6, 7, 8, 9]),  # odd size, one long run, unaligned everywhere
+        (4099, 13, [2, 3, 4, 5, 6, 7, 8, 9]),  # odd size, gaps: adjacent ids, not coalesced
+        (20000, 64, [11, 0, 6, 5, 1, 2, 10, 7]),
+    ],
+)
+def test_round_trip_byte_for_byte(threads: int, pb: int, gap: int, ids: list[int]) -> None:
+    """Gather then scatter elsewhere, with skipped blocks, streamed and split into parts."""
+    lay, sizes = layout_of(3, 2, 12, pb, gap, 2)
+    rng = np.random.default_rng(pb + gap)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    src = np.array(ids, dtype=np.int64)
+    for stream_min in (0, 1 << 62):  # streamed stores, then plain memcpy
+        with tuned(stream_min, 1):
+            copier = BlockCopier(lay, arrays, 4, copy_threads=threads)
+            bufs = [np.zeros(copier.chunk_bytes, dtype=np.uint8) for _ in range(2)]
+            copier.gather_range(src, list(enumerate(bufs)))
+            want = np.concatenate(
+                [reference_chunk(lay, arrays, src[:4]), reference_chunk(lay, arrays, src[4:])],
+                axis=2,
+            )
+            got = np.concatenate([b.reshape(3, 2, 4, pb) for b in bufs], axis=2)
+            assert np.array_equal(got, want)
+            dst = np.array([i for i in range(12) if i not in ids[:4]][:8], dtype=np.int64)
+            before = reference_chunk(lay, arrays, dst)
+            copier.scatter_range(dst, bufs, skip_blocks=3)
+            after = reference_chunk(lay, arrays, dst)
+            assert np.array_equal(after[:, :, :3], before[:, :, :3])  # skipped: untouched
+            assert np.array_equal(after[:, :, 3:], want[:, :, 3:])
+
+
+def test_copy_threads_knob() -> None:
+    lay, sizes = layout_of(1, 1, 4, 64, 0, 1)
+    arr = np.zeros(sizes[0], dtype=np.uint8)
+    auto = BlockCopier(lay, [arr], 2).copy_threads
+    assert auto == min(4, len(os.sched_getaffinity(0)))
+    assert BlockCopier(lay, [arr], 2, copy_threads=3).copy_threads == 3
+    with pytest.raises(ValueError, match="copy_threads"):
+        BlockCopier(lay, [arr], 2, copy_threads=-1)
+    with pytest.raises(ValueError, match="threads"):
+        _blockcopy.copy_blocks(
+            np.zeros(1, np.uint64), np.zeros(1, np.int64), 1, 64, 64, arr, 1, 0, False, 65
+        )  # fmt: skip
+
+
+FORKED = """
+    import os, sys
+    import numpy as np
+    from lmcache.engine import _blockcopy
+    from tests.test_blockcopy import layout_of, tuned
+    from lmcache.engine.transfer import BlockCopier
+    lay, sizes = layout_of(4, 2, 8, 4096, 0, 1)
+    arr = np.arange(sizes[0], dtype=np.uint64).astype(np.uint8)
+    copier = BlockCopier(lay, [arr], 8, copy_threads=4)
+    buf = np.zeros(copier.chunk_bytes, dtype=np.uint8)
+    with tuned(0, 1):
+        copier.gather(np.arange(8), 0, buf)  # the pool's threads exist now
+        pid = os.fork()
+        if pid == 0:  # only this thread survives the fork: the pool must start again
+            copier.gather(np.arange(8), 0, buf)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_copies_with_a_fresh_pool() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FORKED)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.stdout.strip() == "child 0", proc.stderr
 
 
 @pytest.fixture
@@ -193,6 +300,45 @@ def test_truncated_memory_ends_the_copy_with_an_error(
     os.ftruncate(fd, copier._arrays[0].nbytes)  # grown back: pages read as zeros again
     copier.gather(ids, 0, buf)
     assert not buf[copier.plane_bytes * 16 :].any()
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_a_fault_in_one_of_several_copy_threads_fails_the_call(
+    truncatable: tuple[int, np.ndarray, BlockCopier], threads: int
+) -> None:
+    """Parts of one call run on pool threads: the one that faults unwinds its own guard, the
+    others finish or stop, and the call reports the fault once all of them are done."""
+    fd, arr, plain = truncatable
+    copier = BlockCopier(plain.layout, [arr], 16, copy_threads=threads)
+    ids = np.arange(64, dtype=np.int64)
+    buf = np.zeros(copier.chunk_bytes, dtype=np.uint8)
+    with tuned(0, 1):
+        copier.gather(ids, 0, buf)
+        assert (buf == 7).all()
+        os.ftruncate(fd, arr.nbytes // 2)  # later layers fault, earlier ones copy fine
+        for _ in range(5):
+            with pytest.raises(TransferError, match="SIGBUS"):
+                copier.gather(ids, 1, buf)
+            with pytest.raises(TransferError, match="SIGBUS"):
+                copier.scatter(buf, ids, 2)
+        errors: list[BaseException] = []
+
+        def worker() -> None:  # several calls at once share the pool; each gets its error
+            try:
+                copier.gather(ids, 3, np.zeros(copier.chunk_bytes, dtype=np.uint8))
+            except TransferError as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=worker) for _ in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert len(errors) == 4
+        os.ftruncate(fd, arr.nbytes)  # grown back: the pool's threads still copy
+        copier.gather(ids, 0, buf)
+        half = copier.chunk_bytes // 2
+        assert (buf[:half] == 7).all() and not buf[half:].any()
 
 
 FOREIGN_FAULT = """

@@ -139,7 +139,7 @@ def test_tuning_flags_reach_the_objects_they_configure(monkeypatch: pytest.Monke
     settings = _server_settings(
         "--l1-size-gb", "0.01", "--port", str(free_port()),
         "--l2-adapter", '{"type": "memory"}', "--l2-queue-size", "7",
-        "--l2-prefetch-workers", "3", "--hash-memo-mb", "0",
+        "--l2-prefetch-workers", "3", "--hash-memo-mb", "0", "--copy-threads", "3",
     )  # fmt: skip
     runtime = ServerRuntime(settings)
     runtime.start()
@@ -149,6 +149,7 @@ def test_tuning_flags_reach_the_objects_they_configure(monkeypatch: pytest.Monke
         assert (tiers.write_behind.size, tiers.prefetch_workers, tiers.breaker_s) == (7, 3, 0.25)
         assert tiers.write_behind._queue.maxsize == 7 and tiers._prefetch._max_workers == 3
         assert runtime._handler.keys.hasher.memo_bytes == 0
+        assert runtime.registry.copy_threads == 3  # each engine's ShmTransfer gets it
     finally:
         runtime.stop()
 

@@ -26,3 +26,8 @@ L2_PREFETCH_WORKERS = 2
 
 L2_BREAKER_S = 5.0
 """Seconds an L2 adapter is skipped after a failure, so lookups do not wait for its timeout."""
+
+COPY_THREADS = 0
+"""Threads that one block copy (`BlockCopier`) splits its bytes over; 0 = auto: up to 4, at
+most the CPUs this process may run on. A copy gets one thread per 512 KiB at most (one
+under 1 MiB): waking a thread costs more than it saves there."""

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lmcache.defaults import (
+    COPY_THREADS,
     HASH_MEMO_MB,
     L2_BREAKER_S,
     L2_PREFETCH_WORKERS,
@@ -57,6 +58,13 @@ class ServerSettings(BaseSettings):
     )
     eviction_policy: EvictionPolicyName = Field("LRU", description="L1 eviction policy")
     max_workers: int = Field(4, ge=1, le=256, description="worker threads for data movement")
+    copy_threads: int = Field(
+        COPY_THREADS,
+        ge=0,
+        le=64,
+        description="threads one KV block copy between an engine and L1 is split over "
+        "(0 = auto: up to 4, at most the CPUs the server may run on; copies under 1 MiB use one)",
+    )
     chunk_size: int = Field(256, ge=1, le=1 << 20, description="tokens per cached chunk")
     hash_algorithm: HashAlgorithm = Field("sha256", description="chunk hash function")
     hash_memo_mb: int = Field(

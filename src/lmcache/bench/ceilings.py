@@ -1,8 +1,11 @@
 """Ceilings: what each server result is divided by, measured in the same run.
 
-    numpy copy             np.copyto of the same bytes between pre-faulted buffers
-    in-process gather      the server's own copy routine (`ShmTransfer`), chunk by chunk,
-    / scatter              same block ids, into (out of) pre-faulted shared memory
+    numpy copy             np.copyto of the same bytes between pre-faulted buffers, one
+                           np.copyto (one thread) per engine: what store/retrieve are
+                           judged against (the physical ceiling)
+    in-process gather      the server's own copy routine (`BlockCopier`, default threads),
+    / scatter              chunk by chunk, same block ids, into (out of) pre-faulted shared
+                           memory: shown beside it, not judged
     raw pyzmq round trip   DEALER -> ROUTER echo process, same frame sizes, no server
     raw file / redis-py    open+write / readinto, SET / GET of the same object sizes
 

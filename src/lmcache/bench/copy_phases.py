@@ -19,7 +19,10 @@ from .report import Row, Target
 from .shapes import ModelShape
 from .transfers import Scenario, SyntheticEngine
 
-COPY_TARGET = Target("ratio", ">=", 0.85)  # of the in-process gather/scatter, chunk 256
+# Of np.copyto of the same bytes (each engine's bytes by one np.copyto, engines at once),
+# chunk 256: the physical ceiling (issue 12). The in-process gather/scatter rows beside
+# them show how much of it the copy routine alone reaches.
+COPY_TARGET = Target("ratio", ">=", 0.85)
 EVICTION_TARGET = Target("ratio", ">=", 0.9)  # evicting steady state / non-evicting
 
 
@@ -70,26 +73,28 @@ def measure_scenario(
             if rep:
                 for k, v in zip(t, times, strict=True):
                     t[k].append(v)
-        t.update(retrieve=[], scatter=[])
+        t.update(retrieve=[], scatter=[], copy_r=[])
         for rep in range(reps + 1):
-            t_retrieve = together(lambda i: engines[i].retrieve(stored[i]))
-            t_scatter = together(lambda i: ceilings[i].scatter(engines[i].dst_ids))
+            times = (
+                together(lambda i: engines[i].retrieve(stored[i])),
+                together(lambda i: ceilings[i].scatter(engines[i].dst_ids)),
+                together(lambda i: plain[i].copy()),
+            )
             if rep:
-                t["retrieve"].append(t_retrieve)
-                t["scatter"].append(t_scatter)
+                for k, v in zip(("retrieve", "scatter", "copy_r"), times, strict=True):
+                    t[k].append(v)
         client.clear()
     g = {k: _gbps(nbytes, v) for k, v in t.items()}
     target = COPY_TARGET if sc.chunk_tokens == 256 else None
     section = "store / retrieve (GB/s, GB = 1e9 B)"
     name = sc.label()
+    ceiling = "np.copyto same bytes"
     rows = [
-        Row(section, f"store: {name}", g["store"], "GB/s", "in-process gather", g["gather"],
-            target),
-        Row(section, f"retrieve: {name}", g["retrieve"], "GB/s", "in-process scatter",
-            g["scatter"], target),
-        Row(section, f"in-process gather: {name}", g["gather"], "GB/s", "np.copyto same bytes",
-            g["copy"]),
-    ]  # fmt: skip
+        Row(section, f"store: {name}", g["store"], "GB/s", ceiling, g["copy"], target),
+        Row(section, f"retrieve: {name}", g["retrieve"], "GB/s", ceiling, g["copy_r"], target),
+        Row(section, f"in-process gather: {name}", g["gather"], "GB/s", ceiling, g["copy"]),
+        Row(section, f"in-process scatter: {name}", g["scatter"], "GB/s", ceiling, g["copy_r"]),
+    ]
     return rows, t
 
 

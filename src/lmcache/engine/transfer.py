@@ -12,8 +12,9 @@ business, which is why the namespace of a key includes the engine's ``kv_spec``.
 
 `BlockCopier` is the one copy routine, over any set of byte arrays: the server's
 maps of an engine's segments, an engine worker's own KV memory, and the bench all
-call it. The copies run in C (`_blockcopy`) at memcpy speed, and a SIGBUS raised
-by the memory being copied (a peer truncated the segment we mapped) ends the copy
+call it. The copies run in C (`_blockcopy`) at memory speed (streamed stores, split
+over ``copy_threads`` threads with the GIL released), and a SIGBUS raised by the
+memory being copied (a peer truncated the segment we mapped) ends the copy
 with `TransferError` instead of killing the process. `KVTransfer` is the seam on
 the server: `ShmTransfer` maps POSIX shared memory on the same host; CUDA IPC and
 bytes-in-the-message implementations plug in beside it.
@@ -22,11 +23,13 @@ bytes-in-the-message implementations plug in beside it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeAlias
 
 import numpy as np
 
+from lmcache.defaults import COPY_THREADS
 from lmcache.engine import _blockcopy
 from lmcache.errors import TransferError
 from lmcache.protocol.messages import KVLayout
@@ -48,6 +51,18 @@ class KVTransfer(Protocol):
         leaving the range's first ``skip_blocks`` blocks alone."""
 
     def close(self) -> None: ...
+
+
+AUTO_COPY_THREADS_MAX = 4  # more rarely helps: a few cores saturate a socket's memory
+
+
+def resolve_copy_threads(wanted: int = COPY_THREADS) -> int:
+    """Threads per copy: ``wanted``, or for 0 (auto) min(4, CPUs this process may use)."""
+    if wanted < 0:
+        raise ValueError(f"copy_threads must be 0 (auto) or positive, got {wanted}")
+    if wanted:
+        return wanted
+    return max(1, min(AUTO_COPY_THREADS_MAX, len(os.sched_getaffinity(0))))
 
 
 def validate_layout(layout: KVLayout, segment_sizes: list[int]) -> None:
@@ -91,13 +106,20 @@ class BlockCopier:
 
     closed = False
 
-    def __init__(self, layout: KVLayout, arrays: list[np.ndarray], blocks_per_chunk: int) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        arrays: list[np.ndarray],
+        blocks_per_chunk: int,
+        copy_threads: int = COPY_THREADS,
+    ) -> None:
         validate_layout(layout, [a.nbytes for a in arrays])
         if blocks_per_chunk <= 0:
             raise ValueError("blocks_per_chunk must be positive")
         if not all(a.flags.writeable and a.flags.c_contiguous for a in arrays):
             raise ValueError("KV memory must be writable, C-contiguous byte arrays")
         self.layout = layout
+        self.copy_threads = resolve_copy_threads(copy_threads)
         self.blocks_per_chunk = blocks_per_chunk
         self.plane_bytes = layout.block_bytes // layout.planes
         self.chunk_bytes = layout.num_layers * blocks_per_chunk * layout.block_bytes
@@ -121,7 +143,7 @@ class BlockCopier:
         lay = self.layout
         fault = _blockcopy.copy_blocks(
             self._rows, ids, lay.num_blocks, lay.block_stride, self.plane_bytes,
-            buf, self.blocks_per_chunk, first, to_engine,
+            buf, self.blocks_per_chunk, first, to_engine, self.copy_threads,
         )  # fmt: skip
         if fault:
             self._faulted(fault)
@@ -181,8 +203,14 @@ class ShmTransfer(BlockCopier):
     kind = "shm"
     faulted = False
 
-    def __init__(self, layout: KVLayout, segments: list[ShmSegment], blocks_per_chunk: int) -> None:
-        super().__init__(layout, [s.array for s in segments], blocks_per_chunk)
+    def __init__(
+        self,
+        layout: KVLayout,
+        segments: list[ShmSegment],
+        blocks_per_chunk: int,
+        copy_threads: int = COPY_THREADS,
+    ) -> None:
+        super().__init__(layout, [s.array for s in segments], blocks_per_chunk, copy_threads)
         self.segments = segments
 
     def _faulted(self, address: int) -> None:

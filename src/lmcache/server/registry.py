@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache.defaults import COPY_THREADS
 from lmcache.engine.transfer import KVTransfer, ShmTransfer
 from lmcache.errors import BadRequestError, ForbiddenError, UnknownEngineError
 from lmcache.protocol.messages import KVLayout, KVMemory, RegisterKV, ShmMemory
@@ -148,9 +149,12 @@ def check_identity(model_name: str, world_size: int, dtype: str, cache_salt: str
 
 
 class EngineRegistry:
-    def __init__(self, chunk_size: int, max_chunk_bytes: int = 1 << 62) -> None:
+    def __init__(
+        self, chunk_size: int, max_chunk_bytes: int = 1 << 62, copy_threads: int = COPY_THREADS
+    ) -> None:
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
+        self.copy_threads = copy_threads  # --copy-threads, for each engine's ShmTransfer
         self._engines: dict[int, Engine] = {}
         self._lock = threading.Lock()
 
@@ -212,8 +216,7 @@ class EngineRegistry:
                     "unregistered after --engine-timeout-s"
                 )
 
-    @staticmethod
-    def _open(memory: KVMemory, layout: KVLayout, blocks_per_chunk: int) -> KVTransfer | None:
+    def _open(self, memory: KVMemory, layout: KVLayout, blocks_per_chunk: int) -> KVTransfer | None:
         if not isinstance(memory, ShmMemory):
             if layout.num_layers <= 0 or layout.block_bytes <= 0 or layout.planes <= 0:
                 raise BadRequestError("layout needs positive num_layers, block_bytes and planes")
@@ -246,7 +249,7 @@ class EngineRegistry:
                 except (ValueError, OSError) as exc:
                     raise BadRequestError(f"cannot map segment {name!r}: {exc}") from None
             try:
-                return ShmTransfer(layout, segments, blocks_per_chunk)
+                return ShmTransfer(layout, segments, blocks_per_chunk, self.copy_threads)
             except ValueError as exc:
                 raise BadRequestError(f"invalid KV layout: {exc}") from None
         except BaseException:

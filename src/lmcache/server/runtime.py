@@ -80,7 +80,9 @@ class ServerRuntime:
             target=self._maintain, name="lmcache-maintenance", daemon=True
         )
         self.l1: L1Cache | None = None
-        self.registry = EngineRegistry(settings.chunk_size, settings.l1_size_bytes)
+        self.registry = EngineRegistry(
+            settings.chunk_size, settings.l1_size_bytes, settings.copy_threads
+        )
         self.sessions: Sessions | None = None
         self.metrics = Metrics(self._metric_state)
 
