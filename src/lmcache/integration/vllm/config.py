@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
-from lmcache.defaults import RPC_TIMEOUT_S, SERVER_PORT
+from lmcache.defaults import COPY_THREADS, RPC_TIMEOUT_S, SERVER_PORT
 from lmcache.errors import ConfigError
 from lmcache.transport.zmq_client import CurveClientKeys
 
@@ -45,6 +45,9 @@ class ConnectorConfig:
     # Stores run on a thread after the step (vLLM keeps a finished request's blocks until
     # they are done); false: inside `wait_for_save`, the step waits (store_queue.py).
     async_store: bool = True
+    # Threads one block copy is split over (0 = auto: up to 4, at most the usable CPUs;
+    # copies under 1 MiB use one). The server's --copy-threads, for this worker's copies.
+    copy_threads: int = COPY_THREADS
     # A server on another host (README, "Threat model"): its server.key and our key_secret.
     curve_server_key: str = ""
     curve_client_cert: str = ""
@@ -90,6 +93,8 @@ class ConnectorConfig:
                 f"{PREFIX}mp_transfer_mode must be one of {', '.join(TRANSFER_MODES)}, "
                 f"got {config.mp_transfer_mode!r}"
             )
+        if not 0 <= config.copy_threads <= 64:
+            raise ConfigError(f"{PREFIX}copy_threads must be 0 (auto) to 64")
         if config.rpc_timeout <= 0 or config.heartbeat_interval <= 0:
             raise ConfigError(f"{PREFIX}rpc_timeout and heartbeat_interval must be positive")
         return config

@@ -79,6 +79,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker = WorkerSide(
                 link, identity, _parallel(vllm_config), config.transfer_mode,
                 can_load=can_load, can_store=can_store, async_store=config.async_store,
+                copy_threads=config.copy_threads,
             )  # fmt: skip
 
     # ----- worker side ----------------------------------------------------------------

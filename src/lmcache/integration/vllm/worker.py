@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmcache.defaults import COPY_THREADS
 from lmcache.engine.transfer import BlockCopier
 from lmcache.errors import (
     BadRequestError,
@@ -68,8 +69,10 @@ class WorkerSide:
         can_load: bool,
         can_store: bool,
         async_store: bool = True,
+        copy_threads: int = COPY_THREADS,
     ) -> None:
         self.link = link
+        self.copy_threads = copy_threads
         self.identity = identity
         self.parallel = parallel
         self.requested_mode = mode
@@ -116,7 +119,9 @@ class WorkerSide:
         self._check_chunk_size(layout.block_size)
         self._layout = layout
         self._segments = list(segments)
-        self._copier = BlockCopier(layout, arrays, self.chunk_size // layout.block_size)
+        self._copier = BlockCopier(
+            layout, arrays, self.chunk_size // layout.block_size, self.copy_threads
+        )
         self._register(self.link.pong)
         self.link.start_heartbeat()
 
