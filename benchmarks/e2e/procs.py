@@ -299,6 +299,7 @@ def server_status(http: str | None) -> object:
 
 _TRANSFER = re.compile(r"(Stored|Retrieved) (\d+) tokens")
 _MODE = re.compile(r"Creating transfer context \(device_type=\w+, mode=(\w+)\)")
+_SUPPRESSED = re.compile(r"suppressed (\d+) repeats of: (Stored|Retrieved) %d tokens")
 _KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
 _OVERRIDE = re.compile(r"Overriding num_gpu_blocks=(\d+) with num_gpu_blocks_override=(\d+)")
 
@@ -324,6 +325,12 @@ def log_checks(stack_logs: Sequence[Path], since: Marks | None = None) -> dict[s
     for kind, tokens in _TRANSFER.findall(text):
         counts[kind][0] += 1
         counts[kind][1] += int(tokens)
+    # Our server lets 20 identical lines through per 10 s and then counts the rest; their
+    # tokens are unknown, so *_tokens are a lower bound where "suppressed" is not 0.
+    suppressed = 0
+    for repeats, kind in _SUPPRESSED.findall(text):
+        counts[kind][0] += int(repeats)
+        suppressed += int(repeats)
     mode = _MODE.search(text)
     out: dict[str, object] = {
         # Upstream on CPU must say engine_driven; ours says lmcache_driven (shared memory).
@@ -332,6 +339,7 @@ def log_checks(stack_logs: Sequence[Path], since: Marks | None = None) -> dict[s
         "stored_tokens": counts["Stored"][1],
         "retrieves": counts["Retrieved"][0],
         "retrieved_tokens": counts["Retrieved"][1],
+        "suppressed": suppressed,
         "fatal_error": "EngineCore encountered a fatal error" in text,
     }
     if since is None:

@@ -78,6 +78,28 @@ class Warmups:
         return client.ttft(prompt)
 
 
+_COUNTERS = {
+    "vllm:prefix_cache_queries": "queries",
+    "vllm:prefix_cache_hits": "vllm_hits",
+    "vllm:external_prefix_cache_queries": "external_queries",
+    "vllm:external_prefix_cache_hits": "external_hits",
+}
+
+
+def prefix_counters(client: Client) -> dict[str, float]:
+    """vLLM's own token counters (/metrics): its prefix cache hits and the connector's."""
+    out = dict.fromkeys(_COUNTERS.values(), 0.0)
+    for line in client.http.get("/metrics").text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
+        if name in _COUNTERS and not line.startswith("#"):
+            out[_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
 def _ms(values: Sequence[float]) -> float:
     return 1e3 * float(np.median(values))
 
@@ -85,28 +107,34 @@ def _ms(values: Sequence[float]) -> float:
 def run_capacity(
     client: Client, sc: Scenarios, warm: Warmups, meter: CpuMeter, logs: Sequence[Path]
 ) -> dict[str, object]:
-    """All prompts once (cold), then all again (round 2); the log checks of round 2 say
-    whether the KV server stored and retrieved what vLLM had evicted."""
+    """All prompts once (cold), then all again (round 2). vLLM's counters of round 2 say
+    how many prompt tokens its own prefix cache and the connector served; the log
+    checks of round 2 that the KV server retrieved them (the server logs at most 20
+    identical lines per 10 s and counts the rest in a later "suppressed" line)."""
     warm.send(client)
     meter.start()
     first = [client.ttft(p) for p in sc.capacity]
     load1 = meter.stop()
     marks = procs.log_marks(logs)
+    before = prefix_counters(client)
     meter.start()
     second = [client.ttft(p) for p in sc.capacity]
     load2 = meter.stop()
+    counters = _delta(prefix_counters(client), before)
     time.sleep(0.5)  # let the last log lines reach the files
     checks = procs.log_checks(logs, since=marks)
     print(
         f"    capacity {len(sc.capacity)} x {len(sc.capacity[0])} tokens: round 1 "
         f"{_ms(first):8.1f} ms  round 2 {_ms(second):8.1f} ms  (others used "
-        f"{max(load1['foreign_cores'], load2['foreign_cores']):.2f} cores); round 2 log: "
-        f"{checks['retrieves']} retrieves, {checks['retrieved_tokens']} tokens",
+        f"{max(load1['foreign_cores'], load2['foreign_cores']):.2f} cores)\n      round 2:"
+        f" of {counters['queries']:.0f} prompt tokens vLLM's cache hit "
+        f"{counters['vllm_hits']:.0f}, the connector {counters['external_hits']:.0f}; "
+        f"server log: {checks['retrieves']} retrieves",
         flush=True,
     )
     return {
         "round1_s": first, "round2_s": second, "load": load1, "load2": load2,
-        "round2_checks": checks,
+        "round2_checks": checks, "round2_counters": counters,
     }  # fmt: skip
 
 

@@ -33,6 +33,10 @@ def summarize_more(runs: Sequence[Run]) -> dict[str, Any]:
     if caps:
         out["capacity"]["round2_retrieves"] = sum(int(c["retrieves"]) for c in caps)
         out["capacity"]["round2_retrieved_tokens"] = sum(int(c["retrieved_tokens"]) for c in caps)
+    counters = [r["capacity"].get("round2_counters") for r in runs if r.get("capacity")]
+    if counters and all(counters):
+        for key in ("queries", "vllm_hits", "external_hits"):
+            out["capacity"][f"round2_{key}"] = sum(c[key] for c in counters)
     rates = [r["decode"]["tokens_per_s"] for r in runs if r.get("decode")]
     if rates:
         out["decode"] = {"tokens_per_s": float(np.median(rates))}
@@ -147,8 +151,10 @@ def print_more(summary: dict[str, Any]) -> None:
             c = s["capacity"]
             lines.append(
                 f"{name:17s} capacity   round 1 {c['round1_ms']:8.1f} ms   round 2 "
-                f"{c['round2_ms']:8.1f} ms   (round 2 log: {c.get('round2_retrieves', 0)} "
-                f"retrieves, {c.get('round2_retrieved_tokens', 0)} tokens)"
+                f"{c['round2_ms']:8.1f} ms   (round 2: {c.get('round2_retrieves', 0)} "
+                f"retrieves logged; tokens hit by vLLM {c.get('round2_vllm_hits', 0):.0f}, "
+                f"by the connector {c.get('round2_external_hits', 0):.0f} of "
+                f"{c.get('round2_queries', 0):.0f})"
             )
         if "restart" in s:
             c = s["restart"]
@@ -173,7 +179,7 @@ def print_targets(rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     print("\nTargets (same run; ratio = ours / baseline):")
-    print(f"  {'':46s} {'ours':>11s} {'baseline':>11s} {'ratio':>6s} {'target':>8s}")
+    print(f"  {'':46s} {'ours':>14s} {'baseline':>14s} {'ratio':>6s} {'target':>8s}")
     for r in rows:
         unit = r["unit"]
         if r["target"] is None:
@@ -182,6 +188,6 @@ def print_targets(rows: Sequence[dict[str, Any]]) -> None:
             sign = ">=" if r["higher_is_better"] else "<="
             target, verdict = f"{sign} {r['target']:.2f}", "PASS" if r["pass"] else "MISS"
         print(
-            f"  {r['name']:46s} {r['value']:8.1f} {unit:2s} {r['baseline']:8.1f} {unit:2s}"
+            f"  {r['name']:46s} {r['value']:8.1f} {unit:5s} {r['baseline']:8.1f} {unit:5s}"
             f" {r['ratio']:6.2f} {target:>8s}  {verdict}"
         )
