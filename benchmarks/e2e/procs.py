@@ -22,13 +22,19 @@ from pathlib import Path
 
 import httpx
 
-from lmcache.bench.harness import free_port
+from lmcache.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("recompute", "vllm-prefix", "lmcache", "upstream")
-# 2 GiB of vLLM KV (8 KiB per token for the model below, i.e. 262k tokens): the
-# vllm-prefix limit must keep all N long prompts of a phase resident (10 x 8000 tokens)
-# or its "warm" numbers would include evictions. The same pool size for every config.
+CONFIGS = ("recompute", "vllm-prefix", "lmcache", "lmcache-noprefix", "upstream")
+# vLLM's own prefix cache is on for every configuration but these two.
+PREFIX_OFF = ("recompute", "lmcache-noprefix")
+# Which KV server (and interpreter) a configuration uses; the others run no connector.
+SERVER = {"lmcache": "ours", "lmcache-noprefix": "ours", "upstream": "upstream"}
+# At most 2 GiB of vLLM KV (8 KiB per token for the model below, i.e. 262k tokens); the
+# benchmark sizes the pool of every configuration alike with --num-gpu-blocks-override
+# (128-token blocks on CPU), so that all N long prompts of a TTFT phase stay resident in
+# the vllm-prefix limit while the capacity workload's working set does not.
+BLOCK_TOKENS = 128
 ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
     # Without it a configured connector changes vLLM's thread binding on 2 cores and
@@ -43,7 +49,7 @@ ENV = {
     "LMCACHE_DISABLE_BANNER": "1",
 }
 MODEL_ARGS = ("--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "4")
-L1_SIZE_GB = "2"
+L1_SIZE_GB = "4"  # the capacity working set of a full run alone is about 2 GB
 
 
 @dataclass
@@ -190,37 +196,67 @@ class Running:
     server_startup_s: float | None
     server_http: str | None
     stack: Stack
+    vllm_args: list[str]  # without --port
+    logs: list[Path]  # of every process started so far, stopped ones included
+
+    def spawn_vllm(self, tag: str) -> tuple[Proc, int, float]:
+        """One more vLLM with the same flags (and server) on a new port, once it is up."""
+        port = free_port()
+        vllm = self.stack.spawn(tag, [*self.vllm_args, "--port", str(port)])
+        self.logs.append(vllm.log)
+        return vllm, port, wait_http(f"http://127.0.0.1:{port}/health", vllm)
+
+    def restart_vllm(self, tag: str) -> float:
+        """Stop vLLM (the newest process), start it again on a new port, keep the server."""
+        self.stack.procs.pop().stop()
+        _, self.port, seconds = self.spawn_vllm(tag)
+        return seconds
 
 
 def start_config(
-    name: str, venvs: Venvs, model: Path, *, log_dir: Path, max_model_len: int, tag: str
+    name: str,
+    venvs: Venvs,
+    model: Path,
+    *,
+    log_dir: Path,
+    max_model_len: int,
+    blocks: int | None,
+    tag: str,
 ) -> Running:
     """Start (server and) vLLM for one configuration; the caller closes running.stack."""
     stack = Stack(log_dir)
     try:
-        return _start(name, venvs.of(name), model, max_model_len, stack=stack, tag=tag)
+        return _start(name, venvs.of(name), model, max_model_len, blocks, stack=stack, tag=tag)
     except BaseException:
         stack.close()
         raise
 
 
 def _start(
-    name: str, venv: Path, model: Path, max_model_len: int, *, stack: Stack, tag: str
+    name: str,
+    venv: Path,
+    model: Path,
+    max_model_len: int,
+    blocks: int | None,
+    *,
+    stack: Stack,
+    tag: str,
 ) -> Running:
     bin_dir = venv / "bin"
-    port = free_port()
     # Identical for every configuration apart from prefix caching and the connector.
     args = [
         str(bin_dir / "vllm"), "serve", str(model), "--host", "127.0.0.1",
-        "--port", str(port), "--enforce-eager", "--dtype", "bfloat16",
-        "--max-model-len", str(max_model_len),
-        "--enable-prefix-caching" if name == "vllm-prefix" else "--no-enable-prefix-caching",
+        "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
+        "--no-enable-prefix-caching" if name in PREFIX_OFF else "--enable-prefix-caching",
     ]  # fmt: skip
+    if blocks is not None:
+        args += ["--num-gpu-blocks-override", str(blocks)]
     server_s: float | None = None
     http: str | None = None
-    if name in ("lmcache", "upstream"):
+    logs: list[Path] = []
+    if name in SERVER:
         zmq_port, http_port = free_port(), free_port()
-        if name == "lmcache":
+        if SERVER[name] == "ours":
             server_cmd = [str(bin_dir / "python"), "-m", "lmcache.cli", "server"]
         else:
             server_cmd = [str(bin_dir / "lmcache"), "server", "--supported-transfer-mode", "auto"]
@@ -231,6 +267,7 @@ def _start(
             "--port", str(zmq_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
         ]  # fmt: skip
         server = stack.spawn(f"{tag}-server", server_cmd)
+        logs.append(server.log)
         http = f"http://127.0.0.1:{http_port}"
         server_s = wait_http(f"{http}/healthcheck", server)
         # The same bare connector name and extra config for both servers: vLLM's built-in
@@ -244,9 +281,11 @@ def _start(
             },
         }
         args += ["--kv-transfer-config", json.dumps(kv)]
-    vllm = stack.spawn(f"{tag}-vllm", args)
+    port = free_port()
+    vllm = stack.spawn(f"{tag}-vllm", [*args, "--port", str(port)])
+    logs.append(vllm.log)
     startup_s = wait_http(f"http://127.0.0.1:{port}/health", vllm)
-    return Running(port, startup_s, server_s, http, stack)
+    return Running(port, startup_s, server_s, http, stack, args, logs)
 
 
 def server_status(http: str | None) -> object:
@@ -260,25 +299,55 @@ def server_status(http: str | None) -> object:
 
 _TRANSFER = re.compile(r"(Stored|Retrieved) (\d+) tokens")
 _MODE = re.compile(r"Creating transfer context \(device_type=\w+, mode=(\w+)\)")
+_SUPPRESSED = re.compile(r"suppressed (\d+) repeats of: (Stored|Retrieved) %d tokens")
+_KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
+_OVERRIDE = re.compile(r"Overriding num_gpu_blocks=(\d+) with num_gpu_blocks_override=(\d+)")
+
+Marks = dict[Path, int]
 
 
-def log_checks(stack_logs: Sequence[Path]) -> dict[str, object]:
-    """What the logs say happened: transfer mode, stores and retrieves, fatal errors."""
-    text = "\n".join(p.read_text(errors="replace") for p in stack_logs if p.exists())
+def log_marks(logs: Sequence[Path]) -> Marks:
+    """Where each log ends now: log_checks(logs, since=marks) reads only what follows."""
+    return {p: p.stat().st_size for p in logs if p.exists()}
+
+
+def log_checks(stack_logs: Sequence[Path], since: Marks | None = None) -> dict[str, object]:
+    """What the logs say happened: transfer mode, stores and retrieves, fatal errors, and
+    the KV pool vLLM allocated (its "KV cache size" line, and the block override)."""
+    parts = []
+    for p in stack_logs:
+        if p.exists():
+            with p.open("rb") as f:
+                f.seek((since or {}).get(p, 0))
+                parts.append(f.read().decode(errors="replace"))
+    text = "\n".join(parts)
     counts = {"Stored": [0, 0], "Retrieved": [0, 0]}
     for kind, tokens in _TRANSFER.findall(text):
         counts[kind][0] += 1
         counts[kind][1] += int(tokens)
+    # Our server lets 20 identical lines through per 10 s and then counts the rest; their
+    # tokens are unknown, so *_tokens are a lower bound where "suppressed" is not 0.
+    suppressed = 0
+    for repeats, kind in _SUPPRESSED.findall(text):
+        counts[kind][0] += int(repeats)
+        suppressed += int(repeats)
     mode = _MODE.search(text)
-    return {
+    out: dict[str, object] = {
         # Upstream on CPU must say engine_driven; ours says lmcache_driven (shared memory).
         "transfer_mode": mode.group(1) if mode else None,
         "stores": counts["Stored"][0],
         "stored_tokens": counts["Stored"][1],
         "retrieves": counts["Retrieved"][0],
         "retrieved_tokens": counts["Retrieved"][1],
+        "suppressed": suppressed,
         "fatal_error": "EngineCore encountered a fatal error" in text,
     }
+    if since is None:
+        kv = _KV_TOKENS.search(text)
+        override = _OVERRIDE.search(text)
+        out["kv_cache_tokens"] = int(kv.group(1).replace(",", "")) if kv else None
+        out["blocks_override"] = [int(x) for x in override.groups()] if override else None
+    return out
 
 
 def check_interpreter(venv: Path) -> None:

@@ -8,13 +8,7 @@ from typing import Any
 
 import numpy as np
 
-# (numerator, denominator, phase, target): ours against the no-transfer limit, against
-# upstream LMCache, and the price of the connector on misses.
-TARGETS = (
-    ("lmcache", "vllm-prefix", "warm", 1.10),
-    ("lmcache", "upstream", "warm", 0.70),
-    ("lmcache", "recompute", "cold", 1.03),
-)
+from .targets import summarize_more
 
 Run = dict[str, Any]
 
@@ -31,7 +25,7 @@ def summarize(runs: Sequence[Run], configs: Sequence[str]) -> dict[str, Any]:
         if not ok:
             continue
         ttft: dict[str, Any] = {}
-        for length in ok[0]["ttft"]:
+        for length in ok[0].get("ttft", {}):
             entry: dict[str, float] = {}
             for phase in ("cold", "warm"):
                 values = [v for r in ok for v in r["ttft"][length][f"{phase}_s"]]
@@ -43,6 +37,7 @@ def summarize(runs: Sequence[Run], configs: Sequence[str]) -> dict[str, Any]:
             "foreign_cores_max": max((load for _, load in _loads(ok)), default=0.0),
             "ttft": ttft,
             "chat": _chat_summary(ok),
+            **summarize_more(ok),
         }
     return summary
 
@@ -57,6 +52,10 @@ def _loads(runs: Sequence[Run]) -> list[tuple[str, float]]:
                 out.append((f"{where}, {length} tokens", entry["load"]["foreign_cores"]))
         if r.get("chat") and "load" in r["chat"]:
             out.append((f"{where}, chat", r["chat"]["load"]["foreign_cores"]))
+        for key in ("capacity", "restart", "two", "decode"):
+            for field in ("load", "load2"):
+                if r.get(key) and field in r[key]:
+                    out.append((f"{where}, {key}", r[key][field]["foreign_cores"]))
     return out
 
 
@@ -81,39 +80,24 @@ def _chat_summary(runs: Sequence[Run]) -> dict[str, Any] | None:
     }
 
 
-def ratios(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for num, den, phase, target in TARGETS:
-        if num not in summary or den not in summary:
-            continue
-        for length, entry in summary[num]["ttft"].items():
-            value = entry[f"{phase}_ms"] / summary[den]["ttft"][length][f"{phase}_ms"]
-            out.append(
-                {
-                    "name": f"{num} {phase} / {den} {phase}", "length": int(length),
-                    "value": value, "target": target, "pass": value <= target,
-                }
-            )  # fmt: skip
-    return out
-
-
-def print_report(
-    summary: dict[str, Any], checks: list[dict[str, Any]], n: int, warnings: list[str]
-) -> None:
+def print_report(summary: dict[str, Any], n: int, warnings: list[str]) -> None:
     if not summary:
         print("No configuration completed.")
         return
     lengths = list(next(iter(summary.values()))["ttft"])
+    if not lengths and not any(s["chat"] for s in summary.values()):
+        return
     print(f"\nTTFT medians in ms ({n} prompts per length and pass; cold = first time, ")
     print("warm = the same prompts again; p90 and raw timings in the JSON)")
-    head = f"{'config':12s} {'startup':>8s}"
+    head = f"{'config':16s} {'startup':>8s}"
     for length in lengths:
         head += f" {length + ' cold':>10s} {length + ' warm':>10s}"
     print(head + f" {'chat':>8s} {'others':>6s}")
     for name, s in summary.items():
-        line = f"{name:12s} {s['startup_s']:7.1f}s"
+        line = f"{name:16s} {s['startup_s']:7.1f}s"
         for length in lengths:
-            line += f" {s['ttft'][length]['cold_ms']:10.1f} {s['ttft'][length]['warm_ms']:10.1f}"
+            t = s["ttft"].get(length)
+            line += f" {t['cold_ms']:10.1f} {t['warm_ms']:10.1f}" if t else f" {'-':>10s}" * 2
         chat = s["chat"]
         line += f" {chat['median_ms']:8.1f}" if chat else f" {'-':>8s}"
         print(line + f" {s['foreign_cores_max']:6.2f}")
@@ -125,19 +109,11 @@ def print_report(
             if chat:
                 rounds = " ".join(f"{v:7.1f}" for v in chat["per_round_ms"])
                 print(
-                    f"{name:12s} {rounds}   all {chat['median_ms']:7.1f}"
+                    f"{name:16s} {rounds}   all {chat['median_ms']:7.1f}"
                     f"   wall {chat['wall_s']:6.1f} s"
                 )
     for warning in warnings:
         print(f"WARNING: {warning}")
-    if checks:
-        print("\nRatios against targets (lower is better):")
-        for c in checks:
-            verdict = "PASS" if c["pass"] else "MISS"
-            print(
-                f"  {c['name']:34s} {c['length']:5d} tokens: {c['value']:5.2f}"
-                f"  (target <= {c['target']:.2f})  {verdict}"
-            )
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> bool:
@@ -152,6 +128,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> bool:
         print(f"matplotlib is not installed: no plot ({path}); pip install matplotlib")
         return False
     has_chat = any(s["chat"] for s in summary.values())
+    if not any(s["ttft"] for s in summary.values()):
+        return False
     fig, axes = plt.subplots(1, 3 if has_chat else 2, figsize=(16 if has_chat else 11, 5))
     for ax, phase in zip(axes[:2], ("cold", "warm"), strict=True):
         for name, s in summary.items():
