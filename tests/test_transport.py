@@ -297,6 +297,25 @@ def test_a_server_of_another_protocol_version_is_refused(prefer_local: bool) -> 
     assert same.ping().protocol == PROTOCOL_VERSION
 
 
+def test_the_connector_names_a_protocol_mismatch_instead_of_an_unreachable_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lmcache.integration.vllm.config import ConnectorConfig
+    from lmcache.integration.vllm.link import ServerLink
+
+    def server(req: Request, data: list[bytes]) -> Reply:
+        assert isinstance(req, Ping)
+        return Pong(id=req.id, server_token="t", chunk_size=256, version="9.0", protocol=99)
+
+    monkeypatch.setattr(
+        LMCacheClient, "connect", classmethod(lambda cls, *a: cls(MockTransport(server)))
+    )
+    with pytest.raises(ConnectionError) as info:
+        ServerLink(ConnectorConfig())
+    assert str(info.value).startswith("Incompatible LMCache server: ")
+    assert "speaks protocol 99" in str(info.value) and "Cannot reach" not in str(info.value)
+
+
 def test_every_request_type_has_a_route_that_says_where_it_runs() -> None:
     handler = small_handler()
     assert set(handler.routes) == set(typing.get_args(Request))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from lmcache.client import LMCacheClient
 from lmcache.defaults import SERVER_PORT
-from lmcache.errors import LMCacheError
+from lmcache.errors import LMCacheError, ProtocolMismatchError
 from lmcache.integration.vllm.config import ConnectorConfig
 from lmcache.protocol.messages import Pong
 
@@ -47,6 +47,9 @@ class ServerLink:
         self._thread: threading.Thread | None = None
         try:
             self.pong = self._probe.ping(instance_id)
+        except ProtocolMismatchError as exc:  # it answered: "cannot reach" would mislead
+            self.close()
+            raise ConnectionError(f"Incompatible LMCache server: {exc}") from None
         except LMCacheError as exc:
             self.close()
             raise ConnectionError(
