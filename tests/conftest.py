@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,17 @@ from lmcache import processes
 from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import RedisProcess, RedisUnavailable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logs_in_pytest_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The logs of the servers and vLLMs a test run starts go to pytest's own temporary
+    directory (pytest keeps the last three runs' and removes older ones), not into /tmp
+    for good."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("logs"))
+    yield
+    tempfile.tempdir = before
 
 
 @dataclass
