@@ -61,8 +61,10 @@ def test_taken_http_port_exits_1_at_once_and_allocates_nothing() -> None:
 
 
 def test_failed_start_is_never_announced() -> None:
-    too_big = shutil.disk_usage("/dev/shm").free * 2 / GIB + 1
-    s = start_server("--l1-size-gb", f"{too_big:.0f}", wait=False)
+    # A pool larger than /dev/shm starts lazily; one that must have that much memory at
+    # start (--l1-init-size-gb) cannot.
+    too_big = f"{shutil.disk_usage('/dev/shm').free * 2 / GIB + 1:.0f}"
+    s = start_server("--l1-size-gb", too_big, "--l1-init-size-gb", too_big, wait=False)
     assert s.proc.wait(timeout=30) == 1, s.log()
     log = s.log()
     assert "failed to start: cannot allocate" in log

@@ -56,6 +56,14 @@ class ServerSettings(BaseSettings):
     l1_size_gb: float = Field(
         4.0, gt=0, allow_inf_nan=False, description="L1 shared-memory pool size in GiB"
     )
+    l1_init_size_gb: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="GiB of the L1 pool given memory at start; the pool then grows as chunks "
+        "arrive, up to --l1-size-gb (unset: all of it at start, or 1 GiB when /dev/shm has less "
+        "free than --l1-size-gb)",
+    )
     eviction_policy: EvictionPolicyName = Field("LRU", description="L1 eviction policy")
     max_workers: int = Field(4, ge=1, le=256, description="worker threads for data movement")
     copy_threads: int = Field(
@@ -158,6 +166,10 @@ class ServerSettings(BaseSettings):
     @property
     def l1_size_bytes(self) -> int:
         return int(self.l1_size_gb * (1 << 30))
+
+    @property
+    def l1_init_size_bytes(self) -> int | None:
+        return None if self.l1_init_size_gb is None else int(self.l1_init_size_gb * (1 << 30))
 
     @property
     def hash_memo_bytes(self) -> int:

@@ -12,7 +12,7 @@ calls it, then starts the L2 writer, the ZMQ server and the maintenance thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +44,15 @@ class Core:
 def build(
     settings: ServerSettings, pool: np.ndarray, *, registry: EngineRegistry, metrics: Metrics,
     adapters: Sequence[L2Adapter] = (), server_token: str = "", pool_name: str = "",
-    pool_seal: str = "", local_endpoint: str = "",
+    pool_seal: str = "", local_endpoint: str = "", pool_committed: int | None = None,
+    grow_pool: Callable[[int], int] | None = None,
 ) -> Core:  # fmt: skip
-    """Wire the parts over ``pool`` (the L1 bytes) as ``settings`` say."""
+    """Wire the parts over ``pool`` (the L1 bytes) as ``settings`` say; a lazy pool has
+    only ``pool_committed`` bytes backed and grows with ``grow_pool`` (`PoolMemory`)."""
     s = settings
-    l1 = L1Cache(pool, make_policy(s.eviction_policy))
+    l1 = L1Cache(
+        pool, make_policy(s.eviction_policy), committed_bytes=pool_committed, grow=grow_pool
+    )
     # L2's write-behind queue is the store's one hook: every chunk that becomes READY from
     # an engine (not from L2) is offered to it.
     write_behind = WriteBehind(s.l2_queue_size) if adapters else None

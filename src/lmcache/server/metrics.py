@@ -34,6 +34,10 @@ class _StateCollector(Collector):
         gauges = {
             "lmcache_l1_used_bytes": ("L1 bytes allocated to objects", s["l1"]["used_bytes"]),
             "lmcache_l1_capacity_bytes": ("L1 pool size", s["l1"]["capacity_bytes"]),
+            "lmcache_l1_committed_bytes": (
+                "L1 pool bytes backed by memory (less than the size while a lazy pool grows)",
+                s["l1"].get("committed_bytes", s["l1"]["capacity_bytes"]),
+            ),
             "lmcache_l1_objects": ("chunks ready in L1", s["l1"]["objects"]),
             "lmcache_l1_locked_objects": ("L1 chunks pinned by a lock", s["l1"]["locked"]),
             "lmcache_engines": ("registered engine workers", s["engines"]),

@@ -25,6 +25,7 @@ from typing import Any
 from lmcache import __version__
 from lmcache.server.build import build
 from lmcache.server.handlers import RequestHandler
+from lmcache.server.l1_pool import PoolMemory
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
@@ -121,10 +122,15 @@ class ServerRuntime:
         self._check_abort()
         # The pool's seal is its own random token, told only to local peers: it proves
         # that a worker found the right segment, and is never a credential.
-        self._segment = ShmSegment.create(f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes)
+        pool = PoolMemory.create(
+            f"{POOL_PREFIX}{os.getpid()}", s.l1_size_bytes, s.l1_init_size_bytes
+        )
+        self._segment = pool.segment
         self._check_abort()  # the pre-fault above is the long step
         core = build(
             s, self._segment.array, registry=self.registry, metrics=self.metrics,
+            pool_committed=pool.reserved if pool.lazy else None,
+            grow_pool=pool.grow if pool.lazy else None,
             adapters=self._adapters, server_token=self.server_token,
             pool_name=self._segment.name, pool_seal=self._segment.token.hex(),
             local_endpoint=f"ipc://{local_path}",

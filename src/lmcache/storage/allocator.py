@@ -8,7 +8,8 @@ list of extents, coalesced on free:
     pages:  [AAAA][..][BBBBBB][....][CC][......]
     free:          (4,2)      (12,4)    (18,6)     <- (start, length), sorted by start
 
-Allocation is first fit. Fragmentation is bounded in practice because one
+Allocation is first fit, so a pool fills from its start: a lazy pool (`grow`) only needs
+memory behind the pages handed out so far. Fragmentation is bounded in practice because one
 deployment has few distinct chunk sizes; when no run is long enough the L1
 evicts more objects (see `L1Cache`), which coalesces neighbours.
 
@@ -88,6 +89,19 @@ class PageAllocator:
             return
         self._starts.insert(i, start)
         self._lengths[start] = length
+
+    def grow(self, total_pages: int) -> None:
+        """Add pages ``[total_pages_before, total_pages)`` as free (a lazy pool that got more
+        memory); merged with a free run that ends where they start."""
+        added = total_pages - self.total_pages
+        if added <= 0:
+            return
+        start, self.total_pages = self.total_pages, total_pages
+        if self._starts and self._starts[-1] + self._lengths[self._starts[-1]] == start:
+            self._lengths[self._starts[-1]] += added
+        else:
+            self._starts.append(start)
+            self._lengths[start] = added
 
     @property
     def largest_free_bytes(self) -> int:

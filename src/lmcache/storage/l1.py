@@ -38,7 +38,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -108,10 +108,27 @@ _HeapEntry = tuple[tuple[int, ...], int, _Obj]
 
 
 class L1Cache:
-    def __init__(self, pool: np.ndarray, policy: EvictionPolicy, page_size: int = 4096) -> None:
+    def __init__(
+        self,
+        pool: np.ndarray,
+        policy: EvictionPolicy,
+        page_size: int = 4096,
+        *,
+        committed_bytes: int | None = None,
+        grow: Callable[[int], int] | None = None,
+    ) -> None:
+        """``pool`` is the whole address range. A lazy pool has only its first
+        ``committed_bytes`` backed by memory; when no free run is long enough, ``grow(want)``
+        is asked to back at least ``want`` bytes and returns how many are backed now (the
+        same number: no more memory). Growing comes before evicting."""
         self.pool = pool
         self.policy = policy
-        self._alloc = PageAllocator(pool.nbytes, page_size)
+        self._max_pages = pool.nbytes // page_size
+        self._alloc = PageAllocator(
+            pool.nbytes if committed_bytes is None else min(committed_bytes, pool.nbytes),
+            page_size,
+        )
+        self._grow = grow
         self._index: dict[ObjectKey, _Obj] = {}
         self._heap: list[_HeapEntry] = []
         self._seq = itertools.count(1)
@@ -136,7 +153,7 @@ class L1Cache:
             existing = self._index.get(key)
             if existing is not None:
                 return Refused.CACHED if existing.tag == tag else Refused.CONFLICT
-            if self._alloc.pages_for(nbytes) > self._alloc.total_pages:
+            if self._alloc.pages_for(nbytes) > self._max_pages:
                 return Refused.NO_SPACE  # could never fit: do not evict everything trying
             extent = self._allocate(nbytes)
             if extent is None:
@@ -331,7 +348,9 @@ class L1Cache:
         with self._lock:
             objs = self._index.values()
             return {
-                "capacity_bytes": self._alloc.capacity_bytes,
+                "capacity_bytes": self._max_pages * self._alloc.page_size,
+                # Backed by memory so far: less than capacity only in a lazy pool.
+                "committed_bytes": self._alloc.capacity_bytes,
                 "used_bytes": self._alloc.used_bytes,
                 "objects": sum(1 for o in objs if o.state is ObjState.READY),
                 "writing": sum(1 for o in objs if o.state is ObjState.WRITING),
@@ -367,7 +386,7 @@ class L1Cache:
         skipped: list[_HeapEntry] = []
         try:
             while (extent := self._alloc.allocate(nbytes)) is None:
-                if not self._evict_one(skipped):
+                if not self._grown(nbytes) and not self._evict_one(skipped):
                     return None
             return extent
         except Exception as exc:  # never let eviction die silently: health reports it
@@ -376,6 +395,18 @@ class L1Cache:
         finally:
             for entry in skipped:
                 heapq.heappush(self._heap, entry)
+
+    def _grown(self, nbytes: int) -> bool:
+        """Whether a lazy pool got memory for another ``nbytes`` object at its end."""
+        alloc = self._alloc
+        if self._grow is None or alloc.total_pages >= self._max_pages:
+            return False
+        want = min(self._max_pages, alloc.total_pages + alloc.pages_for(nbytes))
+        pages = min(self._max_pages, self._grow(want * alloc.page_size) // alloc.page_size)
+        if pages <= alloc.total_pages:
+            return False
+        alloc.grow(pages)
+        return True
 
     def _evict_one(self, skipped: list[_HeapEntry]) -> bool:
         while self._heap:

@@ -37,6 +37,7 @@ engines own, and own its pool without a helper process second-guessing it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -161,6 +162,21 @@ class ShmSegment:
         with _mapped_lock:
             _mapped[self._whole_id] = (self.array.ctypes.data, weakref.ref(self))
 
+    reserved = 0  # bytes from the start that have memory (all of them unless lazy)
+
+    def reserve(self, upto: int) -> int:
+        """Give the first ``upto`` bytes memory (a lazy segment grows); returns the bytes
+        reserved now, fewer than asked when /dev/shm is full (ENOSPC, never a SIGBUS)."""
+        upto = min(upto, self.size)
+        if upto > self.reserved:
+            try:
+                os.posix_fallocate(self.fd, self.reserved, upto - self.reserved)
+                self.reserved = upto
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        return self.reserved
+
     @property
     def token(self) -> bytes:
         return self._token
@@ -174,19 +190,32 @@ class ShmSegment:
 
     @classmethod
     def create(
-        cls, name: str, size: int, token: bytes | None = None, *, exact: bool = False
+        cls,
+        name: str,
+        size: int,
+        token: bytes | None = None,
+        *,
+        exact: bool = False,
+        reserve: int | None = None,
     ) -> ShmSegment:
         """Create, size and pre-fault a new segment private to this user (mode 0600).
 
         A stale segment of that name (its creator is gone) is replaced. When a live one has
         it, ``exact`` raises `SegmentExistsError`; otherwise the segment is created as
         ``<name>_1``, ``<name>_2``, ...: read the name it got from ``.name``.
+
+        ``reserve``: a lazy segment. Only its first ``reserve`` bytes get memory now; the
+        rest is a hole that `reserve` fills later. Nothing may touch the hole: a page there
+        that tmpfs cannot back is a SIGBUS (the L1 hands out only reserved pages).
         """
+        lazy = reserve is not None and reserve < size
+        now = min(size, reserve) if reserve is not None else size
         free = _free_bytes(shm_dir())
-        if size + SEAL_BYTES > free:
+        if now + SEAL_BYTES > free:
             raise ConfigError(
                 f"cannot allocate {size / (1 << 30):.2f} GiB of shared memory: {shm_dir()} has "
-                f"{free / (1 << 30):.2f} GiB free (lower --l1-size-gb or enlarge {shm_dir()}, "
+                f"{free / (1 << 30):.2f} GiB free (lower --l1-size-gb or --l1-init-size-gb, or "
+                f"enlarge {shm_dir()}, "
                 "e.g. docker --shm-size)"
             )
         base = name.lstrip("/")
@@ -208,9 +237,14 @@ class ShmSegment:
         try:
             os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
             # posix_fallocate reserves tmpfs pages now: ENOSPC here, not SIGBUS later.
-            os.posix_fallocate(fd, 0, size + SEAL_BYTES)
+            os.ftruncate(fd, size + SEAL_BYTES)
+            os.posix_fallocate(fd, 0, now)
+            os.posix_fallocate(fd, size, SEAL_BYTES)
             os.pwrite(fd, SEAL_MAGIC + token, size)
-            return cls(candidate, fd, size, owner=True, token=token)
+            # A lazy segment is not pre-faulted: faulting its hole would fill /dev/shm.
+            segment = cls(candidate, fd, size, owner=True, token=token, populate=not lazy)
+            segment.reserved = now
+            return segment
         except BaseException:
             _unlink_if_same(fd, path)
             os.close(fd)
@@ -236,6 +270,9 @@ class ShmSegment:
             if st.st_size <= SEAL_BYTES:
                 raise ValueError(f"segment {name!r} is too small to be an LMCache segment")
             size = st.st_size - SEAL_BYTES
+            # A lazy segment (a hole after its reserved part) must not be pre-faulted:
+            # MAP_POPULATE would give every page of the hole memory, up to all of /dev/shm.
+            populate = populate and st.st_blocks * 512 >= st.st_size
             seal = os.pread(fd, _SEAL_LEN, size)
             if seal[: len(SEAL_MAGIC)] != SEAL_MAGIC or seal[len(SEAL_MAGIC) :] != token:
                 raise ValueError(
@@ -295,6 +332,11 @@ class ShmSegment:
 def _free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def free_shm_bytes() -> int:
+    """Bytes free in the shared-memory directory now."""
+    return _free_bytes(shm_dir())
 
 
 def _same_file(fd: int, path: str) -> bool:
