@@ -57,7 +57,8 @@ def build(
     if write_behind is not None:
         tiers = TieredStore(
             store, adapters, write_behind,
-            prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
+            prefetch_workers=s.l2_prefetch_workers, writers=s.l2_writers,
+            breaker_s=s.l2_breaker_s,
             store_policy=STORE_POLICIES[s.l2_store_policy](),
         )  # fmt: skip
     handler = RequestHandler(
