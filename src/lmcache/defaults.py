@@ -25,8 +25,8 @@ L2_PREFETCH_WORKERS = 2
 """Threads that look chunks up in L2 and load them into L1."""
 
 L2_WRITERS = 2
-"""Threads that copy stored chunks to L2, each on its own connection: one Redis connection
-took a 40 MB chunk at ~0.5 GB/s through the server, two keep Redis busy (issue 12)."""
+"""Threads that copy stored chunks to L2, each on its own connection: while one hashes its
+next chunk or waits for Redis' reply to the last, the other's bytes keep Redis reading."""
 
 L2_BREAKER_S = 5.0
 """Seconds an L2 adapter is skipped after a failure, so lookups do not wait for its timeout."""
