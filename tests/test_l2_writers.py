@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from lmcache.server.tiers import TieredStore, WriteBehind, WriteFirst, _Counters
+from lmcache.server.tiers import TieredStore, _Counters
+from lmcache.server.write_behind import WriteBehind, WriteFirst
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.l1 import L1Cache

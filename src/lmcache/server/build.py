@@ -21,7 +21,8 @@ from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import STORE_POLICIES, TieredStore, WriteBehind
+from lmcache.server.tiers import TieredStore
+from lmcache.server.write_behind import STORE_POLICIES, WriteBehind
 from lmcache.settings import ServerSettings
 from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy
