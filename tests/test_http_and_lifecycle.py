@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from lmcache.cli import build_parser, settings_from_args
-from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
+from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE, L2_WRITERS
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.http.app import create_app
 from lmcache.processes import free_port
@@ -131,15 +131,17 @@ def _server_settings(*argv: str) -> ServerSettings:
 
 def test_tuning_flags_reach_the_objects_they_configure(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = _server_settings()
-    assert (defaults.l2_queue_size, defaults.l2_prefetch_workers, defaults.l2_breaker_s) == (
-        L2_QUEUE_SIZE, L2_PREFETCH_WORKERS, L2_BREAKER_S,
-    )  # fmt: skip
+    assert (
+        defaults.l2_queue_size, defaults.l2_prefetch_workers, defaults.l2_writers,
+        defaults.l2_breaker_s,
+    ) == (L2_QUEUE_SIZE, L2_PREFETCH_WORKERS, L2_WRITERS, L2_BREAKER_S)  # fmt: skip
     assert defaults.hash_memo_bytes == 64 << 20
     monkeypatch.setenv("LMCACHE_L2_BREAKER_S", "0.25")  # a variable works like a flag
     settings = _server_settings(
         "--l1-size-gb", "0.01", "--port", str(free_port()),
         "--l2-adapter", '{"type": "memory"}', "--l2-queue-size", "7",
-        "--l2-prefetch-workers", "3", "--hash-memo-mb", "0", "--copy-threads", "3",
+        "--l2-prefetch-workers", "3", "--l2-writers", "4", "--hash-memo-mb", "0",
+        "--copy-threads", "3",
     )  # fmt: skip
     runtime = ServerRuntime(settings)
     runtime.start()
@@ -147,7 +149,8 @@ def test_tuning_flags_reach_the_objects_they_configure(monkeypatch: pytest.Monke
         tiers = runtime.tiers
         assert tiers is not None and runtime._handler is not None
         assert (tiers.write_behind.size, tiers.prefetch_workers, tiers.breaker_s) == (7, 3, 0.25)
-        assert tiers.write_behind._queue.maxsize == 7 and tiers._prefetch._max_workers == 3
+        assert tiers._prefetch._max_workers == 3
+        assert tiers.writers == 4 and sum(w.is_alive() for w in tiers._writers) == 4
         assert runtime._handler.keys.hasher.memo_bytes == 0
         assert runtime.registry.copy_threads == 3  # each engine's ShmTransfer gets it
     finally:

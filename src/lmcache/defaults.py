@@ -24,6 +24,12 @@ L2_QUEUE_SIZE = 1024
 L2_PREFETCH_WORKERS = 2
 """Threads that look chunks up in L2 and load them into L1."""
 
+L2_WRITERS = 1
+"""Threads that copy stored chunks to L2, each on its own connection. More help only where
+one leaves the tier idle (a round trip over a network, several Cluster shards); against
+one redis-server on loopback, 2 measured no faster than 1: redis-server's own CPU is the
+limit there (issue 12, README "What limits the misses")."""
+
 L2_BREAKER_S = 5.0
 """Seconds an L2 adapter is skipped after a failure, so lookups do not wait for its timeout."""
 

@@ -19,6 +19,7 @@ from lmcache.defaults import (
     L2_BREAKER_S,
     L2_PREFETCH_WORKERS,
     L2_QUEUE_SIZE,
+    L2_WRITERS,
     SERVER_PORT,
 )
 from lmcache.redact import redact
@@ -115,6 +116,12 @@ class ServerSettings(BaseSettings):
         ge=1,
         le=256,
         description="threads that look chunks up in L2 and load them into L1",
+    )
+    l2_writers: int = Field(
+        L2_WRITERS,
+        ge=1,
+        le=64,
+        description="threads that copy stored chunks to L2, each with its own connection",
     )
     l2_breaker_s: float = Field(
         L2_BREAKER_S,

@@ -1,6 +1,6 @@
 """L2 tiers through a real server: write-behind store and prefetch-on-lookup GB/s.
 
-    store     an engine stores fresh chunks into L1; the server's writer thread copies
+    store     an engine stores fresh chunks into L1; the server's writer threads copy
               them to L2. Timed from the store call until /status shows every chunk
               in L2 (so it includes the L1 store and the queue).
     prefetch  L1 is cleared (POST /clear-cache); a lookup answers "pending" while the

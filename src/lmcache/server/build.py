@@ -21,7 +21,8 @@ from lmcache.server.handlers import RequestHandler
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import TieredStore, WriteBehind
+from lmcache.server.tiers import TieredStore
+from lmcache.server.write_behind import WriteBehind
 from lmcache.settings import ServerSettings
 from lmcache.storage.chunk_store import ChunkStore
 from lmcache.storage.eviction import make_policy
@@ -62,7 +63,8 @@ def build(
     if write_behind is not None:
         tiers = TieredStore(
             store, adapters, write_behind,
-            prefetch_workers=s.l2_prefetch_workers, breaker_s=s.l2_breaker_s,
+            prefetch_workers=s.l2_prefetch_workers, writers=s.l2_writers,
+            breaker_s=s.l2_breaker_s,
             store_policy=STORE_POLICIES[s.l2_store_policy](),
             prefetch_policy=PREFETCH_POLICIES[s.l2_prefetch_policy](),
         )  # fmt: skip

@@ -1,18 +1,30 @@
 """Prometheus metrics (``lmcache_`` prefix, base units, ``_total`` counters).
 
-Counters and histograms are updated by the request handlers; gauges that
-describe state (L1 usage, engines, sessions) are read at scrape time through a
-collector, so the storage layer knows nothing about Prometheus.
+Request counters and the latency histogram are plain numbers that each thread adds to
+its own tallies (`_Tallies`): no lock and no prometheus_client call on the ZMQ loop
+thread, which had spent ~5% of its time in them (3.4 us a lookup). A collector sums
+the threads' tallies when /metrics is scraped. Gauges that describe state (L1 usage,
+engines, sessions) are read at scrape time too, so the storage layer knows nothing
+about Prometheus.
 """
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Info, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lmcache import __version__
 
@@ -71,63 +83,147 @@ _L2 = [
 
 
 def _l2_metrics(adapters: list[dict[str, Any]]) -> Iterator[Metric]:
-    for name, doc, kind, field in _L2:
+    for name, doc, kind, stat in _L2:
         family: GaugeMetricFamily | CounterMetricFamily
         if kind == "gauge":
             family = GaugeMetricFamily(name, doc, labels=["adapter"])
         else:
             family = CounterMetricFamily(name, doc, labels=["adapter"])
         for a in adapters:
-            value = a.get(field)
+            value = a.get(stat)
             if isinstance(value, int | float):
                 family.add_metric([str(a.get("name", "?"))], float(value))
         yield family
 
 
+# name -> help, for the plain counters (each exported as <name>_total)
+_COUNTERS = {
+    "lmcache_stored_tokens": "tokens written to L1",
+    "lmcache_stored_bytes": "bytes written to L1",
+    "lmcache_retrieved_tokens": "tokens copied back to engines",
+    "lmcache_retrieved_bytes": "bytes copied back to engines",
+    "lmcache_lookup_requested_tokens": "tokens asked for by lookups",
+    "lmcache_lookup_hit_tokens": "tokens found by lookups",
+    "lmcache_store_no_space": "stores cut short because L1 was full of locked chunks",
+}
+_LE = [floatToGoString(b) for b in (*_LATENCY_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class _ThreadTally:
+    """One thread's counts; only that thread writes them."""
+
+    counts: dict[str, float] = field(default_factory=dict)
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    # op -> a count per latency bucket (the last one: +Inf), then the sum of seconds
+    durations: dict[str, list[float]] = field(default_factory=dict)
+
+
+class _Tallies:
+    """Every thread's `_ThreadTally`, summed at scrape time. A thread's own ``+=`` on its
+    own dict needs no lock; the scrape copies each dict (one C call, atomic under the
+    GIL) and may miss an update in flight, which the next scrape sees."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards the list, taken once per thread
+        self._threads: list[_ThreadTally] = []
+
+    def mine(self) -> _ThreadTally:
+        tally: _ThreadTally | None = getattr(self._local, "tally", None)
+        if tally is None:
+            tally = self._local.tally = _ThreadTally()
+            with self._lock:
+                self._threads.append(tally)  # kept after the thread ends: counts never drop
+        return tally
+
+    def totals(
+        self,
+    ) -> tuple[dict[str, float], dict[tuple[str, str], int], dict[str, list[float]]]:
+        with self._lock:
+            threads = list(self._threads)
+        counts: dict[str, float] = {}
+        requests: dict[tuple[str, str], int] = {}
+        durations: dict[str, list[float]] = {}
+        for t in threads:
+            for name, n in t.counts.copy().items():
+                counts[name] = counts.get(name, 0) + n
+            for key, k in t.requests.copy().items():
+                requests[key] = requests.get(key, 0) + k
+            for op, row in t.durations.copy().items():
+                total = durations.setdefault(op, [0.0] * len(row))
+                for i, v in enumerate(list(row)):  # a copy: the owner may be adding to it
+                    total[i] += v
+        return counts, requests, durations
+
+
+class _Count:
+    """What the handlers call ``metrics.<counter>.inc(n)`` on: a plain per-thread sum."""
+
+    __slots__ = ("_name", "_tallies")
+
+    def __init__(self, name: str, tallies: _Tallies) -> None:
+        self._name = name
+        self._tallies = tallies
+
+    def inc(self, amount: float = 1) -> None:
+        counts = self._tallies.mine().counts
+        counts[self._name] = counts.get(self._name, 0) + amount
+
+
+class _RequestCollector(Collector):
+    def __init__(self, tallies: _Tallies) -> None:
+        self._tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        counts, requests, durations = self._tallies.totals()
+        for name, doc in _COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=counts.get(name, 0))
+        family = CounterMetricFamily(
+            "lmcache_requests", "requests handled", labels=["op", "outcome"]
+        )
+        for (op, outcome), k in sorted(requests.items()):
+            family.add_metric([op, outcome], k)
+        yield family
+        histogram = HistogramMetricFamily(
+            "lmcache_request_duration_seconds",
+            "time to handle a request, copies included",
+            labels=["op"],
+        )
+        for op, row in sorted(durations.items()):
+            cumulative, buckets = 0.0, []
+            for le, n in zip(_LE, row[:-1], strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            histogram.add_metric([op], buckets, sum_value=row[-1])
+        yield histogram
+
+
 class Metrics:
     def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.stored_tokens = Counter("lmcache_stored_tokens", "tokens written to L1", registry=r)
-        self.stored_bytes = Counter("lmcache_stored_bytes", "bytes written to L1", registry=r)
-        self.retrieved_tokens = Counter(
-            "lmcache_retrieved_tokens", "tokens copied back to engines", registry=r
+        self._tallies = _Tallies()
+        t = self._tallies
+        self.stored_tokens = _Count("lmcache_stored_tokens", t)
+        self.stored_bytes = _Count("lmcache_stored_bytes", t)
+        self.retrieved_tokens = _Count("lmcache_retrieved_tokens", t)
+        self.retrieved_bytes = _Count("lmcache_retrieved_bytes", t)
+        self.lookup_requested_tokens = _Count("lmcache_lookup_requested_tokens", t)
+        self.lookup_hit_tokens = _Count("lmcache_lookup_hit_tokens", t)
+        self.store_no_space = _Count("lmcache_store_no_space", t)
+        Info("lmcache_build", "server version", registry=self.registry).info(
+            {"version": __version__}
         )
-        self.retrieved_bytes = Counter(
-            "lmcache_retrieved_bytes", "bytes copied back to engines", registry=r
-        )
-        self.lookup_requested_tokens = Counter(
-            "lmcache_lookup_requested_tokens", "tokens asked for by lookups", registry=r
-        )
-        self.lookup_hit_tokens = Counter(
-            "lmcache_lookup_hit_tokens", "tokens found by lookups", registry=r
-        )
-        self.store_no_space = Counter(
-            "lmcache_store_no_space", "stores cut short because L1 was full of locked chunks",
-            registry=r,
-        )  # fmt: skip
-        self.requests = Counter(
-            "lmcache_requests", "requests handled", ("op", "outcome"), registry=r
-        )
-        self.request_duration = Histogram(
-            "lmcache_request_duration_seconds",
-            "time to handle a request, copies included",
-            ("op",),
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        Info("lmcache_build", "server version", registry=r).info({"version": __version__})
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        r.register(_StateCollector(read_state))
+        self.registry.register(_RequestCollector(t))
+        self.registry.register(_StateCollector(read_state))
 
     def observe_request(self, op: str, outcome: str, seconds: float) -> None:
-        """Count one request (labelled children are cached: ``labels()`` is slow)."""
-        children = self._children.get((op, outcome))
-        if children is None:
-            children = (
-                self.requests.labels(op, outcome),
-                self.request_duration.labels(op),
-            )
-            self._children[(op, outcome)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one request and its duration in this thread's tally."""
+        tally = self._tallies.mine()
+        key = (op, outcome)
+        tally.requests[key] = tally.requests.get(key, 0) + 1
+        row = tally.durations.get(op)
+        if row is None:
+            row = tally.durations[op] = [0.0] * (len(_LE) + 1)
+        row[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # the first bucket with le >= seconds
+        row[-1] += seconds

@@ -14,18 +14,19 @@ access goes through the `ChunkStore`, whose ``on_stored`` hook is `WriteBehind.o
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_QUEUE_SIZE
+from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_WRITERS
+from lmcache.server.write_behind import WriteBehind
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keyspace import l2_key
 from lmcache.storage.l1 import Lease
@@ -36,45 +37,15 @@ from lmcache.types import ObjectKey
 logger = logging.getLogger("lmcache.server")
 
 
-class WriteBehind:
-    """The bounded queue of chunks to copy to L2. `offer` is the store's ``on_stored`` hook:
-    it never blocks a store, and a full queue skips (and counts) the chunk."""
-
-    def __init__(self, size: int = L2_QUEUE_SIZE) -> None:
-        self.size = size  # --l2-queue-size
-        self._queue: queue.Queue[tuple[ObjectKey, bytes] | None] = queue.Queue(size)
-        self._lock = threading.Lock()  # offered from every request thread at once
-        self.skipped_full = 0
-
-    def offer(self, key: ObjectKey, tag: bytes) -> None:
-        try:
-            self._queue.put_nowait((key, tag))
-        except queue.Full:
-            with self._lock:
-                self.skipped_full += 1
-
-    def take(self) -> tuple[ObjectKey, bytes] | None:
-        """The next chunk to copy; None: stop."""
-        return self._queue.get()
-
-    def close(self) -> None:
-        """Drop what is queued (L2 is a cache) and wake the writer to stop."""
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._queue.put(None)
-
-    def __len__(self) -> int:
-        return self._queue.qsize()
-
-
 @dataclass
 class _Counters:
-    """Updated by the request threads, the writer and the prefetch workers at once: ``+=``
+    """Updated by the request threads, the writers and the prefetch workers at once: ``+=``
     on an attribute is a read and a write, so two threads can lose an update. `add` and
-    `snapshot` take a lock (held for a few additions, never for I/O)."""
+    `snapshot` take a lock (held for a few additions, never for I/O).
+
+    ``store_seconds`` is wall time during which at least one writer was copying (see
+    `writing`), not the sum of every writer's seconds: with several writers the sum
+    grows with their number and store_gbps would drop as copies overlap."""
 
     stored: int = 0
     store_bytes: int = 0
@@ -83,6 +54,8 @@ class _Counters:
     prefetch_bytes: int = 0
     prefetch_seconds: float = 0.0
     prefetch_failures: int = 0
+    _writing: int = field(default=0, init=False, repr=False)  # writers copying now
+    _busy_since: float = field(default=0.0, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def add(self, **deltas: float) -> None:
@@ -90,10 +63,30 @@ class _Counters:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
-    def snapshot(self) -> _Counters:
-        """A consistent copy (its own lock), for /status."""
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around one writer's copy: the first writer in starts the busy clock, the last
+        one out adds the busy stretch to ``store_seconds``."""
         with self._lock:
-            return replace(self)
+            if self._writing == 0:
+                self._busy_since = time.perf_counter()
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if self._writing == 0:
+                    self.store_seconds += time.perf_counter() - self._busy_since
+
+    def snapshot(self) -> _Counters:
+        """A consistent copy (its own lock), for /status; a busy stretch still running
+        counts up to now, so store_gbps matches the bytes already counted."""
+        with self._lock:
+            copy = replace(self)
+            if self._writing:
+                copy.store_seconds += time.perf_counter() - self._busy_since
+            return copy
 
 
 class TieredStore:
@@ -104,6 +97,7 @@ class TieredStore:
         write_behind: WriteBehind,
         *,
         prefetch_workers: int = L2_PREFETCH_WORKERS,
+        writers: int = L2_WRITERS,
         breaker_s: float = L2_BREAKER_S,
         store_policy: StorePolicy | None = None,
         prefetch_policy: PrefetchPolicy | None = None,
@@ -118,27 +112,38 @@ class TieredStore:
         self._prefetch = ThreadPoolExecutor(
             prefetch_workers, thread_name_prefix="lmcache-l2-prefetch"
         )
-        self._writer = threading.Thread(
-            target=self._write_loop, name="lmcache-l2-writer", daemon=True
-        )
+        # Several writers: one connection each (redis-py's pool hands every thread its
+        # own), so the next chunk goes out while Redis still reads the last one. A chunk
+        # is taken by one writer; a key offered twice is the same bytes twice (keys are
+        # content digests plus the layout), so overlapping copies of it are harmless.
+        self.writers = writers  # --l2-writers
+        self._writers = [
+            threading.Thread(target=self._write_loop, name=f"lmcache-l2-writer-{i}", daemon=True)
+            for i in range(writers)
+        ]
         self.counters = _Counters()
         self.writer_error: str | None = None
         self._down_until: dict[str, float] = {}
 
     def start(self) -> None:
-        self._writer.start()
+        for writer in self._writers:
+            writer.start()
 
     def stop(self) -> None:
         """Stop taking work; pending copies to L2 are dropped (L2 is a cache)."""
         self.write_behind.close()
-        self._writer.join(timeout=10)
+        deadline = time.monotonic() + 10
+        for writer in self._writers:
+            if writer.ident is not None:  # started
+                writer.join(timeout=max(0.0, deadline - time.monotonic()))
         self._prefetch.shutdown(wait=True, cancel_futures=True)
         for adapter in self.adapters:
             adapter.close()
 
     @property
     def writer_alive(self) -> bool:
-        return self._writer.is_alive()
+        """Every writer thread runs."""
+        return all(w.is_alive() for w in self._writers)
 
     # ----- write path ----------------------------------------------------------------------
 
@@ -157,25 +162,27 @@ class TieredStore:
         try:
             ((offset, nbytes),) = lease.offsets([key])
             data = self.store.view(offset, nbytes).data
-            start = time.perf_counter()
-            tried: set[str] = set()
-            # Ask the policy again after a failure: the failed tier is down now, so a
-            # fallback chain (`WriteFirst`) moves on to the next one for this very chunk.
-            while todo := [
-                a for a in self.store_policy.targets(self.adapters, self._up)
-                if a.name not in tried
-            ]:  # fmt: skip
-                for adapter in todo:
-                    tried.add(adapter.name)
-                    try:
-                        adapter.put(l2_key(key, tag), data)
-                    except L2Error as exc:
-                        self._trip(adapter, exc)
-                        continue
-                    self.counters.add(stored=1, store_bytes=nbytes)
-            self.counters.add(store_seconds=time.perf_counter() - start)
+            with self.counters.writing():
+                self._write_tiers(l2_key(key, tag), data, nbytes)
         finally:
             self.store.unpin(lease)
+
+    def _write_tiers(self, name: ObjectKey, data: memoryview, nbytes: int) -> None:
+        tried: set[str] = set()
+        # Ask the policy again after a failure: the failed tier is down now, so a
+        # fallback chain (`WriteFirst`) moves on to the next one for this very chunk.
+        while todo := [
+            a for a in self.store_policy.targets(self.adapters, self._up)
+            if a.name not in tried
+        ]:  # fmt: skip
+            for adapter in todo:
+                tried.add(adapter.name)
+                try:
+                    adapter.put(name, data)
+                except L2Error as exc:
+                    self._trip(adapter, exc)
+                    continue
+                self.counters.add(stored=1, store_bytes=nbytes)
 
     # ----- read path -----------------------------------------------------------------------
 
@@ -323,7 +330,7 @@ class TieredStore:
             if not s.get("healthy", True)
         ]
         if not self.writer_alive and self.adapters:
-            out.append("L2 writer thread is dead")
+            out.append("an L2 writer thread is dead")
         return out
 
 
