@@ -22,8 +22,6 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from typing import Any
 
@@ -265,6 +263,9 @@ def _http(
     method: str, url: str, body: dict[str, Any] | None = None, *, token: str | None = None,
     timeout: float = 10.0,
 ) -> dict[str, Any]:  # fmt: skip
+    import urllib.error  # here: `lmcache server` builds these parsers and needs no HTTP client
+    import urllib.request
+
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -285,7 +286,8 @@ def _http(
     return value if isinstance(value, dict) else {"value": value}
 
 
-def _reason(exc: urllib.error.HTTPError) -> str:
+def _reason(exc: Any) -> str:
+    """The reason in an HTTP error's JSON body (ours, FastAPI's or upstream's)."""
     try:
         body = json.loads(exc.read(64 << 10))
     except (ValueError, OSError):
