@@ -42,6 +42,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
             )  # fmt: skip
             continue
+        if field.annotation is bool:  # a switch, as upstream's --disable-metrics
+            parser.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, action="store_const", const=True,
+                help=f"{field.description} (env: {env}=true)",
+            )  # fmt: skip
+            continue
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmcache.bench.options import add_arguments  # light: the bench itself loads in main
 
     add_arguments(bench)
+    from lmcache.cli_tools import add_tool_commands  # light: stdlib only until one runs
+
+    add_tool_commands(sub)
     return parser
 
 
@@ -124,6 +133,11 @@ def _settings_error(exc: SettingsError, values: dict[str, object]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["server"]:  # upstream LMCache's server flags, mapped or refused
+        from lmcache.upstream_flags import translate_or_exit
+
+        argv = ["server", *translate_or_exit(argv[1:])]
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     if command == "server":
@@ -134,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lmcache.bench.runner import run
 
         return run(argparse.Namespace(**args))
-    return 2
+    from lmcache.cli_tools import run_tool
+
+    return run_tool(command, argparse.Namespace(**args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from lmcache.defaults import (
 from lmcache.redact import redact
 
 EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
-HashAlgorithm = Literal["sha256", "blake2b"]
+HashAlgorithm = Literal["sha256", "blake2b", "blake3"]
 L2StorePolicyName = Literal["all", "first"]  # lmcache.storage.l2.policies.STORE_POLICIES
 L2PrefetchPolicyName = Literal["order", "fastest"]  # ... .PREFETCH_POLICIES
 MIN_L1_BYTES = 64 << 10  # 16 pages; tests run real servers with pools of 4 small chunks
@@ -148,6 +148,27 @@ class ServerSettings(BaseSettings):
         "variable: a flag shows in the process list",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    # Upstream LMCache's flags whose meaning we honour (lmcache.upstream_flags maps the rest).
+    instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:@/+-]+$",
+        description="stable identity of this server, shown in /status, /version and the "
+        "start-up log (default: a random UUID minted at start)",
+    )
+    disable_metrics: bool = Field(
+        False, description="serve no Prometheus metrics (/metrics answers 404)"
+    )
+    disable_observability: bool = Field(
+        False, description="upstream's switch for its event bus; here: --disable-metrics"
+    )
+    prometheus_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="also serve Prometheus /metrics on this port (bound to --http-host)",
+    )
 
     @field_validator("l1_size_gb")
     @classmethod
@@ -169,6 +190,10 @@ class ServerSettings(BaseSettings):
         depth: URL credentials, secret query parameters, secret-named keys, the admin token."""
         data: dict[str, Any] = redact(self.model_dump())
         return data
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return not (self.disable_metrics or self.disable_observability)
 
     @property
     def l1_size_bytes(self) -> int:

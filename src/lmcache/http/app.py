@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from lmcache import __version__
+from lmcache.http.admin import CacheAdmin, add_admin_routes
 from lmcache.http.security import MIN_TOKEN_CHARS, AdminGuard
 
 logger = logging.getLogger("lmcache.http")
@@ -43,9 +44,15 @@ class ServerView(Protocol):
 
 
 def create_app(
-    server: ServerView, *, metrics: CollectorRegistry, admin_token: str | None = None
+    server: ServerView,
+    *,
+    metrics: CollectorRegistry,
+    admin_token: str | None = None,
+    admin: CacheAdmin | None = None,
+    serve_metrics: bool = True,
 ) -> FastAPI:
-    """The HTTP app over ``server``; ``metrics`` is served at /metrics."""
+    """The HTTP app over ``server``; ``metrics`` is served at /metrics (404 without
+    ``serve_metrics``); ``admin`` adds upstream's routes (`lmcache.http.admin`)."""
     app = FastAPI(title="LMCache server", version=__version__)
     token = admin_token
     if token and len(token) < MIN_TOKEN_CHARS:
@@ -87,6 +94,11 @@ def create_app(
 
     @app.get("/metrics", summary="Prometheus metrics")
     def prometheus_metrics() -> Response:
+        if not serve_metrics:
+            reason = "metrics are disabled (--disable-metrics / --disable-observability)"
+            return JSONResponse({"status": "error", "reason": reason}, status_code=404)
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
+    if admin is not None:
+        add_admin_routes(app, admin)
     return app

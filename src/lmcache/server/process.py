@@ -23,8 +23,10 @@ import threading
 import time
 from collections.abc import Iterator
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from lmcache.http.app import create_app
 from lmcache.http.limits import (
@@ -81,7 +83,13 @@ def run_server(settings: ServerSettings) -> int:
         max_connections = http_connection_limit(settings.http_max_connections, fd_limit)
         runtime = ServerRuntime(settings)
         config = uvicorn.Config(
-            create_app(runtime, metrics=runtime.metrics.registry, admin_token=_secret(settings)),
+            create_app(
+                runtime,
+                metrics=runtime.metrics.registry,
+                admin_token=_secret(settings),
+                admin=runtime,
+                serve_metrics=settings.metrics_enabled,
+            ),
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,
@@ -102,6 +110,17 @@ def run_server(settings: ServerSettings) -> int:
             signal.signal(sig, handler)
 
 
+def _prometheus_server(runtime: ServerRuntime) -> WSGIServer | None:
+    """Upstream's --prometheus-port: /metrics also on a port of its own (as upstream,
+    which serves it there only), bound to --http-host. None when not asked for."""
+    s = runtime.settings
+    if s.prometheus_port is None or not s.metrics_enabled:
+        return None
+    server, _ = start_http_server(s.prometheus_port, s.http_host, runtime.metrics.registry)
+    logger.info("Prometheus metrics on http://%s:%d/metrics", s.http_host, s.prometheus_port)
+    return server
+
+
 def _serve(runtime: ServerRuntime, server: _Server) -> int:
     settings = runtime.settings
     try:
@@ -110,6 +129,13 @@ def _serve(runtime: ServerRuntime, server: _Server) -> int:
         logger.error("%s", exc)
         return 1
     host, port = settings.http_host, sockets[0].getsockname()[1]
+    try:
+        prometheus = _prometheus_server(runtime)
+    except OSError as exc:
+        logger.error("--prometheus-port %s: %s", settings.prometheus_port, exc)
+        for sock in sockets:
+            sock.close()
+        return 1
 
     def start() -> None:
         try:
@@ -138,4 +164,7 @@ def _serve(runtime: ServerRuntime, server: _Server) -> int:
         starter.join(timeout=10)
         for sock in sockets:
             sock.close()
+        if prometheus is not None:
+            prometheus.shutdown()
+            prometheus.server_close()
     return 1 if runtime.startup_error else 0

@@ -32,11 +32,13 @@ from lmcache.server.sessions import Sessions
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
+from lmcache.storage import l1_admin
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import L2Adapter, make_adapter
 from lmcache.storage.shm import ShmSegment, unlink_stale_segments
 from lmcache.transport.peers import CurveServerKeys, local_socket_path
 from lmcache.transport.zmq_server import ZmqServer
+from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
@@ -63,6 +65,7 @@ class ServerRuntime:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.server_token = uuid.uuid4().hex
+        self.instance_id = settings.instance_id or str(uuid.uuid4())  # upstream's default
         self.started_at = time.time()
         self.ready = False
         self.startup_error: str | None = None
@@ -113,6 +116,7 @@ class ServerRuntime:
             "chunk_size=%d, max_workers=%d",
             s.l1_size_gb, s.eviction_policy, s.chunk_size, s.max_workers,
         )  # fmt: skip
+        logger.info("instance_id=%s", self.instance_id)
         for config in s.l2_adapter:  # a bad config fails before the pool is allocated
             self._adapters.append(make_adapter(config))
         local_path = local_socket_path(s.port)
@@ -280,6 +284,47 @@ class ServerRuntime:
         logger.info("Cache cleared via HTTP API (%d chunks)", removed)
         return removed
 
+    # ----- upstream's admin routes (lmcache.http.admin.CacheAdmin) ---------------------
+
+    def clear_tiers(self, tier: str, force: bool) -> dict[str, int]:
+        """Clear L1 (only what nobody holds, unless ``force``), L2, or both."""
+        counts: dict[str, int] = {}
+        if tier in ("l1", "all"):
+            if self.l1 is None:
+                raise RuntimeError("server is not ready")
+            if force:
+                counts["l1_removed"], counts["l1_kept"] = self.l1.clear(), 0
+            else:
+                counts["l1_removed"], counts["l1_kept"] = l1_admin.clear_unlocked(self.l1)
+            logger.info(
+                "Cache cleared via HTTP API (%d chunks, %d locked kept)",
+                counts["l1_removed"], counts["l1_kept"],
+            )  # fmt: skip
+        if tier in ("l2", "all"):
+            counts["l2_removed"] = self.clear_l2()
+        return counts
+
+    def list_l1(
+        self, after: ObjectKey | None, limit: int
+    ) -> tuple[list[dict[str, Any]], ObjectKey | None]:
+        if self.l1 is None:
+            raise RuntimeError("server is not ready")
+        return l1_admin.list_objects(self.l1, after, limit)
+
+    def delete_l1(self, keys: list[ObjectKey], force: bool) -> tuple[int, int]:
+        if self.l1 is None:
+            raise RuntimeError("server is not ready")
+        return l1_admin.delete(self.l1, keys, force)
+
+    def config(self) -> dict[str, Any]:
+        return self.settings.redacted()
+
+    def version_info(self) -> dict[str, Any]:
+        return {
+            "version": __version__, "implementation": "lmcache (independent, multiprocess mode)",
+            "instance_id": self.instance_id, "server_token": self.server_token,
+        }  # fmt: skip
+
     def status(self) -> dict[str, Any]:
         zmq_server = self._zmq
         return {
@@ -288,6 +333,7 @@ class ServerRuntime:
             "healthy": not self.health(),
             "problems": self.health(),
             "server_token": self.server_token,  # an instance id, not a secret (no seal)
+            "instance_id": self.instance_id,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "zmq_endpoint": self.settings.zmq_bind_endpoint,

@@ -45,6 +45,10 @@ def _hasher(algorithm: str) -> Callable[[], Any]:
         return hashlib.sha256
     if algorithm == "blake2b":
         return lambda: hashlib.blake2b(digest_size=32)
+    if algorithm == "blake3":  # upstream's default; a dependency of ours (pyproject)
+        from blake3 import blake3
+
+        return blake3
     raise ValueError(f"unknown hash algorithm {algorithm!r}")
 
 

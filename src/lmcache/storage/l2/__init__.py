@@ -15,6 +15,9 @@ Configs (one JSON object per ``--l2-adapter``)::
     {"type": "redis", "url": "redis://host:6379/0"}   (optional: part_mb, timeout_s,
                                                       retries, key_prefix, cluster)
     {"type": "memory", "max_capacity_gb": 1}            (optional: eviction_policy)
+
+Upstream LMCache's shapes (fs ``base_path``, ``resp``, ``valkey``) are rewritten into
+these first (`lmcache.storage.l2.upstream`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from lmcache.errors import ConfigError
 from lmcache.storage.l2.base import L2Adapter, L2Error, config_error
+from lmcache.storage.l2.upstream import from_upstream
 
 __all__ = ["L2Adapter", "L2Error", "make_adapter"]
 
@@ -73,7 +77,8 @@ def make_adapter(config: Mapping[str, Any]) -> L2Adapter:
     """Build an adapter from its config; any invalid field raises `ConfigError` naming it."""
     if not isinstance(config, Mapping):
         raise ConfigError(f"l2 adapter: expected a JSON object, got {type(config).__name__}")
-    known = ", ".join(sorted(_TYPES))
+    config = from_upstream(config)  # upstream LMCache's shapes (fs base_path, resp, valkey)
+    known = ", ".join(sorted(_TYPES)) + " (or upstream's resp, valkey)"
     kind = config.get("type")
     if kind is None:
         raise ConfigError(f"l2 adapter: 'type' is required (one of {known})")
