@@ -152,3 +152,15 @@ def test_a_worker_maps_a_lazy_pool_without_filling_it(engine: object) -> None:
     finally:
         worker.shutdown()
         server.stop()
+
+
+def test_upstreams_lazy_flags_make_a_lazy_pool() -> None:
+    """Upstream's ``--l1-use-lazy --l1-init-size-gb N`` (its default is lazy too) means the
+    same here: a pool that starts with N GiB."""
+    server = start_server("--l1-size-gb", "0.25", "--l1-use-lazy", "--l1-init-size-gb", "0.0625")
+    try:
+        l1 = server.status()["l1"]
+        assert (l1["committed_bytes"], l1["capacity_bytes"]) == (64 << 20, 256 << 20)
+        assert "starts with 0.06 GiB (--l1-init-size-gb) and grows" in server.log()
+    finally:
+        server.stop()

@@ -132,8 +132,8 @@ def test_commands_with_the_server_down(args: list[str]) -> None:
     "flags",
     [
         ["--p2p-advertise-url", "h:1"], ["--coordinator-url", "http://c:9300"],
-        ["--engine-type", "blend"], ["--transport", "grpc"], ["--l1-init-size-gb", "2"],
-        ["--l1-use-lazy"], ["--eviction-trigger-watermark", "0.8"], ["--kv-event-log-size=10"],
+        ["--engine-type", "blend"], ["--transport", "grpc"], ["--l1-use-hugepages"],
+        ["--eviction-trigger-watermark", "0.8"], ["--kv-event-log-size=10"],
         ["--runtime-plugin-locations", "/x"], ["--gds-l1-path", "/nvme"],
         ["--l2-store-policy", "skip_l1"], ["--hash-algorithm", "builtin"],
         ["--enable-tracing"], ["--otlp-endpoint", "http://o:4317"],

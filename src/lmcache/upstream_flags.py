@@ -78,7 +78,11 @@ SAME: dict[str, Same] = {
     ),
     "--isolated-ipc": Same(False, why="missing shared memory is detected at registration"),
     "--no-isolated-ipc": Same(False),
-    "--no-l1-use-lazy": Same(False, why="L1 is always allocated at start"),
+    # Our pool is lazy by itself when /dev/shm cannot hold it, and --l1-init-size-gb (a
+    # flag of ours, same meaning as upstream's) makes any pool lazy; upstream's switch
+    # adds nothing to that.
+    "--l1-use-lazy": Same(False, why="a pool larger than /dev/shm's free space grows lazily"),
+    "--no-l1-use-lazy": Same(False, why="a pool that fits in /dev/shm is allocated at start"),
     "--no-l1-use-hugepages": Same(False),
     "--no-run-script-api-enabled": Same(False),
     "--no-separate-object-groups": Same(False),
@@ -119,7 +123,6 @@ REFUSED: dict[str, str] = {
         "P2P KV transfer",
     ),
     "--l1-manager": "tagged L1 managers (DRAM/DEVDAX/GDS)",
-    **dict.fromkeys(["--l1-use-lazy", "--l1-init-size-gb"], "lazy L1 allocation"),
     "--l1-use-hugepages": "hugepage L1",
     "--l1-devdax-path": "DAX L1",
     **dict.fromkeys(
