@@ -137,8 +137,8 @@ class PreparedTransfers:
         intact = self._store.unpin(pending.lease)
         if not (req.success and intact):
             raise TransferError("the chunks were cleared or expired during the copy; recompute")
-        record_retrieve(self._metrics, pending.tokens, self._bytes(pending, pending.tokens),
-                        pending.started)  # fmt: skip
+        nbytes = self._bytes(pending, pending.tokens)
+        record_retrieve(self._metrics, pending.tokens, nbytes, pending.started)
         return Committed(id=req.id, tokens=pending.tokens)
 
     def _commit_store(self, req: Commit, pending: _Pending) -> Committed:
