@@ -17,12 +17,16 @@ import pytest
 from lmcache.errors import BadRequestError
 from lmcache.protocol.messages import (
     ChunkData,
+    Commit,
+    Committed,
     ErrorReply,
     KVLayout,
     LayerPlacement,
     Lookup,
     LookupReply,
     Ok,
+    Prepared,
+    PrepareStore,
     QueryLookup,
     RegisterKV,
     RetrieveBytes,
@@ -235,3 +239,25 @@ def test_partial_chunks_stay_in_l1_and_follow_an_l2_prefetch(core_l2: Core) -> N
         reply = run(core, QueryLookup(id=7, request_id="p"))
         hit = reply.hit_tokens
     assert hit == end
+
+
+def test_a_prepared_store_commits_or_drops_its_partial_slot(core: Core) -> None:
+    tokens = as_bytes(unique_tokens(2 * C))
+    end = C + 2 * BS
+
+    def prepare() -> Prepared:
+        req = PrepareStore(id=8, request_id="s", instance_id=1, tokens=tokens, start=0, end=end)
+        reply = run(core, req)
+        assert isinstance(reply, Prepared) and len(reply.offsets) == 2, reply
+        return reply
+
+    dropped = prepare()
+    assert run(core, Commit(id=9, instance_id=1, transfer_id=dropped.transfer_id, success=False))
+    assert core.store.l1.stats()["writing"] == 0 and lookup(core, "a", tokens) == 0
+    kept = prepare()
+    reply = run(core, Commit(id=10, instance_id=1, transfer_id=kept.transfer_id))
+    assert isinstance(reply, Committed) and reply.tokens == end
+    assert lookup(core, "b", tokens) == end
+    again = prepare()  # cached now: nothing to write, the partial included
+    assert again.offsets == [-1, -1]
+    run(core, Commit(id=11, instance_id=1, transfer_id=again.transfer_id))
