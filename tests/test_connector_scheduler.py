@@ -125,7 +125,7 @@ def test_lookup_pending_then_answered_and_idempotent() -> None:
     assert s.get_num_new_matched_tokens(req, 0) == (256, False)
     assert s.get_num_new_matched_tokens(req, 0) == (256, False)
     assert [c[0] for c in client.calls] == ["lookup", "query"]
-    assert client.calls[0][1] == ("a", 512)  # only whole chunks are looked up
+    assert client.calls[0][1] == ("a", 512)  # only whole blocks are looked up
 
 
 def test_chunked_prefill_stores_each_whole_chunk_once() -> None:
@@ -280,3 +280,82 @@ def test_preempted_requests_are_told_to_the_workers() -> None:
     s, _ = side(FakeClient(hit=0))
     assert s.build_connector_meta(step([], {}, preempted={"b", "a"})).preempted == ["a", "b"]
     assert s.build_connector_meta(step([], {})).preempted == []
+
+
+# ----- finer tails: a prompt's whole blocks past its last whole chunk --------------------------
+
+
+def test_lookups_send_whole_blocks_and_the_block_size() -> None:
+    seen: dict[str, Any] = {}
+
+    class Recording(FakeClient):
+        def lookup(self, request_id: str, tokens: list[int], **kw: Any) -> int | None:
+            seen.update(kw, n=len(tokens))
+            return super().lookup(request_id, tokens, **kw)
+
+    s, _ = side(Recording(hit=0))
+    s.get_num_new_matched_tokens(request("a", 1200), 0)  # 4 chunks + 1 block + 48 tokens
+    assert seen["n"] == 1152 and seen["block_size"] == BS
+
+
+def test_a_partial_hit_is_loaded_to_its_last_block() -> None:
+    s, _ = side(FakeClient(hit=1152))
+    req = request("a", 1200)
+    assert s.get_num_new_matched_tokens(req, 0) == (1152, False)
+    s.update_state_after_alloc(req, blocks(list(range(10))), 1152)
+    load = s.build_connector_meta(step([], {})).loads[0]
+    assert (load.start, load.end, load.skip_tokens) == (0, 1152, 0)
+    assert load.block_ids == list(range(9))
+    # What was hit is not stored again, not even the partial chunk.
+    meta = s.build_connector_meta(step([("a", list(range(10)), 1152)], {"a": 48}))
+    assert meta.stores == []
+
+
+def test_a_partial_hit_inside_what_vllm_has_skips_its_blocks() -> None:
+    s, _ = side(FakeClient(hit=1024 + 3 * 128))
+    req = request("a", 1500)
+    assert s.get_num_new_matched_tokens(req, 1024 + 128) == (256, False)
+    s.update_state_after_alloc(req, blocks(list(range(12))), 256)
+    load = s.build_connector_meta(step([], {})).loads[0]
+    assert (load.start, load.end, load.skip_tokens) == (1024, 1408, 128)
+    assert load.block_ids == [8, 9, 10]
+
+
+def test_the_tail_is_stored_once_the_prompt_is_computed() -> None:
+    s, _ = side(FakeClient(hit=0))
+    req = request("a", 1200)
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, blocks([]), 0)
+    # A chunked prefill: no partial chunk while the prompt is still being computed.
+    meta = s.build_connector_meta(step([("a", list(range(5)), 0)], {"a": 600}))
+    assert [(x.start, x.end) for x in meta.stores] == [(0, 512)]
+    cached = SimpleNamespace(
+        req_ids=["a"], new_block_ids=[(list(range(5, 10)),)], num_computed_tokens=[600],
+        resumed_req_ids=set(),
+    )  # fmt: skip
+    meta = s.build_connector_meta(step([], {"a": 600}, cached))
+    assert [(x.start, x.end, x.block_ids) for x in meta.stores] == [(512, 1152, [4, 5, 6, 7, 8])]
+    decode = SimpleNamespace(
+        req_ids=["a"], new_block_ids=[None], num_computed_tokens=[1200], resumed_req_ids=set()
+    )
+    assert s.build_connector_meta(step([], {"a": 1}, decode)).stores == []  # stored once
+
+
+def test_a_shorter_partial_hit_stores_the_longer_tail() -> None:
+    s, _ = side(FakeClient(hit=1024 + 128))
+    req = request("a", 1500)  # its tail: 3 whole blocks
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, blocks(list(range(12))), 1152)
+    s.build_connector_meta(step([], {}))
+    meta = s.build_connector_meta(step([("a", list(range(12)), 1152)], {"a": 348}))
+    assert [(x.start, x.end, x.block_ids) for x in meta.stores] == [(1024, 1408, [8, 9, 10])]
+
+
+def test_vllm_covering_every_whole_block_costs_no_server_call() -> None:
+    client = FakeClient(hit=1152)
+    s, _ = side(client)
+    req = request("a", 1200)
+    assert s.get_num_new_matched_tokens(req, 1152) == (0, False)
+    s.update_state_after_alloc(req, blocks(list(range(10))), 0)
+    meta = s.build_connector_meta(step([("a", list(range(10)), 1152)], {"a": 48}))
+    assert meta.stores == [] and meta.loads == [] and client.calls == []

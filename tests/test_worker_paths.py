@@ -145,6 +145,34 @@ class TestTransferPathContract:
         assert (rig.blocks(dst[:skip]) == SENTINEL).all()
         np.testing.assert_array_equal(rig.blocks(dst[skip:]), original[:, :, skip:])
 
+    @pytest.mark.parametrize("skip", [0, 2, BPC + 1], ids=["all", "in-chunk", "in-partial"])
+    def test_a_partial_tail_round_trips(self, rig: Rig, skip: int) -> None:
+        """A chunk and 3 of the next chunk's blocks (a partial chunk: its own, smaller
+        object), stored and loaded into other blocks through the same path."""
+        ids = np.random.default_rng(5).permutation(64).tolist()
+        n = BPC + 3
+        src, dst = ids[:n], ids[n : 2 * n]
+        tokens = unique_tokens(2 * CHUNK).tolist()
+        end = CHUNK + 3 * BLOCK
+        original = rig.blocks(src)
+        spec = StoreSpec(request_id="s", tokens=tokens, start=0, end=end, block_ids=src)
+        rig.path.store(spec)
+        rig.path.store(spec)  # already cached: harmless
+        rig.kv.blocks[:, :, dst] = SENTINEL
+        load = LoadSpec(
+            request_id="l", tokens=tokens, start=0, end=end, block_ids=dst,
+            skip_tokens=skip * BLOCK,
+        )  # fmt: skip
+        rig.path.load(load)
+        assert (rig.blocks(dst[:skip]) == SENTINEL).all()
+        np.testing.assert_array_equal(rig.blocks(dst[skip:]), original[:, :, skip:])
+        # The partial chunk alone; a longer partial was never stored: a miss.
+        rig.kv.blocks[:, :, dst] = SENTINEL
+        rig.path.load(LoadSpec("l", tokens, CHUNK, end, dst[BPC:]))
+        np.testing.assert_array_equal(rig.blocks(dst[BPC:]), original[:, :, BPC:])
+        with pytest.raises(CacheMissError):
+            rig.path.load(LoadSpec("l", tokens, 0, end + BLOCK, ids[: n + 1]))
+
     def test_a_miss_becomes_load_errors_for_the_loaded_blocks(self, rig: Rig) -> None:
         tokens, _, dst = two_chunks()  # never stored
         rig.kv.blocks[:, :, dst] = SENTINEL

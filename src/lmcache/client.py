@@ -210,8 +210,10 @@ class LMCacheClient:
         dtype: str,
         kv_spec: str = "",
         cache_salt: str = "",
+        block_size: int = 0,
     ) -> int | None:
-        """Start a lookup; returns hit tokens, or None while the server is still looking."""
+        """Start a lookup; returns hit tokens, or None while the server is still looking.
+        ``block_size``: the engine's; the hit may then end on a block inside a chunk."""
         req = Lookup(
             id=next_request_id(),
             request_id=request_id,
@@ -221,6 +223,7 @@ class LMCacheClient:
             tokens=_token_bytes(tokens),
             kv_spec=kv_spec,
             cache_salt=cache_salt,
+            block_size=block_size,
         )
         return self._call(req, LookupReply).hit_tokens
 

@@ -90,6 +90,23 @@ def test_repeated_prompt_is_retrieved_with_identical_output(
     same_output(cold, warm)
 
 
+def test_a_prompt_tail_of_whole_blocks_is_cached_too(
+    stack: tuple[ServerProcess, VllmProcess],
+) -> None:
+    """Finer tails: 1200 tokens are 4 chunks, 1 whole block of 128 and 48 tokens; the
+    block is stored as a partial chunk with the prompt, and loaded with its chunks."""
+    server, vllm = stack
+    tokens = prompt(4, 1200)
+    mark = len(server.log())
+    cold = vllm.complete(tokens)
+    server.wait_log("Stored 1152 tokens in ", since=mark)
+    mark = len(server.log())
+    warm = vllm.complete(tokens)
+    server.wait_log("Retrieved 1152 tokens in ", since=mark)
+    assert "Stored" not in new_log(server, mark)
+    same_output(cold, warm)
+
+
 def test_shared_prefix_gets_a_partial_hit(stack: tuple[ServerProcess, VllmProcess]) -> None:
     server, vllm = stack
     base = prompt(2, 1100)

@@ -9,6 +9,7 @@ reuses blocks never cache wrong bytes. The connector is ours with every store he
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -35,7 +36,10 @@ def small(tiny_model: Path) -> Iterator[tuple[ServerProcess, VllmProcess]]:
         tiny_model,
         config,
         extra_args=("--enable-prefix-caching", "--num-gpu-blocks-override", str(BLOCKS)),
-        env={"PYTHONPATH": str(ROOT)},  # for the connector module above
+        # For the connector module above; a PYTHONPATH already set (a worktree's src) stays.
+        env={
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        },
     )
     yield server, vllm
     vllm.stop()

@@ -101,7 +101,9 @@ class BlockCopier:
     A range of ``n`` chunks comes with ``n * blocks_per_chunk`` block ids (``range_ids``);
     chunk ``i`` holds blocks ``range_ids[i * bpc : (i + 1) * bpc]``. Its buffer is laid out
     ``[layers, planes, bpc, plane_bytes]``, the same on the server, in the worker and in
-    the bench, so any of them may fill a chunk that another reads.
+    the bench, so any of them may fill a chunk that another reads. The last chunk of a
+    range may be partial: ``m < bpc`` ids left, a buffer ``[layers, planes, m, plane_bytes]``
+    (`piece_sizes`), which must be exactly that big.
     """
 
     closed = False
@@ -137,13 +139,17 @@ class BlockCopier:
         if self.closed:
             raise TransferError("the engine's KV memory was unregistered during the copy")
 
-    def _copy(self, ids: np.ndarray, buf: Buffer, first: int, to_engine: bool) -> None:
+    def _copy(self, ids: np.ndarray, buf: Buffer, first: int, to_engine: bool, blocks: int) -> None:
         self._check_open()
+        need = len(self._rows) * blocks * self.plane_bytes
+        have = buf.nbytes if isinstance(buf, np.ndarray | memoryview) else len(buf)
+        if have > need:  # a chunk of more blocks: the strides would be wrong (C: too small)
+            raise ValueError(f"a chunk of {blocks} blocks takes {need} bytes, not {have}")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         lay = self.layout
         fault = _blockcopy.copy_blocks(
             self._rows, ids, lay.num_blocks, lay.block_stride, self.plane_bytes,
-            buf, self.blocks_per_chunk, first, to_engine, self.copy_threads,
+            buf, blocks, first, to_engine, self.copy_threads,
         )  # fmt: skip
         if fault:
             self._faulted(fault)
@@ -154,15 +160,24 @@ class BlockCopier:
             "truncated or resized after it was registered; register it again"
         )
 
+    def piece_sizes(self, num_ids: int) -> list[int]:
+        """The buffer size of each chunk of a range of ``num_ids`` blocks: whole chunks, then
+        a partial one if the blocks do not fill the last chunk."""
+        whole, tail = divmod(num_ids, self.blocks_per_chunk)
+        block_bytes = self.layout.num_layers * self.layout.block_bytes
+        return [self.chunk_bytes] * whole + ([tail * block_bytes] if tail else [])
+
     def gather(self, block_ids: np.ndarray, chunk: int, dst: Buffer) -> None:
         bpc = self.blocks_per_chunk
-        self._copy(block_ids[chunk * bpc : (chunk + 1) * bpc], dst, 0, False)
+        ids = block_ids[chunk * bpc : (chunk + 1) * bpc]
+        self._copy(ids, dst, 0, False, len(ids))
 
     def scatter(self, src: Buffer, block_ids: np.ndarray, chunk: int, skip_blocks: int = 0) -> None:
         bpc = self.blocks_per_chunk
+        n = min(bpc, len(block_ids) - chunk * bpc)  # a partial last chunk has fewer
         first = max(0, skip_blocks - chunk * bpc)
-        if first < bpc:
-            self._copy(block_ids[chunk * bpc + first : (chunk + 1) * bpc], src, first, True)
+        if first < n:
+            self._copy(block_ids[chunk * bpc + first : chunk * bpc + n], src, first, True, n)
 
     def gather_range(self, block_ids: np.ndarray, chunks: Iterable[tuple[int, Buffer]]) -> None:
         """Gather chunk ``i`` of the range into each ``(i, buffer)``."""
@@ -173,7 +188,7 @@ class BlockCopier:
         self, block_ids: np.ndarray, chunks: Sequence[Buffer], skip_blocks: int = 0
     ) -> None:
         """Scatter the range's chunks, in order, minus its first ``skip_blocks`` blocks."""
-        if len(chunks) * self.blocks_per_chunk != len(block_ids):
+        if len(chunks) != -(-len(block_ids) // self.blocks_per_chunk):
             raise ValueError(
                 f"{len(chunks)} chunks for {len(block_ids)} block ids "
                 f"({self.blocks_per_chunk} per chunk)"

@@ -28,7 +28,9 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-PROTOCOL_VERSION = 1
+# 2: lookups may ask for partial last chunks (`Lookup.block_size`) and ranges may end on an
+# engine block inside a chunk. A protocol-1 server rejects both, so the versions must match.
+PROTOCOL_VERSION = 2
 
 # Bounded integers: anything outside is a decode error (bad_request), never an overflow
 # deeper down. Generous, but far below int64 so sums and products stay exact.
@@ -136,7 +138,10 @@ class UnregisterKV(Message, frozen=True, tag="unregister"):
 
 
 class Lookup(Message, frozen=True, tag="lookup"):
-    """Find (and read-lock) the longest cached prefix of ``tokens`` for all ranks."""
+    """Find (and read-lock) the longest cached prefix of ``tokens`` for all ranks.
+
+    ``block_size``: the engine's block size in tokens; after the whole chunks, the hit may
+    go on into a partial chunk of whole blocks (0: whole chunks only)."""
 
     request_id: RequestIdField
     model_name: NameField
@@ -145,6 +150,7 @@ class Lookup(Message, frozen=True, tag="lookup"):
     tokens: TokenBytes
     kv_spec: SpecField = ""
     cache_salt: SaltField = ""
+    block_size: Count = 0
 
 
 class QueryLookup(Message, frozen=True, tag="query_lookup"):
@@ -160,8 +166,10 @@ class FreeLookup(Message, frozen=True, tag="free_lookup"):
 
 
 class ChunkRange(Message, frozen=True, kw_only=True):
-    """Whole chunks ``[start, end)`` of a request, for one engine rank.
+    """Chunks ``[start, end)`` of a request, for one engine rank.
 
+    ``start`` is chunk-aligned; ``end`` is too, or ends the range with a partial chunk of
+    whole engine blocks (its bytes are that many blocks; see `lmcache.storage.keys`).
     ``tokens`` holds at least the first ``end`` tokens of the sequence (chunk keys
     chain over everything before them). Every data request below is one of these.
     """
@@ -285,7 +293,8 @@ class RetrieveReply(Message, frozen=True, tag="retrieve_result"):
 
 
 class Prepared(Message, frozen=True, tag="prepared"):
-    """Chunk ``i`` lives at ``l1_pool[offsets[i] : offsets[i] + chunk_bytes]``.
+    """Chunk ``i`` lives at ``l1_pool[offsets[i] : offsets[i] + chunk_bytes]``; a partial
+    last chunk has fewer bytes (its blocks' worth, which the worker knows from its layout).
 
     For a store, ``-1`` marks a chunk that is already cached (do not write it) and
     the list stops early when L1 is full (``no_space``). The worker must commit
@@ -304,7 +313,8 @@ class Committed(Message, frozen=True, tag="committed"):
 
 
 class ChunkData(Message, frozen=True, tag="chunk_data"):
-    """Answer to `RetrieveBytes`: ``chunks`` data frames of ``chunk_bytes`` each follow."""
+    """Answer to `RetrieveBytes`: ``chunks`` data frames of ``chunk_bytes`` each follow (a
+    partial last chunk's frame is shorter: its blocks' worth)."""
 
     chunks: int
     chunk_bytes: int

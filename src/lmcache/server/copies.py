@@ -66,7 +66,7 @@ class Copies:
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
-        return self._write(req.id, engine, keys, lambda i, dst: transfer.gather(ids, i, dst))
+        return self._write(req, engine, keys, lambda i, dst: transfer.gather(ids, i, dst))
 
     def store_bytes(self, req: StoreBytes, data: list[memoryview]) -> StoreReply:
         engine = self.registry.get(req.instance_id)
@@ -75,13 +75,17 @@ class Copies:
             raise BadRequestError(
                 f"expected {len(keys)} data frames (one per chunk), got {len(data)}"
             )
-        if any(frame.nbytes != engine.chunk_bytes for frame in data):
-            raise BadRequestError(f"every data frame must hold {engine.chunk_bytes} bytes")
+        sizes = self.chunk_sizes(engine, req, len(keys))
+        if any(frame.nbytes != n for frame, n in zip(data, sizes, strict=True)):
+            raise BadRequestError(
+                f"every data frame must hold {engine.chunk_bytes} bytes (a partial last "
+                f"chunk: {sizes[-1]})"
+            )
 
         def fill(i: int, dst: np.ndarray) -> None:
             np.copyto(dst, np.frombuffer(data[i], dtype=np.uint8))
 
-        return self._write(req.id, engine, keys, fill)
+        return self._write(req, engine, keys, fill)
 
     def retrieve_blocks(self, req: Retrieve) -> RetrieveReply:
         engine = self.registry.get(req.instance_id)
@@ -96,7 +100,7 @@ class Copies:
         with self._read(req, engine, keys) as chunks:
             for i, src in enumerate(chunks):
                 transfer.scatter(src, ids, i, skip)
-        record_retrieve(self.metrics, tokens, len(keys) * engine.chunk_bytes, start)
+        record_retrieve(self.metrics, tokens, engine.bytes_of(req.end - req.start), start)
         return RetrieveReply(id=req.id, retrieved_tokens=tokens)
 
     def retrieve_bytes(self, req: RetrieveBytes) -> tuple[ChunkData, list[bytes]]:
@@ -106,25 +110,29 @@ class Copies:
         with self._read(req, engine, keys) as chunks:
             # A copy: ZMQ sends after we unpin, and the pages may be reused by then.
             frames = [src.tobytes() for src in chunks]
-        nbytes = len(keys) * engine.chunk_bytes
+        nbytes = sum(len(f) for f in frames)
         record_retrieve(self.metrics, req.end - req.start, nbytes, start)
         return ChunkData(id=req.id, chunks=len(frames), chunk_bytes=engine.chunk_bytes), frames
 
     # ----- the storage steps, through the store ------------------------------------------------
 
-    def _write(self, rid: int, engine: Engine, keys: list[ObjectKey], fill: Fill) -> StoreReply:
+    def _write(
+        self, req: ChunkRange, engine: Engine, keys: list[ObjectKey], fill: Fill
+    ) -> StoreReply:
         start = time.perf_counter()
-        result = self.store.write(keys, engine.chunk_layout, fill)
+        tail = engine.tail_layout(req.end, self.chunk_size)
+        result = self.store.write(keys, engine.chunk_layout, fill, tail=tail)
         if result.conflicts:
             self._warn_conflict(engine)
+        c, t = self.chunk_size, req.end % self.chunk_size
+        stored = result.tokens("stored", c, t)
         record_store(
-            self.metrics, result, chunks=len(keys), chunk_size=self.chunk_size,
-            chunk_bytes=engine.chunk_bytes, started=start,
+            self.metrics, result, chunks=len(keys), tokens=stored,
+            nbytes=engine.bytes_of(stored), started=start,
         )  # fmt: skip
-        c = self.chunk_size
         return StoreReply(
-            id=rid, stored_tokens=result.stored * c, cached_tokens=result.cached * c,
-            no_space=result.no_space, conflict_tokens=result.conflicts * c,
+            id=req.id, stored_tokens=stored, cached_tokens=result.tokens("cached", c, t),
+            no_space=result.no_space, conflict_tokens=result.tokens("conflicts", c, t),
         )  # fmt: skip
 
     def _warn_conflict(self, engine: Engine) -> None:
@@ -142,7 +150,9 @@ class Copies:
     ) -> Iterator[list[np.ndarray]]:
         what = f"tokens [{req.start}, {req.end}) of request {req.request_id[:200]!r}"
         owner = f"retrieve:{req.request_id}"
-        with self.store.read(keys, engine.layout_tag, owner, what) as chunks:
+        tail = engine.tail_layout(req.end, self.chunk_size)
+        tail_tag = None if tail is None else tail.tag
+        with self.store.read(keys, engine.layout_tag, owner, what, tail_tag) as chunks:
             # Our own pins now protect the chunks: the lookup's locks on them can go.
             self.sessions.release(req.request_id, keys)
             yield chunks
@@ -156,25 +166,36 @@ class Copies:
         return keys, engine.check_block_ids(req.block_ids, blocks)
 
     def range_keys(self, engine: Engine, req: ChunkRange) -> list[ObjectKey]:
-        """Validate a chunk-aligned token range and return the keys of its chunks."""
+        """Validate a token range (chunk-aligned, or ending in whole engine blocks) and
+        return the keys of its chunks."""
         check_identity(engine.model_name, engine.world_size, engine.dtype, req.cache_salt)
         digest = self.keys.digest(engine.namespace(req.cache_salt))
-        return self.keys.range_keys(digest, req.tokens, req.start, req.end)
+        return self.keys.range_keys(
+            digest, req.tokens, req.start, req.end, engine.layout.block_size
+        )
+
+    def chunk_sizes(self, engine: Engine, req: ChunkRange, chunks: int) -> list[int]:
+        """The byte size of each of a range's ``chunks`` (a partial last one is smaller)."""
+        tail = engine.tail_layout(req.end, self.chunk_size)
+        sizes = [engine.chunk_bytes] * chunks
+        if tail is not None and sizes:
+            sizes[-1] = tail.nbytes
+        return sizes
 
 
 def record_store(
-    metrics: Metrics, result: WriteResult, *, chunks: int, chunk_size: int, chunk_bytes: int,
+    metrics: Metrics, result: WriteResult, *, chunks: int, tokens: int, nbytes: int,
     started: float,
 ) -> None:  # fmt: skip
-    """Log and count a finished store (shared memory, bytes, or a worker's commit)."""
-    tokens = result.stored * chunk_size
+    """Log and count a finished store (shared memory, bytes, or a worker's commit) that
+    wrote ``tokens`` (``nbytes``)."""
     if result.stored:
         logger.info("Stored %d tokens in %.3f seconds", tokens, time.perf_counter() - started)
     if result.no_space:
         metrics.store_no_space.inc()
         logger.warning("L1 is full of locked chunks: stored %d of %d chunks", result.stored, chunks)
     metrics.stored_tokens.inc(tokens)
-    metrics.stored_bytes.inc(result.stored * chunk_bytes)
+    metrics.stored_bytes.inc(nbytes)
 
 
 def record_retrieve(metrics: Metrics, tokens: int, nbytes: int, started: float) -> None:

@@ -46,12 +46,13 @@ from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry, check_identity, pid_alive
-from lmcache.server.sessions import Sessions
+from lmcache.server.sessions import Sessions, Tail
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keys import TOKEN_BYTES
 from lmcache.storage.keyspace import KeySpace
+from lmcache.storage.l1 import Lease
 from lmcache.storage.shm import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
 from lmcache.transport.zmq_server import Deferred, Outcome
@@ -266,6 +267,10 @@ class RequestHandler:
         check_identity(req.model_name, req.world_size, req.dtype, req.cache_salt)
         if not req.request_id:
             raise BadRequestError("request_id must not be empty")
+        if req.block_size and self.chunk_size % req.block_size:
+            raise BadRequestError(
+                f"block_size {req.block_size} must divide the chunk size {self.chunk_size}"
+            )
         # Hash first, then pin under L1's lock: hashing (~2 us a chunk, free for a prompt
         # seen recently) must not hold up the copies that need the lock too.
         digests = self.keys.rank_digests(
@@ -278,13 +283,32 @@ class RequestHandler:
         # Split now: once a prefetch runs, it pins more groups into the same lease.
         held, rest = groups[: lease.hit_groups], groups[lease.hit_groups :]
         layouts = self._l2_layouts(req) if rest else None
+
+        def probe(chunk: int) -> Tail | None:
+            return self._hold_tail(req, digests, lease, chunk)
+
         if layouts is None or self.tiers is None:
-            session = self.sessions.start(req.request_id, lease, held, pid=pid)
+            session = self.sessions.start(
+                req.request_id, lease, held, pid=pid, tail=probe(len(held))
+            )
             self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
         job = self.tiers.prefetch(lease, rest, layouts)  # L1 missed these: ask L2
-        self.sessions.start(req.request_id, lease, held, prefetch=job, pid=pid)
+        self.sessions.start(req.request_id, lease, held, prefetch=job, pid=pid, tail_probe=probe)
         return LookupReply(id=req.id, hit_tokens=None)
+
+    def _hold_tail(
+        self, req: Lookup, digests: list[bytes], lease: Lease, chunk: int
+    ) -> Tail | None:
+        """Pin the longest partial chunk (whole engine blocks) cached at whole-chunk position
+        ``chunk``, where the whole-chunk hit ends. Partial chunks live in L1 only (see
+        `ChunkStore`), so L1 is all there is to ask."""
+        if not req.block_size:
+            return None  # the engine did not say its block size: whole chunks only
+        for tokens, group in self.keys.tail_groups(digests, req.tokens, chunk, req.block_size):
+            if self.store.extend(lease, [group]) == 1:
+                return tokens, group
+        return None
 
     def _l2_layouts(self, req: Lookup) -> list[ChunkLayout] | None:
         """Every rank's chunk layout, if every rank's engine is registered (else no L2)."""

@@ -71,6 +71,25 @@ class Engine:
     def chunk_layout(self) -> ChunkLayout:
         return ChunkLayout(self.layout_tag, self.chunk_bytes)
 
+    def bytes_of(self, tokens: int) -> int:
+        """Bytes that ``tokens`` (whole blocks) of this engine's KV take in L1."""
+        lay = self.layout
+        return tokens // lay.block_size * lay.num_layers * lay.block_bytes
+
+    def tail_layout(self, range_end: int, chunk_size: int) -> ChunkLayout | None:
+        """The layout of the partial chunk that ends a range at ``range_end`` (None if it
+        ends on a chunk): fewer blocks, so another size and another tag (a reader that
+        expects another block count sees a miss, never misread bytes)."""
+        tail = range_end % chunk_size
+        if not tail:
+            return None
+        lay = self.layout
+        if tail % lay.block_size:  # KeySpace.range_keys refuses these first
+            raise BadRequestError(f"a partial chunk of {tail} tokens is not whole blocks")
+        blocks = tail // lay.block_size
+        shape = (lay.num_layers, lay.planes, blocks, lay.block_bytes // lay.planes)
+        return ChunkLayout(repr(shape).encode(), lay.num_layers * blocks * lay.block_bytes)
+
     def namespace(self, cache_salt: str) -> Namespace:
         """Where this rank's keys live (see `lmcache.storage.keyspace.KeySpace`)."""
         return Namespace(

@@ -4,6 +4,7 @@ A session starts with a lookup and ends with `end_session`, or when its lease
 TTL passes (an engine that forgot a request must not pin memory forever).
 
     lookup(req) ──> Session{hit_tokens, lease on every rank's hit chunks}
+                    (the last hit chunk may be a partial one: ``tail_tokens``)
         retrieve(rank r, chunks) ── releases rank r's locks on those chunks
         free_lookup(start, end)  ── releases every rank's locks in the range
     end_session(req) / TTL ──> all remaining locks released, session dropped
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -23,6 +24,11 @@ from lmcache.storage.l1 import Lease
 from lmcache.types import ObjectKey
 
 MAX_SESSIONS = 1 << 16  # open lookups held at once (each pins chunks until its TTL)
+
+# A partial chunk that a lookup pinned after its whole chunks: (its tokens, every rank's key).
+Tail = tuple[int, list[ObjectKey]]
+# Finds and pins the partial chunk at a whole-chunk position (None: there is none).
+TailProbe = Callable[[int], Tail | None]
 
 
 @dataclass(eq=False, slots=True)
@@ -37,6 +43,18 @@ class Session:
     pid: int | None = None  # the process that looked it up (None: unknown)
     # An L2 prefetch still loading more chunks into the lease (see `Sessions.poll`).
     prefetch: Future[list[list[ObjectKey]]] | None = None
+    # Tokens of the last group when it is a partial chunk (0: it is whole).
+    tail_tokens: int = 0
+    # Looks for a partial chunk once the prefetch tells where the whole chunks end.
+    tail_probe: TailProbe | None = None
+
+    def add_tail(self, tail: Tail | None) -> None:
+        """Count the partial chunk found after the whole ones (pinned in the lease)."""
+        if tail is not None:
+            self.groups.append(tail[1])
+            self.tail_tokens = tail[0]
+        short = self.chunk_size - self.tail_tokens if self.tail_tokens else 0
+        self.hit_tokens = len(self.groups) * self.chunk_size - short
 
     def keys_in(self, start: int, end: int | None) -> Iterator[ObjectKey]:
         first = start // self.chunk_size
@@ -60,12 +78,16 @@ class Sessions:
         request_id: str,
         lease: Lease,
         held: list[list[ObjectKey]],
+        *,
         prefetch: Future[list[list[ObjectKey]]] | None = None,
         pid: int | None = None,
+        tail: Tail | None = None,
+        tail_probe: TailProbe | None = None,
     ) -> Session:
         """A lookup's result: ``held`` are the chunk groups pinned in ``lease`` (every rank's
-        key per chunk, from the first); the hit is unknown (None) while ``prefetch`` loads
-        more into the lease (which is why the caller says what was held before it ran)."""
+        key per chunk, from the first), then ``tail``, a partial chunk, if any; the hit is
+        unknown (None) while ``prefetch`` loads more into the lease (which is why the caller
+        says what was held before it ran), and ``tail_probe`` runs once it is done."""
         session = Session(
             request_id,
             lease,
@@ -75,7 +97,10 @@ class Sessions:
             time.monotonic() + self._ttl,
             pid,
             prefetch,
+            tail_probe=tail_probe,
         )
+        if prefetch is None:
+            session.add_tail(tail)
         with self._lock:
             full = len(self._sessions) >= MAX_SESSIONS and request_id not in self._sessions
             old = None if full else self._sessions.pop(request_id, None)
@@ -102,7 +127,10 @@ class Sessions:
             session.prefetch = None
             loaded = job.result() if job.exception() is None else []
             session.groups.extend(loaded)
-            session.hit_tokens = len(session.groups) * self._chunk_size
+            probe, session.tail_probe = session.tail_probe, None
+        # The prefetch is done, so the whole chunks end here: a partial chunk may follow
+        # (probed outside our lock: it hashes, and takes the L1's lock).
+        session.add_tail(probe(len(session.groups)) if probe is not None else None)
         return True
 
     def get(self, request_id: str) -> Session | None:

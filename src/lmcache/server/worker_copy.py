@@ -61,9 +61,13 @@ class _Pending:
     lease: Lease | None
     tokens: int
     pid: int | None = None  # the writer's process, if the kernel told us (see `expire`)
+    tail_slot: WriteSlot | None = None  # a store's partial last chunk (L1 only)
+    tail_tokens: int = 0
 
     def abort(self, store: ChunkStore) -> None:
         store.abort(self.slots)
+        if self.tail_slot is not None:
+            store.abort([self.tail_slot])
         if self.lease is not None:
             store.unpin(self.lease)
 
@@ -81,10 +85,13 @@ class PreparedTransfers:
         self._lock = threading.Lock()
 
     def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], engine: Engine) -> Prepared:
-        res = self._store.reserve(keys, engine.chunk_layout, self._ttl)
+        tail = engine.tail_layout(req.end, self._chunk_size)
+        res = self._store.reserve(keys, engine.chunk_layout, self._ttl, tail=tail)
         if res.no_space:
             self._metrics.store_no_space.inc()
-        tid = self._add(self._new("store", req, engine, slots=res.slots))
+        pending = self._new("store", req, engine, slots=res.slots)
+        pending.tail_slot, pending.tail_tokens = res.tail_slot, req.end % self._chunk_size
+        tid = self._add(pending)
         return Prepared(
             id=req.id, transfer_id=tid, offsets=res.offsets, chunk_bytes=engine.chunk_bytes,
             ttl_s=self._ttl, no_space=res.no_space,
@@ -93,10 +100,11 @@ class PreparedTransfers:
     def prepare_retrieve(
         self, req: PrepareRetrieve, keys: list[ObjectKey], engine: Engine
     ) -> Prepared:
-        chunk_bytes = engine.chunk_bytes
+        tail = engine.tail_layout(req.end, self._chunk_size)
         lease = self._store.pin(
-            keys, engine.layout_tag, owner=f"retrieve:{req.request_id}", ttl=self._ttl
-        )
+            keys, engine.layout_tag, owner=f"retrieve:{req.request_id}", ttl=self._ttl,
+            tail_tag=None if tail is None else tail.tag,
+        )  # fmt: skip
         if lease is None:
             raise CacheMissError(
                 f"chunks for tokens [{req.start}, {req.end}) are not cached; recompute them"
@@ -106,7 +114,7 @@ class PreparedTransfers:
         tid = self._add(pending)
         return Prepared(
             id=req.id, transfer_id=tid, offsets=[o for o, _ in lease.offsets(keys)],
-            chunk_bytes=chunk_bytes, ttl_s=self._ttl,
+            chunk_bytes=engine.chunk_bytes, ttl_s=self._ttl,
         )  # fmt: skip
 
     def commit(self, req: Commit) -> Committed:
@@ -129,20 +137,29 @@ class PreparedTransfers:
         intact = self._store.unpin(pending.lease)
         if not (req.success and intact):
             raise TransferError("the chunks were cleared or expired during the copy; recompute")
-        nbytes = pending.tokens // self._chunk_size * pending.chunk_bytes
+        nbytes = self._bytes(pending, pending.tokens)
         record_retrieve(self._metrics, pending.tokens, nbytes, pending.started)
         return Committed(id=req.id, tokens=pending.tokens)
 
     def _commit_store(self, req: Commit, pending: _Pending) -> Committed:
         if not req.success:
-            self._store.abort(pending.slots)
+            pending.abort(self._store)
             return Committed(id=req.id, tokens=0)
         result = WriteResult(stored=self._store.commit(pending.slots, pending.tag))
+        tokens = result.stored * self._chunk_size
+        if pending.tail_slot is not None and self._store.commit_tail(pending.tail_slot):
+            result.stored += 1
+            tokens += pending.tail_tokens
+        chunks = len(pending.slots) + (pending.tail_slot is not None)
         record_store(
-            self._metrics, result, chunks=len(pending.slots), chunk_size=self._chunk_size,
-            chunk_bytes=pending.chunk_bytes, started=pending.started,
+            self._metrics, result, chunks=chunks, tokens=tokens,
+            nbytes=self._bytes(pending, tokens), started=pending.started,
         )  # fmt: skip
-        return Committed(id=req.id, tokens=result.stored * self._chunk_size)
+        return Committed(id=req.id, tokens=tokens)
+
+    def _bytes(self, pending: _Pending, tokens: int) -> int:
+        # Exact: ``tokens`` are whole blocks, and a chunk's bytes are its blocks' bytes.
+        return tokens * pending.chunk_bytes // self._chunk_size
 
     def expire(self, now: float | None = None) -> int:
         """Forget transfers past their TTL: retrieves at once (the L1 unpins them itself),

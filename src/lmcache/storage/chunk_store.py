@@ -13,6 +13,10 @@ cleared are never reported as retrieved. Callers get small result objects, never
 
 Prepared transfers split a write or a read across requests (the worker copies between
 them), so `reserve` / `commit` / `abort` and `pin` / `unpin` are the same steps, apart.
+
+A range may end with a partial chunk (``tail``: its own, smaller layout). Partial chunks
+live in L1 only: the ``on_stored`` hook never hears of them, so they are never written
+to L2 (a prompt's tail is small and short-lived; L2 prefetches whole chunks only).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class WriteResult:
     conflicts: int = 0  # there with another layout: this writer could never read it back
     no_space: bool = False
     unfilled: bool = False
+    tail: str = ""  # which of the three a partial last chunk counts in ("": none, or not reached)
+
+    def tokens(self, kind: str, chunk_size: int, tail_tokens: int) -> int:
+        """Tokens of the chunks counted in ``kind`` ("stored", "cached" or "conflicts"):
+        a partial last chunk counts its own tokens, not a chunk's."""
+        count: int = getattr(self, kind)
+        short = chunk_size - tail_tokens if self.tail == kind else 0
+        return count * chunk_size - short
 
 
 @dataclass(slots=True)
@@ -60,7 +72,8 @@ class Reservation:
     chunk i's place in the pool, or -1 when there is nothing to write (cached)."""
 
     offsets: list[int] = field(default_factory=list)
-    slots: list[WriteSlot] = field(default_factory=list)
+    slots: list[WriteSlot] = field(default_factory=list)  # whole chunks'
+    tail_slot: WriteSlot | None = None  # a partial last chunk's (commit with `commit_tail`)
     no_space: bool = False
 
 
@@ -72,21 +85,24 @@ class ChunkStore:
     # ----- writes ----------------------------------------------------------------------
 
     def write(
-        self, keys: Sequence[ObjectKey], layout: ChunkLayout, fill: Fill, *, notify: bool = True
-    ) -> WriteResult:
+        self, keys: Sequence[ObjectKey], layout: ChunkLayout, fill: Fill, *, notify: bool = True,
+        tail: ChunkLayout | None = None,
+    ) -> WriteResult:  # fmt: skip
         """Reserve, fill, commit each chunk; ``notify``: tell the on_stored hook (not for
-        chunks that came from L2 in the first place)."""
+        chunks that came from L2 in the first place); ``tail``: the last key is a partial
+        chunk of that layout (never told to the hook)."""
         result = WriteResult()
         for i, key in enumerate(keys):
-            slot = self.l1.reserve_write(key, layout.nbytes, tag=layout.tag)
+            last = tail is not None and i == len(keys) - 1
+            lay = tail if last and tail is not None else layout
+            slot = self.l1.reserve_write(key, lay.nbytes, tag=lay.tag)
             if isinstance(slot, Refused):
                 if slot is Refused.NO_SPACE:
                     result.no_space = True
                     break
-                if slot is Refused.CACHED:
-                    result.cached += 1
-                else:
-                    result.conflicts += 1
+                kind = "cached" if slot is Refused.CACHED else "conflicts"
+                setattr(result, kind, getattr(result, kind) + 1)
+                result.tail = kind if last else ""
                 continue
             try:
                 filled = fill(i, self.l1.view(slot.offset, slot.nbytes))
@@ -97,14 +113,22 @@ class ChunkStore:
                 self.l1.abort_write(slot)
                 result.unfilled = True
                 break
-            result.stored += self._commit_one(slot, layout.tag, notify)
+            stored = self._commit_one(slot, lay.tag, notify and not last)
+            result.stored += stored
+            result.tail = "stored" if last and stored else ""
         return result
 
-    def reserve(self, keys: Sequence[ObjectKey], layout: ChunkLayout, ttl: float) -> Reservation:
-        """Reserve slots for another process to fill (they expire after ``ttl``)."""
+    def reserve(
+        self, keys: Sequence[ObjectKey], layout: ChunkLayout, ttl: float,
+        tail: ChunkLayout | None = None,
+    ) -> Reservation:  # fmt: skip
+        """Reserve slots for another process to fill (they expire after ``ttl``); ``tail``
+        as for `write`."""
         res = Reservation()
-        for key in keys:
-            slot = self.l1.reserve_write(key, layout.nbytes, ttl=ttl, tag=layout.tag)
+        for i, key in enumerate(keys):
+            last = tail is not None and i == len(keys) - 1
+            lay = tail if last and tail is not None else layout
+            slot = self.l1.reserve_write(key, lay.nbytes, ttl=ttl, tag=lay.tag)
             if slot is Refused.NO_SPACE:
                 res.no_space = True
                 break
@@ -112,12 +136,19 @@ class ChunkStore:
                 res.offsets.append(-1)  # nothing to write
                 continue
             res.offsets.append(slot.offset)
-            res.slots.append(slot)
+            if last:
+                res.tail_slot = slot
+            else:
+                res.slots.append(slot)
         return res
 
     def commit(self, slots: Iterable[WriteSlot], tag: bytes) -> int:
         """Make filled slots READY; returns how many were (cleared or expired ones are not)."""
         return sum(self._commit_one(slot, tag, True) for slot in slots)
+
+    def commit_tail(self, slot: WriteSlot) -> bool:
+        """Make a filled partial chunk READY (L1 only: the on_stored hook is not told)."""
+        return bool(self._commit_one(slot, b"", False))
 
     def abort(self, slots: Iterable[WriteSlot]) -> None:
         for slot in slots:
@@ -134,12 +165,14 @@ class ChunkStore:
 
     @contextmanager
     def read(
-        self, keys: Sequence[ObjectKey], tag: bytes, owner: str, what: str = "the range"
-    ) -> Iterator[list[np.ndarray]]:
+        self, keys: Sequence[ObjectKey], tag: bytes, owner: str, what: str = "the range",
+        tail_tag: bytes | None = None,
+    ) -> Iterator[list[np.ndarray]]:  # fmt: skip
         """Pin every chunk (CacheMissError if any is missing) and yield their bytes; on
         leaving, unpin, and raise TransferError if a clear raced the copy. ``what`` names
-        the chunks in the miss message."""
-        lease = self.pin(keys, tag, owner)
+        the chunks in the miss message; ``tail_tag``: the last key is a partial chunk
+        written with that layout."""
+        lease = self.pin(keys, tag, owner, tail_tag=tail_tag)
         if lease is None:
             raise CacheMissError(
                 f"chunks for {what} are not cached (evicted, cleared or stored with another "
@@ -153,11 +186,21 @@ class ChunkStore:
             raise TransferError("the cache was cleared during the copy; recompute")
 
     def pin(
-        self, keys: Sequence[ObjectKey], tag: bytes, owner: str, ttl: float | None = None
-    ) -> Lease | None:
-        """Pin every chunk for a copy, or nothing (None) if any is missing. Copies done by
-        other processes get a ``ttl``; server threads' copies do not."""
-        return self.l1.acquire_all(keys, owner=owner, ttl=ttl, tag=tag)
+        self, keys: Sequence[ObjectKey], tag: bytes, owner: str, ttl: float | None = None,
+        tail_tag: bytes | None = None,
+    ) -> Lease | None:  # fmt: skip
+        """Pin every chunk for a copy, or nothing (None) if any is missing or has another
+        layout (``tail_tag``: the last key's, a partial chunk). Copies done by other
+        processes get a ``ttl``; server threads' copies do not."""
+        if tail_tag is None or not keys:
+            return self.l1.acquire_all(keys, owner=owner, ttl=ttl, tag=tag)
+        lease = self.l1.acquire_all(keys[:-1], owner=owner, ttl=ttl, tag=tag)
+        if lease is None:
+            return None
+        if self.l1.extend(lease, [[keys[-1]]], tag=tail_tag) != 1:
+            self.l1.release(lease)
+            return None
+        return lease
 
     def unpin(self, lease: Lease, keys: Iterable[ObjectKey] | None = None) -> bool:
         """Release ``keys`` (default: all) of a lease. False if any was cleared meanwhile."""

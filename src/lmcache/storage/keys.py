@@ -1,8 +1,15 @@
 """Chunk keys: a chained hash over token chunks, prefixed by a namespace digest.
 
     tokens:  |---- chunk 0 ----|---- chunk 1 ----|---- chunk 2 ----|-- tail --|
-    hashes:   h0 = H(seed, c0)  h1 = H(h0, c1)    h2 = H(h1, c2)     (never stored)
-    keys:     ns ‖ h0           ns ‖ h1           ns ‖ h2
+    hashes:   h0 = H(seed, c0)  h1 = H(h0, c1)    h2 = H(h1, c2)   t = H(h2, P, blocks)
+    keys:     ns ‖ h0           ns ‖ h1           ns ‖ h2          ns ‖ t
+
+The tail's whole engine blocks (m of them, 0 < m < blocks per chunk) form a *partial
+chunk*: it chains from the previous chunk's hash like a whole chunk, but hashes the
+marker ``P`` (7 bytes) before its tokens. Every whole chunk hashes 32 + 4k bytes and
+every partial chunk 32 + 7 + 4k, so no partial input ever equals a whole input: the two
+kinds of key can only meet through a hash collision. Its length is implied by the token
+count hashed, so partials of different lengths at one position have different keys.
 
 Chaining makes a chunk's key depend on every token before it, so equal keys mean
 equal prefixes. The namespace holds what must never be shared between entries
@@ -34,6 +41,7 @@ from lmcache.types import ChunkHash, ObjectKey
 
 TOKEN_BYTES = 4
 _SEED = b"lmcache-chunk-hash-v1"
+_PARTIAL = b"partial"  # 7 bytes: keeps partial-chunk inputs apart from whole ones (above)
 MAX_SALT_LEN = 256
 DEFAULT_CACHE_BYTES = HASH_MEMO_MB << 20
 _TAIL_BYTES = 256  # fingerprint: length + last 64 tokens (O(1), unlike hashing the prompt)
@@ -104,6 +112,32 @@ class ChunkHasher:
         if len(known) >= num_chunks:
             return iter(known[:num_chunks])
         return self._chain(tokens, step, num_chunks, known)
+
+    def partial_hashes(
+        self, tokens: bytes, chunk: int, block_size: int, max_blocks: int
+    ) -> list[ChunkHash]:
+        """Hashes of the partial chunks at whole-chunk position ``chunk``: entry ``m - 1``
+        covers that chunk's first ``m`` blocks of ``block_size`` tokens, m = 1..max_blocks.
+        One pass: each longer partial continues the shorter one's hash state."""
+        start = chunk * self.chunk_size * TOKEN_BYTES
+        step = block_size * TOKEN_BYTES
+        if block_size <= 0 or max_blocks < 0 or start + max_blocks * step > len(tokens):
+            raise ValueError(
+                f"{max_blocks} blocks of {block_size} tokens after chunk {chunk} need more "
+                f"than the {len(tokens) // TOKEN_BYTES} tokens sent"
+            )
+        if max_blocks == 0:
+            return []
+        prev = self.hashes(tokens, chunk)[-1] if chunk else self._seed
+        h = self._new()
+        h.update(prev)
+        h.update(_PARTIAL)
+        view = memoryview(tokens)
+        out = []
+        for m in range(max_blocks):
+            h.update(view[start + m * step : start + (m + 1) * step])
+            out.append(ChunkHash(h.copy().digest()))
+        return out
 
     def _chain(
         self, tokens: bytes, step: int, num_chunks: int, known: tuple[ChunkHash, ...]

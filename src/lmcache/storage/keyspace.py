@@ -78,19 +78,45 @@ class KeySpace:
 
     # ----- keys -------------------------------------------------------------------------
 
-    def range_keys(self, digest: bytes, tokens: bytes, start: int, end: int) -> list[ObjectKey]:
-        """Keys of the whole chunks ``[start, end)`` of a prompt (BadRequestError if the
-        range is not chunk-aligned or the tokens do not reach it)."""
+    def range_keys(
+        self, digest: bytes, tokens: bytes, start: int, end: int, block_size: int = 0
+    ) -> list[ObjectKey]:
+        """Keys of the chunks ``[start, end)`` of a prompt: whole chunks, then (if ``end`` is
+        not chunk-aligned) the partial chunk of its last ``end % chunk_size`` tokens, which
+        must be whole blocks of ``block_size`` tokens (0: whole chunks only). BadRequestError
+        if the range is misaligned or the tokens do not reach it."""
         c = self.chunk_size
-        if end < start or start % c or end % c:
+        tail = end % c
+        if end < start or start % c or (tail and (block_size <= 0 or tail % block_size)):
             raise BadRequestError(
-                f"token range [{start}, {end}) must be chunk-aligned (chunk size {c})"
+                f"token range [{start}, {end}) must be chunk-aligned (chunk size {c}), or end "
+                f"on a whole block (block size {block_size}) inside its last chunk"
             )
         sent = self._token_count(tokens)
         if sent < end:
             raise BadRequestError(f"range ends at token {end} but only {sent} tokens sent")
         hashes = self.hasher.hashes(tokens, end // c)[start // c :]
+        if tail:
+            hashes.append(self.hasher.partial_hashes(tokens, end // c, tail, 1)[0])
         return [ObjectKey(digest + h) for h in hashes]
+
+    def tail_groups(
+        self, digests: list[bytes], tokens: bytes, chunk: int, block_size: int
+    ) -> list[tuple[int, list[ObjectKey]]]:
+        """Candidates for a lookup's partial last chunk at whole-chunk position ``chunk``:
+        (tokens covered, every rank's key), longest first, for every whole number of blocks
+        short of a chunk that the tokens reach."""
+        c = self.chunk_size
+        if block_size <= 0 or c % block_size:
+            raise BadRequestError(
+                f"block_size {block_size} must divide the server's chunk size {c}"
+            )
+        room = self._token_count(tokens) - chunk * c
+        most = min(c // block_size - 1, room // block_size)
+        hashes = self.hasher.partial_hashes(tokens, chunk, block_size, max(0, most))
+        groups = [(m * block_size, [ObjectKey(d + h) for d in digests])
+                  for m, h in enumerate(hashes, 1)]  # fmt: skip
+        return groups[::-1]
 
     def prompt_keys(self, digests: list[bytes], tokens: bytes) -> list[list[ObjectKey]]:
         """For each whole chunk of a prompt, its key in every rank's namespace."""

@@ -9,11 +9,17 @@ Per request (a `_Tracker`)::
             │                     blocks; otherwise free the lookup's locks
             v
     build_connector_meta ──────── ship the load once; every step, store each newly
-            │                     computed whole prompt chunk (each chunk once)
+            │                     computed whole prompt chunk (each chunk once), and once
+            │                     the prompt is computed, its tail's whole blocks
             v
     request_finished ──────────── end the server session (drops leftover locks); if it
                                   stored anything (async stores), keep its blocks until
                                   the workers report its stores done (`get_finished`)
+
+Finer tails: a prompt's tail past its last whole chunk is stored as a *partial chunk* of
+its whole vLLM blocks (`lmcache.storage.keys`), once the whole prompt is computed (not
+at every step of a chunked prefill: each would be a new object). Lookups send the block
+size, so a hit, and the load planned from it, may end on a block inside a chunk.
 
 Nothing here may raise into vLLM: an exception in a scheduler method kills the
 engine, so every entry point falls back to "no cache" and logs instead.
@@ -149,11 +155,13 @@ class SchedulerSide:
         if tracker.load_failed or not self.can_load:
             return 0, False
         if tracker.hit is None and num_computed_tokens >= self._lookup_end(tracker):
-            # vLLM's own prefix cache covers every whole chunk a lookup could add: no call
-            # to the server, and no store of what vLLM had (it was stored when computed).
+            # vLLM's own prefix cache covers every whole block a lookup could add: no call
+            # to the server, and no store of what vLLM had (it was stored when computed;
+            # a tail of it may have been part of a longer prompt's chunk, not stored as a
+            # partial chunk: we give that up rather than call the server for it).
             tracker.hit = 0
             tracker.stored = max(
-                tracker.stored, num_computed_tokens // self.chunk_size * self.chunk_size
+                tracker.stored, min(num_computed_tokens, self._blocks_end(tracker))
             )
         if tracker.hit is None:
             tracker.hit = self._lookup(tracker)
@@ -173,13 +181,16 @@ class SchedulerSide:
         return (need, False) if need > 0 else (0, False)
 
     def _lookup_end(self, tracker: _Tracker) -> int:
-        """The most prompt tokens a lookup can add to: whole chunks, but never the last
-        token (vLLM computes it for the logits)."""
-        whole = len(tracker.tokens) // self.chunk_size * self.chunk_size
-        return min(whole, len(tracker.tokens) - 1)
+        """The most prompt tokens a lookup can add to: whole blocks (whole chunks, then a
+        partial one), but never the last token (vLLM computes it for the logits)."""
+        return min(self._blocks_end(tracker), len(tracker.tokens) - 1)
+
+    def _blocks_end(self, tracker: _Tracker) -> int:
+        bs = self.identity.block_size
+        return len(tracker.tokens) // bs * bs
 
     def _lookup(self, tracker: _Tracker) -> int | None:
-        end = len(tracker.tokens) // self.chunk_size * self.chunk_size
+        end = self._blocks_end(tracker)
         if end == 0 or not self.link.healthy:
             return 0
         ident = self.identity
@@ -194,6 +205,7 @@ class SchedulerSide:
                     dtype=ident.dtype,
                     kv_spec=ident.kv_spec,
                     cache_salt=tracker.cache_salt,
+                    block_size=ident.block_size,
                 )
             return self.link.client.query_lookup(tracker.request_id)
         except LMCacheError as exc:
@@ -269,9 +281,11 @@ class SchedulerSide:
         c, bs = self.chunk_size, self.identity.block_size
         done = computed + out.num_scheduled_tokens.get(tracker.request_id, 0)
         available = min(len(tracker.tokens), done, len(tracker.block_ids) * bs)
-        end = available // c * c
+        # Whole chunks as they are computed; the tail's whole blocks (a partial chunk) only
+        # with the prompt's last token: every step of a chunked prefill would add another.
+        end = available // bs * bs if available == len(tracker.tokens) else available // c * c
         start = tracker.stored // c * c
-        if end <= start:
+        if end <= tracker.stored:  # (stored may end inside a chunk: a partial hit or store)
             return None
         tracker.stored = end
         tracker.stores_issued = True

@@ -11,6 +11,9 @@ back to bytes swaps the path object; no copy ever has to ask which mode it is in
                       └─ BytesPath     BlockCopier <─> buffers ── store_bytes / retrieve_bytes
                                        (no shared memory: another host, another /dev/shm)
 
+A range may end with a partial chunk (whole blocks short of a chunk; see
+`lmcache.storage.keys`): every path sizes it as `BlockCopier.piece_sizes` does.
+
 Every path moves whole blocks with `BlockCopier` (or has the server do it with the same
 routine), so they agree byte for byte: a chunk stored through one path loads through
 any other. A path raises on failure (`LMCacheError` for the server's refusals); turning
@@ -90,19 +93,22 @@ class TransferPath(ABC):
     def _ids(spec: LoadSpec | StoreSpec) -> np.ndarray:
         return np.asarray(spec.block_ids, dtype=np.int64)
 
-    def _num_chunks(self, spec: LoadSpec | StoreSpec) -> int:
-        """Chunks of the range ``[start, end)`` (the scheduler plans whole chunks)."""
-        chunk_tokens = self.copier.blocks_per_chunk * self.copier.layout.block_size
-        return (spec.end - spec.start) // chunk_tokens
+    def _sizes(self, spec: LoadSpec | StoreSpec) -> list[int]:
+        """Byte sizes of the chunks of the range ``[start, end)``: whole chunks, then a
+        partial one of whole blocks when ``end`` is not on a chunk (the server sizes them
+        alike)."""
+        return self.copier.piece_sizes((spec.end - spec.start) // self.copier.layout.block_size)
 
     def _skip_blocks(self, spec: LoadSpec) -> int:
         """Blocks at the start of the range that a load leaves alone (as the server counts)."""
         return skip_blocks(spec.skip_tokens, spec.end - spec.start, self.copier.layout.block_size)
 
     def _scatter(self, spec: LoadSpec, chunks: Sequence[np.ndarray]) -> None:
-        if len(chunks) != self._num_chunks(spec):
+        sizes = self._sizes(spec)
+        if [c.nbytes for c in chunks] != sizes:
             raise ServerError(
-                f"the server sent {len(chunks)} chunks for a range of {self._num_chunks(spec)}"
+                f"the server sent chunks of {[c.nbytes for c in chunks]} bytes for a range of "
+                f"chunks of {sizes}"
             )
         self.copier.scatter_range(self._ids(spec), chunks, self._skip_blocks(spec))
 
@@ -178,8 +184,15 @@ class PoolPath(TransferPath):
         prepared = self.client.prepare_retrieve(**self._span(spec))
         ok = False
         try:
-            pool, n = self.pool.array, prepared.chunk_bytes
-            self._scatter(spec, [pool[o : o + n] for o in prepared.offsets])
+            sizes = self._check_pieces(prepared.chunk_bytes, self._sizes(spec))
+            if len(prepared.offsets) != len(sizes):
+                raise ServerError(
+                    f"the server lent {len(prepared.offsets)} slots for {len(sizes)} chunks"
+                )
+            pool = self.pool.array
+            self._scatter(
+                spec, [pool[o : o + n] for o, n in zip(prepared.offsets, sizes, strict=True)]
+            )
             ok = True
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
@@ -189,12 +202,22 @@ class PoolPath(TransferPath):
         ok = False
         try:
             # -1: the server has that chunk already; a short list: L1 is full (no_space).
-            pool, n = self.pool.array, prepared.chunk_bytes
-            slots = [(i, pool[o : o + n]) for i, o in enumerate(prepared.offsets) if o >= 0]
+            sizes = self._check_pieces(prepared.chunk_bytes, self._sizes(spec))
+            pool, places = self.pool.array, zip(prepared.offsets, sizes, strict=False)
+            slots = [(i, pool[o : o + n]) for i, (o, n) in enumerate(places) if o >= 0]
             self.copier.gather_range(self._ids(spec), slots)
             ok = True
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
+
+    def _check_pieces(self, chunk_bytes: int, sizes: list[int]) -> list[int]:
+        """``sizes``, once the server's whole-chunk size agrees with ours (it sizes partial
+        chunks from the same layout, so they agree when whole ones do)."""
+        if chunk_bytes != self.copier.chunk_bytes:
+            raise ServerError(
+                f"the server's chunks hold {chunk_bytes} bytes, ours {self.copier.chunk_bytes}"
+            )
+        return sizes
 
     def close(self) -> None:
         # A copy still running keeps its slices of the mapping alive (see ShmSegment.unmap).
@@ -217,7 +240,6 @@ class BytesPath(TransferPath):
         self._scatter(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
 
     def store(self, spec: StoreSpec) -> None:
-        size = self.copier.chunk_bytes
-        bufs = [np.empty(size, dtype=np.uint8) for _ in range(self._num_chunks(spec))]
+        bufs = [np.empty(size, dtype=np.uint8) for size in self._sizes(spec)]
         self.copier.gather_range(self._ids(spec), enumerate(bufs))
         self.client.store_bytes(**self._span(spec), chunks=bufs)
