@@ -204,3 +204,30 @@ def test_prepared_transfers_belong_to_their_engine(
     with pytest.raises(BadRequestError, match="unknown or expired transfer"):
         client.commit(113, prepared.transfer_id)
     assert client.commit(112, prepared.transfer_id, success=False) == 0
+
+
+def test_a_copy_that_starts_after_the_engine_stopped_waiting_is_refused(
+    server: ServerProcess, engine: ShmKVCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine-driven copy queued on the server past the request's ``start_by`` (half the
+    engine's wait) touches nothing: the engine may have reused those blocks meanwhile."""
+    import time
+
+    from lmcache import client as client_module
+    from lmcache.errors import TransferError
+
+    client = server.client()
+    register(client, engine, 108)
+    fill_random(engine, 8)
+    tokens = unique_tokens(CHUNK)
+    real_monotonic = time.monotonic
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: real_monotonic() - 3600)
+    with pytest.raises(TransferError, match="after the engine stopped waiting"):
+        client.store("late", 108, tokens, start=0, end=CHUNK, block_ids=range(16))
+    with pytest.raises(TransferError, match="nothing was copied"):
+        client.retrieve("late", 108, tokens, start=0, end=CHUNK, block_ids=range(16))
+    monkeypatch.undo()
+    assert client.lookup("late", tokens, **MODEL) == 0  # the late store stored nothing
+    client.end_session("late")
+    reply = client.store("s", 108, tokens, start=0, end=CHUNK, block_ids=range(16))
+    assert reply.stored_tokens == CHUNK  # in time: stored

@@ -18,6 +18,7 @@ TCP a peer may only ping, unless it authenticates with CurveZMQ keys (``curve``)
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -261,6 +262,7 @@ class LMCacheClient:
             end=end,
             block_ids=list(block_ids),
             cache_salt=cache_salt,
+            start_by=self._start_by(timeout),
         )
         return self._call(req, StoreReply, timeout)
 
@@ -287,8 +289,15 @@ class LMCacheClient:
             block_ids=list(block_ids),
             skip_tokens=skip_tokens,
             cache_salt=cache_salt,
+            start_by=self._start_by(timeout),
         )
         return self._call(req, RetrieveReply, timeout).retrieved_tokens
+
+    def _start_by(self, timeout: float | None) -> float:
+        """When the server must have started copying our blocks (`protocol.messages.StartBy`):
+        half our wait, so that a copy that starts in time ends before we stop waiting."""
+        wait = timeout if timeout is not None else getattr(self.transport, "timeout", None)
+        return time.monotonic() + (wait if wait is not None else RPC_TIMEOUT_S) / 2
 
     # ----- worker copies (lmcache_driven) ------------------------------------------------------
 

@@ -182,10 +182,18 @@ class ChunkRange(Message, frozen=True, kw_only=True):
     cache_salt: SaltField = ""
 
 
+# CLOCK_MONOTONIC seconds (system-wide on Linux, so one host's processes agree) by which
+# the server must have started a copy of the engine's own blocks; 0 = no limit. After it,
+# the engine has stopped waiting and may reuse the blocks: a late copy would read blocks
+# that now hold other KV (a store) or overwrite blocks in use (a retrieve).
+StartBy = Annotated[float, Meta(ge=0)]
+
+
 class Store(ChunkRange, frozen=True, kw_only=True, tag="store"):
     """The server copies the range's blocks into L1 (one block id per engine block)."""
 
     block_ids: Annotated[list[Count], Meta(max_length=MAX_LIST)]
+    start_by: StartBy = 0.0
 
 
 class Retrieve(ChunkRange, frozen=True, kw_only=True, tag="retrieve"):
@@ -194,6 +202,7 @@ class Retrieve(ChunkRange, frozen=True, kw_only=True, tag="retrieve"):
 
     block_ids: Annotated[list[Count], Meta(max_length=MAX_LIST)]
     skip_tokens: Tokens = 0
+    start_by: StartBy = 0.0
 
 
 class PrepareStore(ChunkRange, frozen=True, kw_only=True, tag="prepare_store"):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.engine.transfer import skip_blocks
-from lmcache.errors import BadRequestError
+from lmcache.errors import BadRequestError, TransferError
 from lmcache.protocol.messages import (
     ChunkData,
     ChunkRange,
@@ -63,6 +63,7 @@ class Copies:
     # ----- requests -------------------------------------------------------------------------
 
     def store_blocks(self, req: Store) -> StoreReply:
+        _check_start_by(req)
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
@@ -88,6 +89,7 @@ class Copies:
         return self._write(req, engine, keys, fill)
 
     def retrieve_blocks(self, req: Retrieve) -> RetrieveReply:
+        _check_start_by(req)
         engine = self.registry.get(req.instance_id)
         transfer = engine.require_transfer()
         keys, ids = self.chunk_keys(engine, req)
@@ -202,3 +204,15 @@ def record_retrieve(metrics: Metrics, tokens: int, nbytes: int, started: float) 
     logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - started)
     metrics.retrieved_tokens.inc(tokens)
     metrics.retrieved_bytes.inc(nbytes)
+
+
+def _check_start_by(req: Store | Retrieve) -> None:
+    """Refuse a copy of an engine's blocks that starts after the engine stopped waiting
+    (it sat in the worker pool's queue too long): those blocks may hold other KV now."""
+    if req.start_by and time.monotonic() > req.start_by:
+        late = time.monotonic() - req.start_by
+        raise TransferError(
+            f"{type(req).__name__.lower()} of request {req.request_id!r} started {late:.2f} s "
+            "after the engine stopped waiting for it: nothing was copied (its blocks may hold "
+            "other KV by now)"
+        )
