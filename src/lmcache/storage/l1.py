@@ -333,13 +333,7 @@ class L1Cache:
                 del self._leases[lease.id]
             removed = len(self._index)
             for obj in self._index.values():
-                if obj.pins > 0 or obj.state is ObjState.WRITING:
-                    obj.doomed = True
-                    self.doomed_pending += 1
-                    if obj.write_deadline is not None:
-                        self._doomed_writes[id(obj)] = obj
-                else:
-                    self._free(obj)
+                self._discard(obj)
             self._index.clear()
             self._heap.clear()
             return removed
@@ -425,6 +419,17 @@ class L1Cache:
             self.evictions += 1
             return True
         return False
+
+    def _discard(self, obj: _Obj) -> None:
+        """An object that left the index: its pages are freed now, or by the last copy
+        still using them (pinned or being written: doomed)."""
+        if obj.pins > 0 or obj.state is ObjState.WRITING:
+            obj.doomed = True
+            self.doomed_pending += 1
+            if obj.write_deadline is not None:
+                self._doomed_writes[id(obj)] = obj
+        else:
+            self._free(obj)
 
     def _free_if_doomed(self, obj: _Obj) -> None:
         if obj.doomed and obj.pins == 0 and not obj.freed:

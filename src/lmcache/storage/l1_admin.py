@@ -84,10 +84,4 @@ def clear_unlocked(l1: L1Cache) -> tuple[int, int]:
 def _remove(l1: L1Cache, obj: _Obj) -> None:
     """Out of the index; pages freed now, or by the last copy using them (as `clear`)."""
     del l1._index[obj.key]
-    if obj.pins > 0 or obj.state is ObjState.WRITING:
-        obj.doomed = True
-        l1.doomed_pending += 1
-        if obj.write_deadline is not None:
-            l1._doomed_writes[id(obj)] = obj
-    else:
-        l1._free(obj)
+    l1._discard(obj)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -200,17 +201,13 @@ class WorkerSide:
 
     def start_load(self, meta: Metadata) -> None:
         for spec in meta.loads:
-            path, ok = self.path, False
-            if self.can_load and path is not None and self.link.healthy:
-                try:
-                    path.load(spec)
-                    ok = True
-                except LMCacheError as exc:
-                    logger.warning("load of request %s failed: %s", spec.request_id, exc)
-                    if isinstance(exc, ServerUnavailableError):
-                        self.link.mark_down(exc)
-                except Exception:
-                    logger.exception("load of request %s failed", spec.request_id)
+            path = self.path
+            ok = (
+                self.can_load
+                and path is not None
+                and self.link.healthy
+                and self._moved("load", spec.request_id, partial(path.load, spec))
+            )
             if not ok:  # vLLM recomputes these blocks (the skipped ones it has already)
                 first = spec.skip_tokens // self.identity.block_size
                 self._load_errors.update(spec.block_ids[first:])
@@ -241,14 +238,21 @@ class WorkerSide:
         path = self.path
         if path is None or not self.link.healthy:
             return  # degraded: skipped (the scheduler's stores are best effort)
+        self._moved("store", spec.request_id, partial(path.store, spec))
+
+    def _moved(self, what: str, request_id: str, move: Callable[[], None]) -> bool:
+        """Run one load or store; a failure is logged (and a server that stopped answering
+        puts the link in degraded mode), never raised into vLLM."""
         try:
-            path.store(spec)
+            move()
+            return True
         except LMCacheError as exc:
-            logger.warning("store of request %s skipped: %s", spec.request_id, exc)
+            logger.warning("%s of request %s failed: %s", what, request_id, exc)
             if isinstance(exc, ServerUnavailableError):
                 self.link.mark_down(exc)
         except Exception:
-            logger.exception("store of request %s failed", spec.request_id)
+            logger.exception("%s of request %s failed", what, request_id)
+        return False
 
     # ----- completion ------------------------------------------------------------------------
 
