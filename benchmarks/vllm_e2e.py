@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/vllm_e2e.py [--quick] [--workloads ttft chat capacity
         two-instances restart decode] [--configs recompute vllm-prefix lmcache
-        lmcache-noprefix upstream] [--skip-upstream] [--passes 2] [--prompts 10]
-        [--lengths 512 1900 8000] [--json ...] [--plot ...]
+        lmcache-noprefix lmcache-noprefix-sync upstream] [--skip-upstream] [--passes 2]
+        [--prompts 10] [--lengths 512 1900 8000] [--json ...] [--plot ...]
 
 Builds (once) the 8-layer random-weight model of the vLLM tests in .vllm-test/ and, for
 the upstream configuration, the venv .bench/upstream-venv (scripts/setup-upstream, about
@@ -15,6 +15,8 @@ machine distort each other), every one with the same vLLM flags apart from these
     lmcache           this repository's server (`python -m lmcache.cli server`) through
                       the bare "LMCacheMPConnector" name, vLLM's prefix cache on
     lmcache-noprefix  the same with vLLM's prefix cache off (the CPU quick-start setting)
+    lmcache-noprefix-sync  the same, loads copied before the forward pass instead of
+                      layer by layer beside it (lmcache.mp.layerwise_load false; ttft only)
     upstream          LMCache 0.5.6 from PyPI (its own venv), the same connector name,
                       vLLM's prefix cache on
 

@@ -25,11 +25,18 @@ import httpx
 from lmcache.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("recompute", "vllm-prefix", "lmcache", "lmcache-noprefix", "upstream")
-# vLLM's own prefix cache is on for every configuration but these two.
-PREFIX_OFF = ("recompute", "lmcache-noprefix")
+CONFIGS = (
+    "recompute", "vllm-prefix", "lmcache", "lmcache-noprefix", "lmcache-noprefix-sync", "upstream"
+)  # fmt: skip
+# vLLM's own prefix cache is on for every configuration but these.
+PREFIX_OFF = ("recompute", "lmcache-noprefix", "lmcache-noprefix-sync")
 # Which KV server (and interpreter) a configuration uses; the others run no connector.
-SERVER = {"lmcache": "ours", "lmcache-noprefix": "ours", "upstream": "upstream"}
+SERVER = {
+    "lmcache": "ours", "lmcache-noprefix": "ours", "lmcache-noprefix-sync": "ours",
+    "upstream": "upstream",
+}  # fmt: skip
+# Connector settings a configuration adds: -sync copies loads before the forward pass.
+EXTRA = {"lmcache-noprefix-sync": {"lmcache.mp.layerwise_load": False}}
 # At most 2 GiB of vLLM KV (8 KiB per token for the model below, i.e. 262k tokens); the
 # benchmark sizes the pool of every configuration alike with --num-gpu-blocks-override
 # (128-token blocks on CPU), so that all N long prompts of a TTFT phase stay resident in
@@ -278,6 +285,7 @@ def _start(
             "kv_connector_extra_config": {
                 "lmcache.mp.host": "tcp://127.0.0.1",
                 "lmcache.mp.port": zmq_port,
+                **EXTRA.get(name, {}),
             },
         }
         args += ["--kv-transfer-config", json.dumps(kv)]

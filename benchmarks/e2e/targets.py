@@ -88,6 +88,13 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
             ("vllm-prefix", ("ttft", str(n), "warm_ms")),
             1.10,
         )
+    for n in lengths:  # what loading layer by layer beside the forward pass saves
+        add(
+            f"TTFT warm {n}: layered / synchronous load",
+            ("lmcache-noprefix", ("ttft", str(n), "warm_ms")),
+            ("lmcache-noprefix-sync", ("ttft", str(n), "warm_ms")),
+            None,
+        )
     for n in lengths:
         add(
             f"TTFT cold {n}: lmcache-noprefix / recompute",

@@ -88,6 +88,9 @@ def test_repeated_prompt_is_retrieved_with_identical_output(
     server.wait_log("Retrieved 1024 tokens in ", since=mark)
     assert "Stored" not in new_log(server, mark)
     same_output(cold, warm)
+    # vLLM's CPU build waits for every layer, so the warm load ran beside the forward pass
+    # (lmcache_driven; engine_driven loads are the server's copies, done before it).
+    assert "waits for each of its 2 KV layers: loads this worker copies now run" in vllm.log()
 
 
 def test_a_prompt_tail_of_whole_blocks_is_cached_too(

@@ -139,16 +139,28 @@ class BlockCopier:
         if self.closed:
             raise TransferError("the engine's KV memory was unregistered during the copy")
 
-    def _copy(self, ids: np.ndarray, buf: Buffer, first: int, to_engine: bool, blocks: int) -> None:
+    def _copy(
+        self,
+        ids: np.ndarray,
+        buf: Buffer,
+        first: int,
+        to_engine: bool,
+        blocks: int,
+        *,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        """Copy ``ids`` between the engine and ``buf``, a chunk of ``blocks`` blocks laid out
+        ``[rows, blocks, plane_bytes]``; ``rows``: some (layer, plane) rows, default all."""
         self._check_open()
-        need = len(self._rows) * blocks * self.plane_bytes
+        rows = self._rows if rows is None else rows
+        need = len(rows) * blocks * self.plane_bytes
         have = buf.nbytes if isinstance(buf, np.ndarray | memoryview) else len(buf)
         if have > need:  # a chunk of more blocks: the strides would be wrong (C: too small)
             raise ValueError(f"a chunk of {blocks} blocks takes {need} bytes, not {have}")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         lay = self.layout
         fault = _blockcopy.copy_blocks(
-            self._rows, ids, lay.num_blocks, lay.block_stride, self.plane_bytes,
+            rows, ids, lay.num_blocks, lay.block_stride, self.plane_bytes,
             buf, blocks, first, to_engine, self.copy_threads,
         )  # fmt: skip
         if fault:
@@ -178,6 +190,28 @@ class BlockCopier:
         first = max(0, skip_blocks - chunk * bpc)
         if first < n:
             self._copy(block_ids[chunk * bpc + first : chunk * bpc + n], src, first, True, n)
+
+    def scatter_layers(
+        self, src: Buffer, block_ids: np.ndarray, chunk: int, skip_blocks: int, layers: range
+    ) -> None:
+        """`scatter`, for ``layers`` only (a step of ``range(num_layers)``): a chunk buffer
+        holds each layer's planes contiguously, so a run of layers is one slice of it.
+        Loads pipelined by layer copy layer ``i`` while the engine computes layer ``i - 1``."""
+        bpc, planes = self.blocks_per_chunk, self.layout.planes
+        n = min(bpc, len(block_ids) - chunk * bpc)
+        first = max(0, skip_blocks - chunk * bpc)
+        if first >= n or not layers:
+            return
+        if layers.step != 1 or not 0 <= layers.start < layers.stop <= self.layout.num_layers:
+            raise ValueError(f"layers {layers} is not a run of this layout's layers")
+        row_bytes = n * self.plane_bytes
+        whole = np.frombuffer(src, dtype=np.uint8)
+        if whole.nbytes != len(self._rows) * row_bytes:
+            raise ValueError(f"a chunk of {n} blocks takes {len(self._rows) * row_bytes} bytes")
+        lo, hi = layers.start * planes, layers.stop * planes
+        part = whole[lo * row_bytes : hi * row_bytes]
+        ids = block_ids[chunk * bpc + first : chunk * bpc + n]
+        self._copy(ids, part, first, True, n, rows=self._rows[lo:hi])
 
     def gather_range(self, block_ids: np.ndarray, chunks: Iterable[tuple[int, Buffer]]) -> None:
         """Gather chunk ``i`` of the range into each ``(i, buffer)``."""

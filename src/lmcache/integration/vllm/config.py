@@ -48,6 +48,9 @@ class ConnectorConfig:
     # Threads one block copy is split over (0 = auto: up to 4, at most the usable CPUs;
     # copies under 1 MiB use one). The server's --copy-threads, for this worker's copies.
     copy_threads: int = COPY_THREADS
+    # Loads copied layer by layer while the forward pass runs (layered_load.py), once vLLM
+    # is seen to wait for each layer; false: all at once before the forward pass.
+    layerwise_load: bool = True
     # A server on another host (README, "Threat model"): its server.key and our key_secret.
     curve_server_key: str = ""
     curve_client_cert: str = ""

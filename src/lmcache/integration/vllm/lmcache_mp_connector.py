@@ -79,7 +79,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker = WorkerSide(
                 link, identity, _parallel(vllm_config), config.transfer_mode,
                 can_load=can_load, can_store=can_store, async_store=config.async_store,
-                copy_threads=config.copy_threads,
+                copy_threads=config.copy_threads, layerwise_load=config.layerwise_load,
             )  # fmt: skip
 
     # ----- worker side ----------------------------------------------------------------
@@ -96,15 +96,17 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker.handle_preemptions(kv_connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Before the forward: load every planned chunk into its blocks, synchronously; a
+        """Before the forward: get every planned chunk within reach and copy it into its
+        blocks, layer by layer beside the forward pass (or all at once, see worker.py); a
         load that fails marks its blocks for `get_block_ids_with_load_errors` (recompute)."""
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, Metadata) and meta.loads:
             self._worker.start_load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing to wait for: `start_load_kv` finished every load."""
-        return None
+        """Before attention reads ``layer_name``: until this step's loads copied it."""
+        if self._worker is not None:
+            self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(
         self,

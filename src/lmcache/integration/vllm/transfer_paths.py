@@ -24,7 +24,7 @@ free of vLLM objects and testable on plain numpy arrays (tests/test_worker_paths
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, TypedDict
 
 import numpy as np
@@ -51,6 +51,49 @@ class _Span(TypedDict):
     cache_salt: str
 
 
+class StagedLoad:
+    """A load whose bytes are already at hand (lent pool slots, or received frames), to be
+    copied into our blocks by layers: `copy_layers` in any runs that cover every layer
+    once, then `finish` (True once every layer was copied, else False: nothing is kept).
+
+        stage (RPC, before the forward) ─> copy_layers(0..k) ─> ... ─> finish(ok)
+    """
+
+    def __init__(
+        self,
+        copier: BlockCopier,
+        block_ids: np.ndarray,
+        chunks: Sequence[np.ndarray],
+        skip_blocks: int,
+        on_finish: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.copier = copier
+        self._ids = block_ids
+        self._chunks = chunks
+        self._skip = skip_blocks
+        self._on_finish = on_finish
+
+    def copy_layers(self, layers: range) -> None:
+        for i, src in enumerate(self._chunks):
+            self.copier.scatter_layers(src, self._ids, i, self._skip, layers)
+
+    def finish(self, ok: bool) -> None:
+        """Give back what the load borrowed (the server's slots); only the first call
+        acts. May raise the server's error (the slots then expire with their lease)."""
+        on_finish, self._on_finish = self._on_finish, None
+        if on_finish is not None:
+            on_finish(ok)
+
+    def run(self) -> None:
+        """The whole load at once (the synchronous path)."""
+        ok = False
+        try:
+            self.copy_layers(range(self.copier.layout.num_layers))
+            ok = True
+        finally:
+            self.finish(ok)
+
+
 class TransferPath(ABC):
     """Moves whole chunks of a range between our KV blocks and the server.
 
@@ -71,8 +114,15 @@ class TransferPath(ABC):
     @abstractmethod
     def memory(self) -> KVMemory: ...
 
+    def load(self, spec: LoadSpec) -> None:
+        staged = self.stage_load(spec)
+        if staged is not None:
+            staged.run()
+
     @abstractmethod
-    def load(self, spec: LoadSpec) -> None: ...
+    def stage_load(self, spec: LoadSpec) -> StagedLoad | None:
+        """Get the range's bytes within reach and return what is left to copy, or None
+        when the load is already done (a path whose server copies itself)."""
 
     @abstractmethod
     def store(self, spec: StoreSpec) -> None: ...
@@ -103,14 +153,19 @@ class TransferPath(ABC):
         """Blocks at the start of the range that a load leaves alone (as the server counts)."""
         return skip_blocks(spec.skip_tokens, spec.end - spec.start, self.copier.layout.block_size)
 
-    def _scatter(self, spec: LoadSpec, chunks: Sequence[np.ndarray]) -> None:
+    def _staged(
+        self,
+        spec: LoadSpec,
+        chunks: Sequence[np.ndarray],
+        on_finish: Callable[[bool], None] | None = None,
+    ) -> StagedLoad:
         sizes = self._sizes(spec)
         if [c.nbytes for c in chunks] != sizes:
             raise ServerError(
                 f"the server sent chunks of {[c.nbytes for c in chunks]} bytes for a range of "
                 f"chunks of {sizes}"
             )
-        self.copier.scatter_range(self._ids(spec), chunks, self._skip_blocks(spec))
+        return StagedLoad(self.copier, self._ids(spec), chunks, self._skip_blocks(spec), on_finish)
 
 
 class SharedKVPath(TransferPath):
@@ -135,7 +190,7 @@ class SharedKVPath(TransferPath):
     def memory(self) -> KVMemory:
         return self._memory
 
-    def load(self, spec: LoadSpec) -> None:
+    def stage_load(self, spec: LoadSpec) -> None:
         self.client.retrieve(
             **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
         )
@@ -180,9 +235,10 @@ class PoolPath(TransferPath):
     def memory(self) -> KVMemory:
         return WorkerCopy()
 
-    def load(self, spec: LoadSpec) -> None:
+    def stage_load(self, spec: LoadSpec) -> StagedLoad:
+        """The server lends (and pins) the chunks' slots; `StagedLoad.finish` commits."""
         prepared = self.client.prepare_retrieve(**self._span(spec))
-        ok = False
+        client, iid, tid = self.client, self.instance_id, prepared.transfer_id
         try:
             sizes = self._check_pieces(prepared.chunk_bytes, self._sizes(spec))
             if len(prepared.offsets) != len(sizes):
@@ -190,12 +246,15 @@ class PoolPath(TransferPath):
                     f"the server lent {len(prepared.offsets)} slots for {len(sizes)} chunks"
                 )
             pool = self.pool.array
-            self._scatter(
-                spec, [pool[o : o + n] for o, n in zip(prepared.offsets, sizes, strict=True)]
-            )
-            ok = True
-        finally:
-            self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
+            slots = [pool[o : o + n] for o, n in zip(prepared.offsets, sizes, strict=True)]
+
+            def commit(ok: bool) -> None:
+                client.commit(iid, tid, success=ok)
+
+            return self._staged(spec, slots, commit)
+        except BaseException:
+            client.commit(iid, tid, success=False)
+            raise
 
     def store(self, spec: StoreSpec) -> None:
         prepared = self.client.prepare_store(**self._span(spec))
@@ -235,9 +294,9 @@ class BytesPath(TransferPath):
     def memory(self) -> KVMemory:
         return WorkerCopy()
 
-    def load(self, spec: LoadSpec) -> None:
+    def stage_load(self, spec: LoadSpec) -> StagedLoad:
         frames = self.client.retrieve_bytes(**self._span(spec))
-        self._scatter(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
+        return self._staged(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
 
     def store(self, spec: StoreSpec) -> None:
         bufs = [np.empty(size, dtype=np.uint8) for size in self._sizes(spec)]

@@ -1,6 +1,9 @@
 """The worker half of the connector: registration, loads and stores.
 
-Loads run synchronously in `start_load_kv`, before the forward that needs them. Stores
+Loads are staged in `start_load_kv` (the server's RPC, before the forward that needs them)
+and copied layer by layer while the forward pass runs (`layered_load.py`), or all at once
+in `start_load_kv` until vLLM has shown it waits for each layer, and always where the
+server copies itself (engine_driven) or ``lmcache.mp.layerwise_load = false``. Stores
 are queued in `wait_for_save`, after the forward, and run on a thread (`StoreQueue`) while
 the engine goes on; how a block is kept from being reused under a running store is told in
 `store_queue.py`. ``lmcache.mp.async_store = false`` runs them inside `wait_for_save`.
@@ -26,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,14 +43,16 @@ from lmcache.errors import (
 )
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
+from lmcache.integration.vllm.layered_load import LayeredLoads
 from lmcache.integration.vllm.link import ServerLink
-from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy, StoreSpec
+from lmcache.integration.vllm.metadata import LoadSpec, Metadata, ParallelStrategy, StoreSpec
 from lmcache.integration.vllm.store_queue import StoreQueue
 from lmcache.integration.vllm.transfer_paths import (
     BytesPath,
     NoSharedMemory,
     PoolPath,
     SharedKVPath,
+    StagedLoad,
     TransferPath,
 )
 from lmcache.protocol.messages import KVLayout, Pong
@@ -71,6 +76,7 @@ class WorkerSide:
         can_store: bool,
         async_store: bool = True,
         copy_threads: int = COPY_THREADS,
+        layerwise_load: bool = True,
     ) -> None:
         self.link = link
         self.copy_threads = copy_threads
@@ -89,6 +95,8 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
         self._stores = StoreQueue(self._store_one) if async_store and can_store else None
+        self.layerwise_load = layerwise_load
+        self._layered: LayeredLoads[LoadSpec] | None = None  # set by register_kv_caches
         link.instance_id = self.instance_id
         link.on_recover = self._register
 
@@ -107,14 +115,26 @@ class WorkerSide:
         view = kv_memory.describe(kv_caches, self.identity.block_size)
         logger.info("Creating transfer context (device_type=cpu, mode=%s)", self.mode)
         segments = kv_memory.migrate_to_shm(view) if self.mode == "engine_driven" else []
-        self.register_memory(view.layout, view.arrays(), segments)
+        self.register_memory(view.layout, view.arrays(), segments, layer_names=list(kv_caches))
 
     def register_memory(
-        self, layout: KVLayout, arrays: list[np.ndarray], segments: Sequence[ShmSegment] = ()
+        self,
+        layout: KVLayout,
+        arrays: list[np.ndarray],
+        segments: Sequence[ShmSegment] = (),
+        layer_names: Sequence[str] = (),
     ) -> None:
         """Register KV memory given as byte arrays: what `register_kv_caches` makes of
         vLLM's tensors, and what tests give directly. ``segments`` are the shared-memory
-        segments that hold ``arrays`` (engine_driven); shutdown unlinks them."""
+        segments that hold ``arrays`` (engine_driven); shutdown unlinks them. With
+        ``layer_names`` (vLLM's, in layout order), loads may be pipelined by layer."""
+        self._register_memory(layout, arrays, segments)
+        if self.layerwise_load and self.can_load and len(layer_names) == layout.num_layers:
+            self._layered = LayeredLoads(layer_names, self._layer_load_failed)
+
+    def _register_memory(
+        self, layout: KVLayout, arrays: list[np.ndarray], segments: Sequence[ShmSegment]
+    ) -> None:
         if self.mode == "engine_driven" and not segments:
             raise ValueError("engine_driven needs the KV memory in shared-memory segments")
         self._check_chunk_size(layout.block_size)
@@ -200,18 +220,48 @@ class WorkerSide:
     # ----- loads and stores -----------------------------------------------------------------
 
     def start_load(self, meta: Metadata) -> None:
+        layered = self._layered if self._layered is not None and self._layered.ready else None
+        staged: list[tuple[LoadSpec, StagedLoad]] = []
         for spec in meta.loads:
             path = self.path
             ok = (
                 self.can_load
                 and path is not None
                 and self.link.healthy
-                and self._moved("load", spec.request_id, partial(path.load, spec))
+                and self._moved("load", spec.request_id, partial(self._load, path, spec, staged))
             )
-            if not ok:  # vLLM recomputes these blocks (the skipped ones it has already)
-                first = spec.skip_tokens // self.identity.block_size
-                self._load_errors.update(spec.block_ids[first:])
-                self._failed_loads.add(spec.request_id)
+            if not ok:
+                self._load_failed(spec)
+        if layered is not None:
+            layered.begin(staged)
+        else:
+            for spec, load in staged:  # all at once, before the forward pass
+                if not self._moved("load", spec.request_id, load.run):
+                    self._load_failed(spec)
+
+    def _load(self, path: TransferPath, spec: LoadSpec, staged: list[Any]) -> None:
+        load = path.stage_load(spec)
+        if load is not None:  # None: the server has copied it already
+            staged.append((spec, load))
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """In the forward pass, before attention reads ``layer_name``'s KV cache."""
+        if self._layered is not None:
+            self._layered.wait(layer_name)
+
+    def _end_layered_step(self) -> None:
+        if self._layered is not None:
+            for spec in self._layered.end_step():
+                self._load_failed(spec)
+
+    def _layer_load_failed(self, spec: LoadSpec, exc: Exception) -> None:
+        self._failed("load", spec.request_id, exc)
+
+    def _load_failed(self, spec: LoadSpec) -> None:
+        """vLLM recomputes the blocks of a failed load (the skipped ones it has already)."""
+        first = spec.skip_tokens // self.identity.block_size
+        self._load_errors.update(spec.block_ids[first:])
+        self._failed_loads.add(spec.request_id)
 
     def handle_preemptions(self, meta: Metadata) -> None:
         """Before this step touches any block: a preempted request's blocks are free again
@@ -225,6 +275,7 @@ class WorkerSide:
         """After the forward: queue (or run) this step's stores. A request whose load failed
         in this step computed its later tokens over blocks that hold no valid KV (vLLM
         recomputes them next step), so none of its stores from this step are kept."""
+        self._end_layered_step()
         failed, self._failed_loads = self._failed_loads, set()
         stores = [s for s in meta.stores if s.request_id not in failed] if self.can_store else []
         if self._stores is None:
@@ -246,17 +297,22 @@ class WorkerSide:
         try:
             move()
             return True
-        except LMCacheError as exc:
+        except Exception as exc:
+            self._failed(what, request_id, exc)
+        return False
+
+    def _failed(self, what: str, request_id: str, exc: Exception) -> None:
+        if isinstance(exc, LMCacheError):
             logger.warning("%s of request %s failed: %s", what, request_id, exc)
             if isinstance(exc, ServerUnavailableError):
                 self.link.mark_down(exc)
-        except Exception:
-            logger.exception("%s of request %s failed", what, request_id)
-        return False
+        else:
+            logger.error("%s of request %s failed", what, request_id, exc_info=exc)
 
     # ----- completion ------------------------------------------------------------------------
 
     def load_errors(self) -> set[int]:
+        self._end_layered_step()  # vLLM may ask before `wait_for_save` (deferred finalize)
         errors, self._load_errors = self._load_errors, set()
         return errors
 
@@ -269,6 +325,8 @@ class WorkerSide:
         return self._stores.done() if self._stores is not None else set()
 
     def shutdown(self) -> None:
+        if self._layered is not None:
+            self._layered.close()
         if self._stores is not None:
             self._stores.close()  # before the link and the path they use
         self.link.close()
