@@ -78,7 +78,7 @@ class HeapPolicy(Generic[H]):
             self._compact()
 
     def victims(self, salt: str | None = None) -> Generator[H, None, None]:
-        held: list[tuple[tuple[int, ...], int, H]] = []
+        held: list[tuple[tuple[int, ...], int, H]] = []  # offered, not removed: put back
         try:
             while self._heap:
                 entry = heapq.heappop(self._heap)
@@ -89,12 +89,13 @@ class HeapPolicy(Generic[H]):
                 if priority != self.priority(tracked.stats):
                     self._push(h, tracked)  # used since it was pushed: back in, current priority
                     continue
+                held.append(entry)  # before the yield: the caller may close us there
                 yield h
-                if self._live.get(h) is tracked:
-                    held.append(entry)  # skipped by the cache (pinned): keep it
         finally:
             for entry in held:
-                heapq.heappush(self._heap, entry)
+                tracked = self._live.get(entry[2])
+                if tracked is not None and tracked.seq == entry[1]:
+                    heapq.heappush(self._heap, entry)  # skipped by the cache (pinned)
 
     def limit(self, salt: str) -> int | None:
         return None
