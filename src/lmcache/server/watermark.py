@@ -72,7 +72,8 @@ class WatermarkEvictor:
             "L1 memory usage %.2f above watermark %.2f; triggering eviction.",
             used / capacity, self.watermark,
         )  # fmt: skip
-        target = int(max(0.0, self.watermark - self.ratio) * capacity)
+        # Rounded: 0.7 - 0.3 is 0.39999999999999997 in floats, a page short of 40%.
+        target = int(round(max(0.0, self.watermark - self.ratio), 9) * capacity)
         evicted = self.l1.evict_to(target)
         self.evicted += evicted
         return evicted

@@ -91,10 +91,15 @@ class CapacityIndex(Generic[K]):
             for key in victims:
                 if key == keep and len(self._entries) > 1:
                     continue  # the newcomer stays if anything else can go
-                entry = self._entries.pop(key)
-                self.policy.on_remove(key, evicted=True)
-                self.bytes -= entry.nbytes
-                evicted.append((key, entry.nbytes))
+                evicted.append(self._evict(key))
                 if self.bytes <= budget:
                     break
+        if self.bytes > budget and list(self._entries) == [keep]:
+            evicted.append(self._evict(keep))  # alone over the budget
         return evicted
+
+    def _evict(self, key: K) -> tuple[K, int]:
+        entry = self._entries.pop(key)
+        self.policy.on_remove(key, evicted=True)
+        self.bytes -= entry.nbytes
+        return key, entry.nbytes
