@@ -133,7 +133,7 @@ def test_commands_with_the_server_down(args: list[str]) -> None:
     [
         ["--p2p-advertise-url", "h:1"], ["--coordinator-url", "http://c:9300"],
         ["--engine-type", "blend"], ["--transport", "grpc"], ["--l1-use-hugepages"],
-        ["--eviction-trigger-watermark", "0.8"], ["--kv-event-log-size=10"],
+        ["--kv-event-log-size=10"],
         ["--runtime-plugin-locations", "/x"], ["--gds-l1-path", "/nvme"],
         ["--l2-store-policy", "skip_l1"], ["--hash-algorithm", "builtin"],
         ["--enable-tracing"], ["--otlp-endpoint", "http://o:4317"],
@@ -146,6 +146,26 @@ def test_unsupported_upstream_flags_are_refused_in_one_line(flags: list[str]) ->
     assert len(lines) == 1, result.stderr
     assert flags[0].split("=")[0] in lines[0]
     assert "not supported by this implementation" in lines[0]
+
+
+def test_upstream_eviction_flags_are_ours() -> None:
+    """--eviction-trigger-watermark / --eviction-ratio and upstream's policy names are
+    our own settings now: passed through untouched, and parsed (case-insensitive)."""
+    from lmcache.settings import ServerSettings
+
+    argv = ["--eviction-policy", "isolatedlru", "--eviction-trigger-watermark", "0.8",
+            "--eviction-ratio=0.2"]  # fmt: skip
+    assert translate(argv) == argv
+    s = ServerSettings(eviction_policy="isolatedlru", eviction_trigger_watermark=0.8)
+    assert (s.eviction_policy, s.eviction_trigger_watermark, s.eviction_ratio) == (
+        "IsolatedLRU", 0.8, 0.2,
+    )  # fmt: skip
+    for name in ("ARC", "noop", "NOOP", "arc", "lru", "fifo"):
+        assert ServerSettings(eviction_policy=name).eviction_policy.upper() == name.upper()
+    result = lmcache("server", "--eviction-policy", "MRU")
+    assert result.returncode == 2 and "choose one of LRU, LFU, FIFO, ARC" in result.stderr
+    result = lmcache("server", "--eviction-trigger-watermark", "1.5")
+    assert result.returncode == 2 and "--eviction-trigger-watermark" in result.stderr
 
 
 def test_translation_table() -> None:

@@ -37,3 +37,10 @@ COPY_THREADS = 0
 """Threads that one block copy (`BlockCopier`) splits its bytes over; 0 = auto: up to 4, at
 most the CPUs this process may run on. A copy gets one thread per 512 KiB at most (one
 under 1 MiB): waking a thread costs more than it saves there."""
+
+EVICTION_RATIO = 0.2
+"""Share of the L1 capacity the watermark thread frees below the watermark (upstream's
+``--eviction-ratio``): at 0.8 and 0.2 it evicts from 80% down to 60% used."""
+
+EVICTION_INTERVAL_S = 1.0
+"""Seconds between two checks of the watermark thread (upstream's eviction loop period)."""

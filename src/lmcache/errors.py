@@ -10,7 +10,8 @@
      │    ├── NoSpaceError          L1 is full of locked objects
      │    ├── TransferError         a copy failed or was interrupted (e.g. by a clear)
      │    └── ForbiddenError        this peer may not do that (untrusted, or not the owner)
-     └── ServerUnavailableError  no reply in time: server down, restarting or overloaded
+     ├── ServerUnavailableError  no reply in time: server down, restarting or overloaded
+     └── QuotaError             a /quota request refused (``status``: its HTTP status)
 
 `ServerError.code` is the wire error code (see `lmcache.protocol.messages.ErrorCode`),
 so a client can map any reply to exactly one class with `error_from_code`.
@@ -33,6 +34,15 @@ class ProtocolMismatchError(LMCacheError):
 
 class ServerUnavailableError(LMCacheError):
     """The server did not answer in time."""
+
+
+class QuotaError(LMCacheError):
+    """A quota request that cannot be served; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 class ServerError(LMCacheError):

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lmcache.defaults import (
     COPY_THREADS,
+    EVICTION_INTERVAL_S,
+    EVICTION_RATIO,
     HASH_MEMO_MB,
     L2_BREAKER_S,
     L2_PREFETCH_WORKERS,
@@ -23,8 +25,10 @@ from lmcache.defaults import (
     SERVER_PORT,
 )
 from lmcache.redact import redact
+from lmcache.storage.eviction import canonical_name
 
-EvictionPolicyName = Literal["LRU", "LFU", "FIFO"]
+# lmcache.storage.eviction.POLICIES (names case-insensitive: see `_policy`)
+EvictionPolicyName = Literal["LRU", "LFU", "FIFO", "ARC", "IsolatedLRU", "noop"]
 HashAlgorithm = Literal["sha256", "blake2b", "blake3"]
 L2StorePolicyName = Literal["all", "first"]  # lmcache.storage.l2.policies.STORE_POLICIES
 L2PrefetchPolicyName = Literal["order", "fastest"]  # ... .PREFETCH_POLICIES
@@ -65,7 +69,42 @@ class ServerSettings(BaseSettings):
         "arrive, up to --l1-size-gb (unset: all of it at start, or 1 GiB when /dev/shm has less "
         "free than --l1-size-gb)",
     )
-    eviction_policy: EvictionPolicyName = Field("LRU", description="L1 eviction policy")
+    eviction_policy: EvictionPolicyName = Field(
+        "LRU",
+        description="L1 eviction policy (case-insensitive): LRU, LFU, FIFO, ARC (adaptive "
+        "recency/frequency), IsolatedLRU (an LRU and a quota per cache_salt: /quota), noop "
+        "(never evict)",
+    )
+    eviction_trigger_watermark: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="evict in the background once L1 holds this share of --l1-size-gb "
+        "(upstream: 0.8); unset: evict only when a store needs room",
+    )
+    eviction_ratio: float = Field(
+        EVICTION_RATIO,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="with --eviction-trigger-watermark: free down to (watermark - ratio) of "
+        "--l1-size-gb, counted in bytes",
+    )
+    eviction_interval_s: float = Field(
+        EVICTION_INTERVAL_S,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds between two checks of the watermark",
+    )
+    default_quota_gb: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="IsolatedLRU: GiB a cache_salt without a quota of its own may hold "
+        "(unset: 0, as upstream; set quotas with PUT /quota/{cache_salt})",
+    )
     max_workers: int = Field(4, ge=1, le=256, description="worker threads for data movement")
     copy_threads: int = Field(
         COPY_THREADS,
@@ -180,10 +219,15 @@ class ServerSettings(BaseSettings):
             )
         return value
 
-    @field_validator("eviction_policy", "log_level", mode="before")
+    @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("eviction_policy", mode="before")
+    @classmethod
+    def _policy(cls, value: object) -> object:
+        return canonical_name(value) if isinstance(value, str) else value
 
     def redacted(self) -> dict[str, Any]:
         """The settings for display (/status): secrets are "***" (`lmcache.redact`), at any
@@ -202,6 +246,10 @@ class ServerSettings(BaseSettings):
     @property
     def l1_init_size_bytes(self) -> int | None:
         return None if self.l1_init_size_gb is None else int(self.l1_init_size_gb * (1 << 30))
+
+    @property
+    def default_quota_bytes(self) -> int | None:
+        return None if self.default_quota_gb is None else int(self.default_quota_gb * (1 << 30))
 
     @property
     def hash_memo_bytes(self) -> int:

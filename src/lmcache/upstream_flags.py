@@ -128,7 +128,6 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(
         ["--gds-l1-path", "--gds-l1-use-direct-io", "--gds-l1-backend"], "GPUDirect Storage L1"
     ),
-    **dict.fromkeys(["--eviction-trigger-watermark", "--eviction-ratio"], "watermark eviction"),
     "--disable-logging": "event-bus logging subscribers",
     **dict.fromkeys(["--enable-tracing", "--otlp-endpoint"], "OpenTelemetry"),
     "--event-bus-queue-size": "the observability event bus",

@@ -10,6 +10,7 @@ HTTP depends on nothing above it; the process runtime (`lmcache.server.runtime`)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from lmcache import __version__
 from lmcache.http.admin import CacheAdmin, add_admin_routes
+from lmcache.http.quota import QuotaTableView, add_quota_routes
 from lmcache.http.security import MIN_TOKEN_CHARS, AdminGuard
 
 logger = logging.getLogger("lmcache.http")
@@ -50,9 +52,11 @@ def create_app(
     admin_token: str | None = None,
     admin: CacheAdmin | None = None,
     serve_metrics: bool = True,
+    quotas: Callable[[], QuotaTableView | None] | None = None,
 ) -> FastAPI:
     """The HTTP app over ``server``; ``metrics`` is served at /metrics (404 without
-    ``serve_metrics``); ``admin`` adds upstream's routes (`lmcache.http.admin`)."""
+    ``serve_metrics``); ``admin`` adds upstream's routes (`lmcache.http.admin`), ``quotas``
+    its /quota routes (`lmcache.http.quota`; None from it until the server is ready)."""
     app = FastAPI(title="LMCache server", version=__version__)
     token = admin_token
     if token and len(token) < MIN_TOKEN_CHARS:
@@ -101,4 +105,6 @@ def create_app(
 
     if admin is not None:
         add_admin_routes(app, admin)
+    if quotas is not None:
+        add_quota_routes(app, quotas)
     return app

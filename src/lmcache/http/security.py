@@ -7,8 +7,10 @@
     any other                              yes                Bearer <the token>   allowed
     any other                              yes                missing or wrong     401
 
-GET and HEAD stay open to everyone. The rule is one ASGI middleware that looks only at the
-method, so a route added later is covered without a line of its own. The peer address is
+GET and HEAD stay open to everyone, except under ``/quota`` (its answers name
+``cache_salt`` values, which are tenants' secrets): those follow the rule above too.
+The rule is one ASGI middleware that looks only at the method (and that path), so a
+route added later is covered without a line of its own. The peer address is
 uvicorn's: the socket's peer, or the X-Forwarded-For of a proxy on 127.0.0.1 (uvicorn's
 ``forwarded_allow_ips`` default), so a proxy on this host does not make its clients
 loopback. Tokens are compared in constant time; neither a token nor a header is logged.
@@ -27,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 logger = logging.getLogger("lmcache.http")
 
 MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+ADMIN_READ_PREFIX = "/quota"  # GETs that reveal cache_salt values: admin like mutations
 TOKEN_HINT = "--admin-token / LMCACHE_ADMIN_TOKEN"
 MIN_TOKEN_CHARS = 16  # shorter ones work, with a warning at start
 _SHOWN_PATH_CHARS = 200
@@ -64,7 +67,7 @@ class AdminGuard:
         self._token = token.encode() if token else None  # an empty token is no token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"].upper() in MUTATING_METHODS:
+        if scope["type"] == "http" and _admin_only(scope):
             refusal = self._refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)
@@ -91,6 +94,13 @@ class AdminGuard:
         # Same template for every refusal: a flood of them is rate-limited by the log guard.
         logger.warning("HTTP %s from %s refused (%d)", what, host, status)
         return JSONResponse({"status": "error", "reason": reason}, status, headers=headers)
+
+
+def _admin_only(scope: Scope) -> bool:
+    if scope["method"].upper() in MUTATING_METHODS:
+        return True
+    path = str(scope.get("path", ""))
+    return path == ADMIN_READ_PREFIX or path.startswith(ADMIN_READ_PREFIX + "/")
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

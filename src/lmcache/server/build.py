@@ -51,9 +51,8 @@ def build(
     """Wire the parts over ``pool`` (the L1 bytes) as ``settings`` say; a lazy pool has
     only ``pool_committed`` bytes backed and grows with ``grow_pool`` (`PoolMemory`)."""
     s = settings
-    l1 = L1Cache(
-        pool, make_policy(s.eviction_policy), committed_bytes=pool_committed, grow=grow_pool
-    )
+    policy = make_policy(s.eviction_policy, default_limit=s.default_quota_bytes)
+    l1 = L1Cache(pool, policy, committed_bytes=pool_committed, grow=grow_pool)
     # L2's write-behind queue is the store's one hook: every chunk that becomes READY from
     # an engine (not from L2) is offered to it.
     write_behind = WriteBehind(s.l2_queue_size) if adapters else None

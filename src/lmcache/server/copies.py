@@ -123,7 +123,7 @@ class Copies:
     ) -> StoreReply:
         start = time.perf_counter()
         tail = engine.tail_layout(req.end, self.chunk_size)
-        result = self.store.write(keys, engine.chunk_layout, fill, tail=tail)
+        result = self.store.write(keys, engine.chunk_layout, fill, tail=tail, salt=req.cache_salt)
         if result.conflicts:
             self._warn_conflict(engine)
         c, t = self.chunk_size, req.end % self.chunk_size

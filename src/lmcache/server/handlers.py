@@ -293,7 +293,7 @@ class RequestHandler:
             )
             self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
-        job = self.tiers.prefetch(lease, rest, layouts)  # L1 missed these: ask L2
+        job = self.tiers.prefetch(lease, rest, layouts, req.cache_salt)  # L1 missed: ask L2
         self.sessions.start(req.request_id, lease, held, prefetch=job, pid=pid, tail_probe=probe)
         return LookupReply(id=req.id, hit_tokens=None)
 

@@ -89,6 +89,7 @@ def run_server(settings: ServerSettings) -> int:
                 admin_token=_secret(settings),
                 admin=runtime,
                 serve_metrics=settings.metrics_enabled,
+                quotas=runtime.quota_table,
             ),
             host=settings.http_host,
             port=settings.http_port,

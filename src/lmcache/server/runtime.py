@@ -27,9 +27,11 @@ from lmcache.server.build import build
 from lmcache.server.handlers import RequestHandler
 from lmcache.server.l1_pool import PoolMemory
 from lmcache.server.metrics import Metrics
+from lmcache.server.quotas import QuotaTable
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
 from lmcache.server.tiers import TieredStore
+from lmcache.server.watermark import WatermarkEvictor
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
 from lmcache.storage import l1_admin
@@ -84,6 +86,8 @@ class ServerRuntime:
             target=self._maintain, name="lmcache-maintenance", daemon=True
         )
         self.l1: L1Cache | None = None
+        self.evictor: WatermarkEvictor | None = None  # only with --eviction-trigger-watermark
+        self._quotas: QuotaTable | None = None
         self.registry = EngineRegistry(
             settings.chunk_size, settings.l1_size_bytes, settings.copy_threads
         )
@@ -151,6 +155,8 @@ class ServerRuntime:
                 logger.info("L2 adapter %s", adapter.name)
         self._prepared = handler.prepared
         self._handler = handler
+        self._quotas = QuotaTable(core.l1)
+        self._start_eviction(core.l1)
         curve = CurveServerKeys.from_dir(s.curve_keys_dir) if s.curve_keys_dir else None
         zmq_server = ZmqServer(
             s.zmq_bind_endpoint, handler.dispatch, s.max_workers, local_path=local_path,
@@ -171,6 +177,26 @@ class ServerRuntime:
                 "ZMQ listens on %s without --curve-keys-dir: network peers can only ping "
                 "(they are not authenticated); see README, \"Threat model\"", s.zmq_bind_endpoint,
             )  # fmt: skip
+
+    def _start_eviction(self, l1: L1Cache) -> None:
+        s = self.settings
+        if s.eviction_policy == "IsolatedLRU" and s.default_quota_gb is None:
+            logger.warning(
+                "IsolatedLRU: a cache_salt without a quota may hold 0 bytes, so its stores are "
+                "skipped until PUT /quota/{cache_salt} (or --default-quota-gb) gives it room"
+            )
+        if s.eviction_trigger_watermark is None:
+            return
+        if s.eviction_policy == "noop":
+            logger.warning("--eviction-trigger-watermark has no effect with the noop policy")
+        self.evictor = WatermarkEvictor(
+            l1, s.eviction_trigger_watermark, s.eviction_ratio, s.eviction_interval_s
+        )
+        self.evictor.start()
+
+    def quota_table(self) -> QuotaTable | None:
+        """The /quota routes' view (None until the server is ready)."""
+        return self._quotas if self.ready else None
 
     def request_stop(self) -> None:
         """Ask a running `start` to abort at its next step; never blocks (signal handlers)."""
@@ -215,6 +241,8 @@ class ServerRuntime:
             self._zmq.stop()  # waits for running copies: nothing touches the pool after this
         if self._maintenance.is_alive():
             self._maintenance.join(timeout=10)
+        if self.evictor is not None:
+            self.evictor.stop()
         if self.tiers is not None:
             self.tiers.stop()  # closes the adapters
         else:
@@ -264,6 +292,8 @@ class ServerRuntime:
             problems.append("maintenance thread is dead")
         if self.maintenance_error:
             problems.append(f"maintenance failed: {self.maintenance_error}")
+        if self.evictor is not None and not self.evictor.alive:
+            problems.append("the watermark eviction thread is dead")
         if self.l1 is not None and self.l1.eviction_error:
             problems.append(f"eviction failed: {self.l1.eviction_error}")
         return problems
@@ -342,6 +372,7 @@ class ServerRuntime:
                 **(self.l1.stats() if self.l1 else {}),
                 "shm_segment": self._segment.name if self._segment else None,
             },
+            "eviction": self.eviction_status(),
             "l2_adapters": self.tiers.status() if self.tiers else [],
             "workers": [
                 {
@@ -369,6 +400,14 @@ class ServerRuntime:
             },
             "config": self.settings.redacted(),
         }
+
+    def eviction_status(self) -> dict[str, Any]:
+        s, ev = self.settings, self.evictor
+        base = {"policy": s.eviction_policy, "watermark": s.eviction_trigger_watermark,
+                "ratio": s.eviction_ratio, "interval_s": s.eviction_interval_s}  # fmt: skip
+        if ev is None:
+            return {**base, "alive": False, "runs": 0, "evicted": 0}
+        return {**base, **ev.status()}
 
     def _metric_state(self) -> dict[str, Any]:
         empty = {"used_bytes": 0, "capacity_bytes": 0, "objects": 0, "locked": 0, "evictions": 0}

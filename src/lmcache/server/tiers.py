@@ -187,16 +187,19 @@ class TieredStore:
     # ----- read path -----------------------------------------------------------------------
 
     def prefetch(
-        self, lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
-    ) -> Future[list[list[ObjectKey]]]:
+        self, lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout],
+        salt: str = "",
+    ) -> Future[list[list[ObjectKey]]]:  # fmt: skip
         """Find the chunk ``groups`` (those after the L1 hit) in L2 and load the longest run
-        into L1, pinned into ``lease``, in the background. The handle's result is the groups
-        loaded (possibly none); the lookup's session polls it (`Sessions.poll`)."""
-        return self._prefetch.submit(self._find_and_load, lease, groups, layouts)
+        into L1, pinned into ``lease``, in the background, as chunks of ``salt`` (the
+        lookup's cache_salt). The handle's result is the groups loaded (possibly none); the
+        lookup's session polls it (`Sessions.poll`)."""
+        return self._prefetch.submit(self._find_and_load, lease, groups, layouts, salt)
 
     def _find_and_load(
-        self, lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
-    ) -> list[list[ObjectKey]]:
+        self, lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout],
+        salt: str = "",
+    ) -> list[list[ObjectKey]]:  # fmt: skip
         try:
             sources = self._locate(groups, layouts)
         except Exception:
@@ -205,7 +208,7 @@ class TieredStore:
         run = 0
         while run < len(sources) and all(s is not None for s in sources[run]):
             run += 1
-        return self._load(lease, groups[:run], layouts, sources[:run])
+        return self._load(lease, groups[:run], layouts, sources[:run], salt)
 
     def _locate(
         self, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
@@ -235,13 +238,14 @@ class TieredStore:
         groups: list[list[ObjectKey]],
         layouts: list[ChunkLayout],
         sources: list[list[L2Adapter | None]],
+        salt: str,
     ) -> list[list[ObjectKey]]:
         loaded: list[list[ObjectKey]] = []
         start = time.perf_counter()
         try:
             for group, where in zip(groups, sources, strict=True):
                 if not all(
-                    self._load_one(k, lay, a)
+                    self._load_one(k, lay, a, salt)
                     for k, lay, a in zip(group, layouts, where, strict=True)
                 ):
                     break
@@ -255,7 +259,9 @@ class TieredStore:
             self.counters.add(prefetch_seconds=time.perf_counter() - start)
         return loaded
 
-    def _load_one(self, key: ObjectKey, layout: ChunkLayout, adapter: L2Adapter | None) -> bool:
+    def _load_one(
+        self, key: ObjectKey, layout: ChunkLayout, adapter: L2Adapter | None, salt: str
+    ) -> bool:
         if adapter is None:
             return False
 
@@ -273,7 +279,7 @@ class TieredStore:
             return ok
 
         # Not told to the write-behind hook: these bytes came from L2.
-        result = self.store.write([key], layout, fill, notify=False)
+        result = self.store.write([key], layout, fill, notify=False, salt=salt)
         if result.stored:
             self.counters.add(prefetched=1, prefetch_bytes=layout.nbytes)
         return bool(result.stored or result.cached)  # cached: stored by an engine meanwhile

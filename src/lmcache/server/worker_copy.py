@@ -86,7 +86,9 @@ class PreparedTransfers:
 
     def prepare_store(self, req: PrepareStore, keys: list[ObjectKey], engine: Engine) -> Prepared:
         tail = engine.tail_layout(req.end, self._chunk_size)
-        res = self._store.reserve(keys, engine.chunk_layout, self._ttl, tail=tail)
+        res = self._store.reserve(
+            keys, engine.chunk_layout, self._ttl, tail=tail, salt=req.cache_salt
+        )
         if res.no_space:
             self._metrics.store_no_space.inc()
         pending = self._new("store", req, engine, slots=res.slots)

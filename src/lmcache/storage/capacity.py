@@ -1,23 +1,21 @@
 """A byte budget over keyed objects, evicting by an `EvictionPolicy` (the L1's policies).
 
-The container is generic and the policy is a priority function, as in the L1: the L2
-adapters with a capacity (`fs`, `memory`) keep their objects' sizes here and ask it which
-to drop. Order is lazy, as in the L1: one heap entry per object, pushed with the priority
-it had then; a stale entry (the object was used since) goes back in at its current
-priority instead of being evicted, which is exact because priorities never drop.
+The bounded L2 adapters (`fs`, `memory`) keep their objects' sizes here and ask it which
+to drop; the order is the policy's (``"eviction_policy"``: LRU, LFU, FIFO or ARC), the
+same implementations as the L1's, through the same interface:
 
-    put(key, n) ─> stats (created, last_access, hits) ─> heap (priority, seq, key)
-    touch(key)  ─> stats only (no heap push: hits are the hot path)
-    over budget ─> pop the smallest current priority ─> evicted (key, n)
+    put(key, n) ─> stats (created, last_access, hits) ─> policy.on_insert
+    touch(key)  ─> stats; policy.on_access (for policies that order by access themselves)
+    over budget ─> policy.victims() ─> evicted (key, n)
 
 Not thread-safe: each adapter calls it under its own lock.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Hashable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -30,18 +28,15 @@ K = TypeVar("K", bound=Hashable)
 class _Entry:
     nbytes: int
     stats: AccessStats
-    seq: int  # the sequence number of its one live heap entry
 
 
 class CapacityIndex(Generic[K]):
-    def __init__(self, policy: EvictionPolicy, capacity_bytes: int | None) -> None:
+    def __init__(self, policy: EvictionPolicy[K], capacity_bytes: int | None) -> None:
         self.policy = policy
         self.capacity_bytes = capacity_bytes  # None: unbounded (nothing is ever evicted)
         self.bytes = 0
         self._entries: dict[K, _Entry] = {}
-        self._heap: list[tuple[tuple[int, ...], int, K]] = []
         self._clock = itertools.count(1)
-        self._seq = itertools.count(1)
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
@@ -57,10 +52,10 @@ class CapacityIndex(Generic[K]):
         the budget, least valuable first (the key itself never, unless it alone is over)."""
         self.pop(key)
         now = next(self._clock)
-        entry = _Entry(nbytes, AccessStats(now, now), 0)
+        entry = _Entry(nbytes, AccessStats(now, now))
         self._entries[key] = entry
         self.bytes += nbytes
-        self._push(key, entry)
+        self.policy.on_insert(key, entry.stats)
         return self._evict_over(keep=key)
 
     def touch(self, key: K) -> None:
@@ -69,44 +64,42 @@ class CapacityIndex(Generic[K]):
         if entry is not None:
             entry.stats.last_access = next(self._clock)
             entry.stats.hits += 1
+            self.policy.on_access(key)
 
     def pop(self, key: K) -> int | None:
-        """Forget ``key``; returns its size (None if unknown). Its heap entry goes stale."""
+        """Forget ``key``; returns its size (None if unknown)."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
+        self.policy.on_remove(key)
         self.bytes -= entry.nbytes
         return entry.nbytes
 
     def clear(self) -> list[tuple[K, int]]:
         gone = [(k, e.nbytes) for k, e in self._entries.items()]
         self._entries.clear()
-        self._heap.clear()
+        self.policy.clear()
         self.bytes = 0
         return gone
 
-    def _push(self, key: K, entry: _Entry) -> None:
-        entry.seq = seq = next(self._seq)
-        heapq.heappush(self._heap, (self.policy.priority(entry.stats), seq, key))
-
     def _evict_over(self, keep: K) -> list[tuple[K, int]]:
         evicted: list[tuple[K, int]] = []
-        held: list[tuple[tuple[int, ...], int, K]] = []
         budget = self.capacity_bytes
-        while budget is not None and self.bytes > budget and self._heap:
-            priority, seq, key = heapq.heappop(self._heap)
-            entry = self._entries.get(key)
-            if entry is None or entry.seq != seq:
-                continue  # stale: the object left or was re-added since
-            if key == keep and len(self._entries) > 1:
-                held.append((priority, seq, key))  # the newcomer stays if anything else can go
-                continue
-            if priority != self.policy.priority(entry.stats):
-                self._push(key, entry)  # used since it was pushed: back in at its priority
-                continue
-            del self._entries[key]
-            self.bytes -= entry.nbytes
-            evicted.append((key, entry.nbytes))
-        for item in held:
-            heapq.heappush(self._heap, item)
+        if budget is None or self.bytes <= budget:
+            return evicted
+        with closing(self.policy.victims()) as victims:
+            for key in victims:
+                if key == keep and len(self._entries) > 1:
+                    continue  # the newcomer stays if anything else can go
+                evicted.append(self._evict(key))
+                if self.bytes <= budget:
+                    break
+        if self.bytes > budget and list(self._entries) == [keep]:
+            evicted.append(self._evict(keep))  # alone over the budget
         return evicted
+
+    def _evict(self, key: K) -> tuple[K, int]:
+        entry = self._entries.pop(key)
+        self.policy.on_remove(key, evicted=True)
+        self.bytes -= entry.nbytes
+        return key, entry.nbytes

@@ -86,16 +86,17 @@ class ChunkStore:
 
     def write(
         self, keys: Sequence[ObjectKey], layout: ChunkLayout, fill: Fill, *, notify: bool = True,
-        tail: ChunkLayout | None = None,
+        tail: ChunkLayout | None = None, salt: str = "",
     ) -> WriteResult:  # fmt: skip
         """Reserve, fill, commit each chunk; ``notify``: tell the on_stored hook (not for
         chunks that came from L2 in the first place); ``tail``: the last key is a partial
-        chunk of that layout (never told to the hook)."""
+        chunk of that layout (never told to the hook); ``salt``: the request's cache_salt
+        (per-salt quotas count by it)."""
         result = WriteResult()
         for i, key in enumerate(keys):
             last = tail is not None and i == len(keys) - 1
             lay = tail if last and tail is not None else layout
-            slot = self.l1.reserve_write(key, lay.nbytes, tag=lay.tag)
+            slot = self.l1.reserve_write(key, lay.nbytes, tag=lay.tag, salt=salt)
             if isinstance(slot, Refused):
                 if slot is Refused.NO_SPACE:
                     result.no_space = True
@@ -120,15 +121,15 @@ class ChunkStore:
 
     def reserve(
         self, keys: Sequence[ObjectKey], layout: ChunkLayout, ttl: float,
-        tail: ChunkLayout | None = None,
+        tail: ChunkLayout | None = None, salt: str = "",
     ) -> Reservation:  # fmt: skip
         """Reserve slots for another process to fill (they expire after ``ttl``); ``tail``
-        as for `write`."""
+        and ``salt`` as for `write`."""
         res = Reservation()
         for i, key in enumerate(keys):
             last = tail is not None and i == len(keys) - 1
             lay = tail if last and tail is not None else layout
-            slot = self.l1.reserve_write(key, lay.nbytes, ttl=ttl, tag=lay.tag)
+            slot = self.l1.reserve_write(key, lay.nbytes, ttl=ttl, tag=lay.tag, salt=salt)
             if slot is Refused.NO_SPACE:
                 res.no_space = True
                 break

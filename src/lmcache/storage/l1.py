@@ -5,7 +5,7 @@ Object life cycle::
     reserve_write ──> WRITING ──commit_write──> READY <──> READY + pinned (pins > 0)
           │              │                        │
      (no space)     abort_write /              evicted (policy order, pins == 0)
-                    lease TTL expired          or cleared
+                    lease TTL expired          or cleared / removed
                          │                        │
                          └──────> freed <─────────┘
 
@@ -19,108 +19,49 @@ is still using are only *doomed*: their pages are freed when the last pin goes,
 and the copy learns (``release`` returns False) that its data was cleared, so
 no thread ever reads pages that were handed to another object.
 
-Thread-safe: one lock guards the index, the allocator and the eviction heap;
+Thread-safe: one lock guards the index, the allocator and the eviction policy;
 byte copies happen outside it, on pinned objects.
 
-Eviction order is lazy: every READY object has exactly one heap entry, made at
-commit with its priority then. A hit only bumps the object's access stats (a
-lookup pins many chunks; a heap push per pin was most of its cost). Priorities
-only grow with access, so a stored priority is a lower bound: eviction pops the
-smallest entry, and if the object was used since, pushes it back with its
-current priority instead of evicting it. The first entry popped whose priority
-is current is the true minimum, so the policy's order is exact.
+Eviction: the policy (`lmcache.storage.eviction`) orders READY objects, told of each
+commit, read and removal; the cache walks its victims and evicts the first one nobody
+pins. On demand, when a write finds no free run (after a lazy pool tried to grow), and
+in the background (`evict_to`, the watermark thread). Every object carries its writer's
+``cache_salt``; a policy with per-salt limits (IsolatedLRU) has a write over its salt's
+limit evict that salt's own objects first, and only ever that salt's.
 """
 
 from __future__ import annotations
 
-import enum
-import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import closing
 from typing import Any, Literal
 
 import numpy as np
 
 from lmcache.storage.allocator import Extent, PageAllocator
 from lmcache.storage.eviction import AccessStats, EvictionPolicy
+from lmcache.storage.l1_objects import Lease, Obj, ObjState, Refused, Reserve, WriteSlot
 from lmcache.types import ObjectKey
 
-
-class ObjState(enum.Enum):
-    WRITING = "writing"
-    READY = "ready"
-
-
-@dataclass(slots=True, eq=False)
-class _Obj:
-    key: ObjectKey
-    extent: Extent
-    state: ObjState
-    stats: AccessStats
-    pins: int = 0
-    heap_seq: int = 0  # the sequence number of its one live heap entry
-    write_deadline: float | None = None
-    doomed: bool = False  # out of the index, pages still in use by a copy
-    freed: bool = False  # pages returned to the allocator
-    tag: bytes = b""  # the writer's chunk layout: readers with another layout see a miss
-
-
-@dataclass(frozen=True, slots=True)
-class WriteSlot:
-    """Where a writer puts one object's bytes: ``pool[offset : offset + nbytes]``."""
-
-    key: ObjectKey
-    offset: int
-    nbytes: int
-    _obj: _Obj = field(repr=False, compare=False)
-
-
-@dataclass(eq=False, slots=True)
-class Lease:
-    """Pins on READY objects. ``hit_groups`` = groups acquired by `acquire_prefix`."""
-
-    id: int
-    owner: str
-    kind: Literal["hold", "transfer"]
-    deadline: float | None
-    objects: dict[ObjectKey, _Obj]
-    hit_groups: int = 0
-    expired: bool = False  # its TTL passed: the pins were dropped, the data is not trusted
-
-    def offsets(self, keys: Sequence[ObjectKey]) -> list[tuple[int, int]]:
-        return [(self.objects[k].extent.offset, self.objects[k].extent.nbytes) for k in keys]
-
-
-class Refused(enum.StrEnum):
-    """Why `L1Cache.reserve_write` gave no slot (equal to its value as a string)."""
-
-    CACHED = "cached"  # the key exists (READY, or being written by someone else)
-    CONFLICT = "conflict"  # the key exists with another layout tag: unreadable to this writer
-    NO_SPACE = "no_space"  # nothing more can be evicted
-
-
-Reserve = WriteSlot | Refused
-# (priority when pushed, sequence number, object): the sequence breaks ties in push order
-_HeapEntry = tuple[tuple[int, ...], int, _Obj]
+__all__ = ["L1Cache", "Lease", "ObjState", "Refused", "Reserve", "WriteSlot"]
 
 
 class L1Cache:
     def __init__(
         self,
         pool: np.ndarray,
-        policy: EvictionPolicy,
+        policy: EvictionPolicy[Obj],
         page_size: int = 4096,
         *,
         committed_bytes: int | None = None,
         grow: Callable[[int], int] | None = None,
     ) -> None:
         """``pool`` is the whole address range. A lazy pool has only its first
-        ``committed_bytes`` backed by memory; when no free run is long enough, ``grow(want)``
-        is asked to back at least ``want`` bytes and returns how many are backed now (the
-        same number: no more memory). Growing comes before evicting."""
+        ``committed_bytes`` backed; ``grow(want)`` backs at least ``want`` bytes if it can
+        and returns how many are backed now. Growing comes before evicting."""
         self.pool = pool
         self.policy = policy
         self._max_pages = pool.nbytes // page_size
@@ -129,9 +70,8 @@ class L1Cache:
             page_size,
         )
         self._grow = grow
-        self._index: dict[ObjectKey, _Obj] = {}
-        self._heap: list[_HeapEntry] = []
-        self._seq = itertools.count(1)
+        self._index: dict[ObjectKey, Obj] = {}
+        self._salt_bytes: dict[str, int] = {}  # pages held per salt (freed: gone)
         self._leases: dict[int, Lease] = {}
         self._clock = itertools.count(1)
         self._ids = itertools.count(1)
@@ -140,28 +80,32 @@ class L1Cache:
         self.eviction_error: str | None = None
         self.doomed_pending = 0
         # Remote writes cleared or expired mid-flight: freed at their commit or abort.
-        self._doomed_writes: dict[int, _Obj] = {}
+        self._doomed_writes: dict[int, Obj] = {}
 
     # ----- writes ---------------------------------------------------------------
 
     def reserve_write(
-        self, key: ObjectKey, nbytes: int, ttl: float | None = None, tag: bytes = b""
-    ) -> Reserve:
-        """Allocate an object for ``key``, evicting unpinned objects if needed, or say
-        why not (`Refused`)."""
+        self, key: ObjectKey, nbytes: int, ttl: float | None = None, tag: bytes = b"",
+        salt: str = "",
+    ) -> Reserve:  # fmt: skip
+        """Allocate an object for ``key`` (written for ``salt``), evicting unpinned objects
+        if needed, or say why not (`Refused`)."""
         with self._lock:
             existing = self._index.get(key)
             if existing is not None:
                 return Refused.CACHED if existing.tag == tag else Refused.CONFLICT
             if self._alloc.pages_for(nbytes) > self._max_pages:
                 return Refused.NO_SPACE  # could never fit: do not evict everything trying
-            extent = self._allocate(nbytes)
+            if not self._fit_limit(salt, self._alloc.pages_for(nbytes) * self._alloc.page_size):
+                return Refused.NO_SPACE
+            extent = self._allocate(nbytes, salt)
             if extent is None:
                 return Refused.NO_SPACE
             now = next(self._clock)
-            obj = _Obj(key, extent, ObjState.WRITING, AccessStats(now, now), tag=tag)
+            obj = Obj(key, extent, ObjState.WRITING, AccessStats(now, now), salt=salt, tag=tag)
             obj.write_deadline = None if ttl is None else time.monotonic() + ttl
             self._index[key] = obj
+            self._salt_bytes[salt] = self._salt_bytes.get(salt, 0) + self._bytes(extent)
             return WriteSlot(key, extent.offset, nbytes, obj)
 
     def commit_write(self, slot: WriteSlot) -> bool:
@@ -173,7 +117,7 @@ class L1Cache:
                 return False
             obj.state = ObjState.READY
             obj.write_deadline = None
-            self._push(obj)
+            self.policy.on_insert(obj, obj.stats, obj.salt)
             return True
 
     def abort_write(self, slot: WriteSlot) -> None:
@@ -216,10 +160,8 @@ class L1Cache:
     def extend(
         self, lease: Lease, groups: Iterable[Sequence[ObjectKey]], tag: bytes | None = None
     ) -> int:
-        """Pin more groups into a live lease (as `acquire_prefix` would); returns how many.
-
-        Nothing is pinned into a lease that was released, cleared or expired meanwhile.
-        """
+        """Pin more groups into a live lease (as `acquire_prefix` would); returns how
+        many. Nothing is pinned into a lease released, cleared or expired meanwhile."""
         with self._lock:
             if lease.id not in self._leases or lease.expired:
                 return 0
@@ -230,8 +172,10 @@ class L1Cache:
     def _pin_groups(
         self, lease: Lease, groups: Iterable[Sequence[ObjectKey]], tag: bytes | None
     ) -> None:
-        # The hot loop of every lookup: locals and inlined `_touch`, no helper calls.
+        # The hot loop of every lookup: locals and inlined `_touch`, no helper calls
+        # (but the policy's, for the policies that order by access themselves).
         index, ready, pinned, clock = self._index, ObjState.READY, lease.objects, self._clock
+        access = self.policy.on_access if self.policy.needs_access else None
         for group in groups:
             for k in group:
                 o = index.get(k)
@@ -244,6 +188,8 @@ class L1Cache:
                     stats = o.stats
                     stats.last_access = next(clock)
                     stats.hits += 1
+                    if access is not None:
+                        access(o)
             lease.hit_groups += 1
 
     def acquire_all(
@@ -253,10 +199,8 @@ class L1Cache:
         ttl: float | None = None,
         tag: bytes | None = None,
     ) -> Lease | None:
-        """Pin every key for a copy, or nothing (None) if any is missing.
-
-        Copies done by other processes get a ``ttl``; copies by server threads do not.
-        """
+        """Pin every key for a copy, or nothing (None) if any is missing. Copies done by
+        other processes get a ``ttl``; copies by server threads do not."""
         lease = self.acquire_prefix(([k] for k in keys), owner, kind="transfer", ttl=ttl, tag=tag)
         if lease.hit_groups == len(keys):
             return lease
@@ -286,7 +230,10 @@ class L1Cache:
             for key in keys:
                 obj = self._index.get(key)
                 if obj is not None and obj.state is ObjState.READY:
-                    self._touch(obj)
+                    stats = obj.stats
+                    stats.last_access = next(self._clock)
+                    stats.hits += 1
+                    self.policy.on_access(obj)
 
     def contains(self, key: ObjectKey) -> bool:
         with self._lock:
@@ -308,12 +255,10 @@ class L1Cache:
             self.release(lease)
         writes = 0
         with self._lock:
-            # A remote writer that outlived its TTL loses its object: the key leaves the
-            # index (readers miss, others may store it) and its commit fails. Its pages
-            # stay reserved until it commits or aborts (or its owner aborts for it when
-            # the writer's process is gone): a writer that was only stalled may still be
-            # copying into them, and pages handed to another object meanwhile would be
-            # served with its bytes (found by tests/chaos.py, freezing workers).
+            # A remote writer past its TTL loses its object (readers miss, its commit
+            # fails), but its pages stay reserved until it commits or aborts (or its owner
+            # does, when its process is gone): a stalled writer may still copy into them
+            # (found by tests/chaos.py, freezing workers).
             for obj in list(self._index.values()):
                 if obj.write_deadline is not None and obj.write_deadline < now:
                     del self._index[obj.key]
@@ -335,8 +280,41 @@ class L1Cache:
             for obj in self._index.values():
                 self._discard(obj)
             self._index.clear()
-            self._heap.clear()
+            self.policy.clear()
             return removed
+
+    def evict_to(self, target_bytes: int, batch: int = 256) -> int:
+        """Evict unpinned objects in policy order until at most ``target_bytes`` are used
+        (or nothing more can go); returns how many. At most ``batch`` per hold of the lock,
+        so that lookups and copies get in between (the watermark thread calls this)."""
+        evicted = 0
+        while True:
+            with self._lock:
+                done = 0
+                with closing(self.policy.victims()) as victims:
+                    while self._alloc.used_bytes > target_bytes and done < batch:
+                        if not self._evict_one(victims):
+                            return evicted + done
+                        done += 1
+                evicted += done
+                if done < batch:
+                    return evicted
+
+    def enforce_limit(self, salt: str) -> int:
+        """Evict ``salt``'s unpinned objects (its own LRU order) until it is within its
+        policy limit (after a quota was lowered or deleted); returns how many went."""
+        with self._lock:
+            before = self.evictions
+            self._fit_limit(salt, 0)
+            return self.evictions - before
+
+    def usage(self) -> tuple[int, int]:
+        """(used bytes, configured capacity): a lazy pool counts its full size."""
+        return self._alloc.used_bytes, self._max_pages * self._alloc.page_size
+
+    def salt_bytes(self, salt: str) -> int:
+        with self._lock:
+            return self._salt_bytes.get(salt, 0)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -355,8 +333,39 @@ class L1Cache:
                 "largest_free_bytes": self._alloc.largest_free_bytes,
                 "free_extents": self._alloc.free_extents,
                 "eviction_policy": self.policy.name,
+                "eviction_policy_state": self.policy.describe(),
                 "eviction_error": self.eviction_error,
             }
+
+    # ----- operator actions (lmcache.storage.l1_admin) ---------------------------------
+
+    def keys(self) -> list[ObjectKey]:
+        """Every key in the index (a copy), READY or being written."""
+        with self._lock:
+            return list(self._index)
+
+    def objects(self, keys: Iterable[ObjectKey]) -> list[Obj]:
+        """The objects of ``keys`` still in the index (for display: read, never change)."""
+        with self._lock:
+            return [o for k in keys if (o := self._index.get(k)) is not None]
+
+    def remove(self, keys: Iterable[ObjectKey] | None, force: bool) -> tuple[int, int]:
+        """Remove ``keys`` (None: every object); locked or still-being-written ones only
+        with ``force`` (doomed: freed after the copy using them). Returns (removed, kept);
+        keys not in the index count as neither."""
+        removed = kept = 0
+        with self._lock:
+            objs = list(self._index.values()) if keys is None else [
+                o for k in keys if (o := self._index.get(k)) is not None
+            ]  # fmt: skip
+            for obj in objs:
+                if not force and (obj.pins > 0 or obj.state is ObjState.WRITING):
+                    kept += 1
+                    continue
+                del self._index[obj.key]
+                self._discard(obj)
+                removed += 1
+        return removed, kept
 
     # ----- internals (called with the lock held) ----------------------------------------
 
@@ -366,29 +375,34 @@ class L1Cache:
         self._leases[lease.id] = lease
         return lease
 
-    def _touch(self, obj: _Obj) -> None:
-        """Record an access; the heap entry is corrected lazily, at eviction time."""
-        stats = obj.stats
-        stats.last_access = next(self._clock)
-        stats.hits += 1
+    def _bytes(self, extent: Extent) -> int:
+        return extent.num_pages * self._alloc.page_size
 
-    def _push(self, obj: _Obj) -> None:
-        obj.heap_seq = seq = next(self._seq)
-        heapq.heappush(self._heap, (self.policy.priority(obj.stats), seq, obj))
+    def _fit_limit(self, salt: str, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of ``salt`` fit its policy limit, after evicting its own
+        unpinned objects as needed."""
+        limit = self.policy.limit(salt)
+        if limit is None:
+            return True
+        if nbytes > limit:
+            return False
+        with closing(self.policy.victims(salt)) as victims:
+            while self._salt_bytes.get(salt, 0) + nbytes > limit:
+                if not self._evict_one(victims):
+                    return False
+        return True
 
-    def _allocate(self, nbytes: int) -> Extent | None:
-        skipped: list[_HeapEntry] = []
+    def _allocate(self, nbytes: int, salt: str) -> Extent | None:
+        limited = self.policy.limit(salt) is not None  # then only the salt's own objects go
         try:
-            while (extent := self._alloc.allocate(nbytes)) is None:
-                if not self._grown(nbytes) and not self._evict_one(skipped):
-                    return None
-            return extent
+            with closing(self.policy.victims(salt if limited else None)) as victims:
+                while (extent := self._alloc.allocate(nbytes)) is None:
+                    if not self._grown(nbytes) and not self._evict_one(victims):
+                        return None
+                return extent
         except Exception as exc:  # never let eviction die silently: health reports it
             self.eviction_error = f"{type(exc).__name__}: {exc}"
             raise
-        finally:
-            for entry in skipped:
-                heapq.heappush(self._heap, entry)
 
     def _grown(self, nbytes: int) -> bool:
         """Whether a lazy pool got memory for another ``nbytes`` object at its end."""
@@ -402,27 +416,23 @@ class L1Cache:
         alloc.grow(pages)
         return True
 
-    def _evict_one(self, skipped: list[_HeapEntry]) -> bool:
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            priority, seq, obj = entry
-            if obj.heap_seq != seq or self._index.get(obj.key) is not obj:
-                continue  # defensive: an entry of an object that left the index
-            if obj.pins > 0:
-                skipped.append(entry)
-                continue
-            if priority != self.policy.priority(obj.stats):
-                self._push(obj)  # used since it was pushed: back in, at its current priority
-                continue
+    def _evict_one(self, victims: Generator[Obj, None, None]) -> bool:
+        """Evict the policy's next victim that nobody pins; False: there is none."""
+        for obj in victims:
+            if obj.pins > 0 or self._index.get(obj.key) is not obj:
+                continue  # pinned: the container skips it, the policy keeps it
             del self._index[obj.key]
+            self.policy.on_remove(obj, evicted=True)
             self._free(obj)
             self.evictions += 1
             return True
         return False
 
-    def _discard(self, obj: _Obj) -> None:
+    def _discard(self, obj: Obj) -> None:
         """An object that left the index: its pages are freed now, or by the last copy
-        still using them (pinned or being written: doomed)."""
+        still using them (pinned or being written: doomed). The policy forgets it."""
+        if obj.state is ObjState.READY:
+            self.policy.on_remove(obj)
         if obj.pins > 0 or obj.state is ObjState.WRITING:
             obj.doomed = True
             self.doomed_pending += 1
@@ -431,13 +441,18 @@ class L1Cache:
         else:
             self._free(obj)
 
-    def _free_if_doomed(self, obj: _Obj) -> None:
+    def _free_if_doomed(self, obj: Obj) -> None:
         if obj.doomed and obj.pins == 0 and not obj.freed:
             self.doomed_pending -= 1
             self._doomed_writes.pop(id(obj), None)
             self._free(obj)
 
-    def _free(self, obj: _Obj) -> None:
+    def _free(self, obj: Obj) -> None:
         if not obj.freed:  # exactly once, whatever path gets here first
             obj.freed = True
             self._alloc.free(obj.extent)
+            left = self._salt_bytes.get(obj.salt, 0) - self._bytes(obj.extent)
+            if left > 0:
+                self._salt_bytes[obj.salt] = left
+            else:
+                self._salt_bytes.pop(obj.salt, None)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from lmcache.errors import ConfigError, LMCacheError
-from lmcache.storage.eviction import EvictionPolicy, make_policy
+from lmcache.storage.eviction import L2_POLICIES, EvictionPolicy, make_policy
 from lmcache.types import ObjectKey
 
 GiB = 1 << 30
@@ -68,12 +68,13 @@ def config_error(kind: str, message: str) -> ConfigError:
     return ConfigError(f"l2 adapter {kind!r}: {message}")
 
 
-def policy_for(kind: str, name: object) -> EvictionPolicy:
-    """The eviction policy an adapter's capacity uses (``"eviction_policy"``, as L1's)."""
+def policy_for(kind: str, name: object) -> EvictionPolicy[Any]:
+    """The eviction policy an adapter's capacity uses (``"eviction_policy"``, as L1's,
+    among those that need no cache_salt and do evict: `L2_POLICIES`)."""
     if not isinstance(name, str):
         raise config_error(kind, f"'eviction_policy' must be a string, got {name!r}")
     try:
-        return make_policy(name)
+        return make_policy(name, choices=L2_POLICIES)
     except ValueError as exc:
         raise config_error(kind, f"'eviction_policy': {exc}") from None
 
