@@ -37,3 +37,11 @@ COPY_THREADS = 0
 """Threads that one block copy (`BlockCopier`) splits its bytes over; 0 = auto: up to 4, at
 most the CPUs this process may run on. A copy gets one thread per 512 KiB at most (one
 under 1 MiB): waking a thread costs more than it saves there."""
+
+METRICS_NAMES = "both"
+"""Which metric names /metrics shows (``--metrics-names``): ours (``lmcache_*``), upstream
+LMCache's (``lmcache_mp_*``, so its Grafana dashboard works), or both."""
+
+METRICS_MAX_MODELS = 64
+"""Model names that get series of their own in the ``model_name`` label; later ones count
+as "other" (clients choose model names: the label's cardinality must stay bounded)."""
