@@ -138,7 +138,8 @@ class UpstreamCollector(Collector):
             )  # fmt: skip
         for name, doc, tally, labels in _COUNTS:
             family = CounterMetricFamily(P + name, doc, labels=labels)
-            for values, n in sorted(t.by_labels(tally).items()):
+            counts = {**dict.fromkeys(_known_zeros(tally, t, s), 0.0), **t.by_labels(tally)}
+            for values, n in sorted(counts.items()):
                 family.add_metric(list(values), n)
             yield family
         for name, doc, tally in _SUMS:
@@ -148,6 +149,16 @@ class UpstreamCollector(Collector):
         yield from _l1(s.get("l1", {}))
         yield from _l2(t, s.get("l2", []))
         yield from _histograms(t)
+
+
+def _known_zeros(tally: str, t: Totals, s: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Failure series that are zero so far, shown as such (we know they are 0): a
+    dashboard's rate() then reads 0 rather than nothing."""
+    if tally == "l1_allocation_failure":  # for every model that stored something
+        return [("l1_store", labels[0]) for labels in t.by_labels("l1_write") if labels]
+    if tally == "l2_prefetch_failure" and s.get("l2"):
+        return [("l1_oom",), ("not_found",)]
+    return []
 
 
 def _l1(l1: dict[str, Any]) -> Iterator[Metric]:

@@ -315,6 +315,7 @@ class TieredStore:
         if result.stored:
             self.counters.add(prefetched=1, prefetch_bytes=layout.nbytes)
             self.metrics.count("l2_prefetch_load_completed")
+            self.metrics.count("l1_write")  # upstream counts L1 writes from L2 too
         elif result.no_space:
             self.metrics.count("l2_prefetch_failure", ("l1_oom",))
         return bool(result.stored or result.cached)  # cached: stored by an engine meanwhile
