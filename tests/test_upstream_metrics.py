@@ -210,3 +210,15 @@ def test_split_counts_from_many_threads_and_bounded_model_label() -> None:
     hit = sum(v for k, v in s.items() if k[0] == "lmcache_mp_lookup_hit_tokens_total")
     l1 = sum(v for k, v in s.items() if k[0] == "lmcache_mp_lookup_hit_l1_tokens_total")
     assert hit == l1 + sum(l2.values()) == 70 * 100 * 384
+
+
+def test_metrics_names_flag_on_a_real_server() -> None:
+    server = start_server("--metrics-names", "upstream")
+    try:
+        text = server.http().get("/metrics").text
+    finally:
+        server.stop()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert "# TYPE lmcache_mp_lookup_hit_l1_tokens_total counter" in text
+    assert "target_info{service_instance_id=" in text
+    assert not any(n.startswith("lmcache_") and not n.startswith("lmcache_mp_") for n in names)
