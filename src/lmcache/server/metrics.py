@@ -278,6 +278,7 @@ class Metrics:
             self.registry.register(_RequestCollector(t))
             self.registry.register(_StateCollector(read_state))
         if names in ("upstream", "both"):
+            # Imported here: that module builds on this one (`Totals`, `GBPS_BUCKETS`).
             from lmcache.server.metrics_upstream import UpstreamCollector
 
             self.registry.register(UpstreamCollector(t.totals, read_state, instance_id))
