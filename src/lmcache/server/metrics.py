@@ -133,6 +133,14 @@ class _ThreadTally:
     labelled: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
     # (name, label values) -> a count per throughput bucket (last: +Inf), then the sum
     throughput: dict[tuple[str, tuple[str, ...]], list[float]] = field(default_factory=dict)
+    # model label -> its lookups' sums, in `_LOOKUP_SUMS` order: one dict look-up a lookup
+    # (the ZMQ loop's cost); spread into ``labelled`` names at scrape time (`_spread`)
+    lookups: dict[str, list[float]] = field(default_factory=dict)
+
+
+# What a lookup row sums, as the labelled counts `Totals` shows them (by model name).
+_LOOKUP_SUMS = ("lookups", "lookup_requested", "lookup_hit", "lookup_hit_l1",
+                "lookup_hit_l1_keys", "lookup_hit_l2_keys")  # fmt: skip
 
 
 @dataclass
@@ -190,7 +198,27 @@ class _Tallies:
                 out.labelled[lkey] = out.labelled.get(lkey, 0) + n
             _add_rows(out.durations, t.durations)
             _add_rows(out.throughput, t.throughput)
+            for label, row in t.lookups.copy().items():
+                _spread(out, label, list(row))
         return out
+
+
+def _spread(out: Totals, label: str, row: list[float]) -> None:
+    """Add one thread's lookup sums for model ``label`` to ``out``'s labelled counts."""
+    sums = dict(zip(_LOOKUP_SUMS, row, strict=True))
+    sums["lookup_hit_l2"] = sums["lookup_hit"] - sums["lookup_hit_l1"]
+    tiers = {
+        ("lmcache_lookup_hit_tier_tokens", ("l1",)): sums["lookup_hit_l1"],
+        ("lmcache_lookup_hit_tier_tokens", ("l2",)): sums["lookup_hit_l2"],
+        ("lmcache_lookup_hit_keys", ("l1",)): sums["lookup_hit_l1_keys"],
+        ("lmcache_lookup_hit_keys", ("l2",)): sums["lookup_hit_l2_keys"],
+        **{(name, (label,)): n for name, n in sums.items()},
+    }
+    for key, n in tiers.items():
+        out.labelled[key] = out.labelled.get(key, 0) + n
+    out.counts["lmcache_lookup_hit_tokens"] = (
+        out.counts.get("lmcache_lookup_hit_tokens", 0) + sums["lookup_hit"]
+    )
 
 
 class _Count:
@@ -319,21 +347,17 @@ class Metrics:
     ) -> None:  # fmt: skip
         """One lookup whose hit is known: ``hit`` tokens, of which ``l1_tokens`` L1 held on
         its own (the rest needed chunks its L2 prefetch loaded); keys: every rank's."""
-        tally = self._tallies.mine()
-        counts = tally.counts
-        counts["lmcache_lookup_hit_tokens"] = counts.get("lmcache_lookup_hit_tokens", 0) + hit
-        m = (self._model(model),)
-        self._add(tally, "lmcache_lookup_hit_tier_tokens", ("l1",), l1_tokens)
-        self._add(tally, "lmcache_lookup_hit_tier_tokens", ("l2",), hit - l1_tokens)
-        self._add(tally, "lmcache_lookup_hit_keys", ("l1",), l1_keys)
-        self._add(tally, "lmcache_lookup_hit_keys", ("l2",), l2_keys)
-        self._add(tally, "lookups", m, 1)
-        self._add(tally, "lookup_requested", m, requested)
-        self._add(tally, "lookup_hit", m, hit)
-        self._add(tally, "lookup_hit_l1", m, l1_tokens)
-        self._add(tally, "lookup_hit_l2", m, hit - l1_tokens)
-        self._add(tally, "lookup_hit_l1_keys", m, l1_keys)
-        self._add(tally, "lookup_hit_l2_keys", m, l2_keys)
+        lookups = self._tallies.mine().lookups
+        label = self._models.get(model) or self._model(model)
+        row = lookups.get(label)
+        if row is None:
+            row = lookups[label] = [0.0] * len(_LOOKUP_SUMS)
+        row[0] += 1
+        row[1] += requested
+        row[2] += hit
+        row[3] += l1_tokens
+        row[4] += l1_keys
+        row[5] += l2_keys
 
     def copy_started(self, kind: str) -> None:
         """A store or retrieve copy begins (``kind``: "store" or "retrieve"); every one is
