@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,6 @@ def _drive(server: ServerProcess, kv: ShmKVCache) -> tuple[str, dict[str, Any]]:
 
 
 def _wait(done: Any) -> None:
-    import time
-
     deadline = time.monotonic() + 10
     while not done():
         assert time.monotonic() < deadline
