@@ -53,7 +53,18 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
-        if not family.name.startswith(("lmcache_l1", "lmcache_l2", "lmcache_build"))
+        # the state gauges, upstream's names and the lookup split: tests/test_upstream_metrics.py
+        if not family.name.startswith(
+            (
+                "lmcache_l1",
+                "lmcache_l2",
+                "lmcache_build",
+                "lmcache_mp_",
+                "target",
+                "lmcache_lookup_hit_tier",
+                "lmcache_lookup_hit_keys",
+            )
+        )
         and family.name not in ("lmcache_engines", "lmcache_sessions")
         for s in family.samples
     }

@@ -44,3 +44,11 @@ EVICTION_RATIO = 0.2
 
 EVICTION_INTERVAL_S = 1.0
 """Seconds between two checks of the watermark thread (upstream's eviction loop period)."""
+
+METRICS_NAMES = "both"
+"""Which metric names /metrics shows (``--metrics-names``): ours (``lmcache_*``), upstream
+LMCache's (``lmcache_mp_*``, so its Grafana dashboard works), or both."""
+
+METRICS_MAX_MODELS = 64
+"""Model names that get series of their own in the ``model_name`` label; later ones count
+as "other" (clients choose model names: the label's cardinality must stay bounded)."""

@@ -22,6 +22,7 @@ from lmcache.defaults import (
     L2_PREFETCH_WORKERS,
     L2_QUEUE_SIZE,
     L2_WRITERS,
+    METRICS_NAMES,
     SERVER_PORT,
 )
 from lmcache.redact import redact
@@ -32,6 +33,7 @@ EvictionPolicyName = Literal["LRU", "LFU", "FIFO", "ARC", "IsolatedLRU", "noop"]
 HashAlgorithm = Literal["sha256", "blake2b", "blake3"]
 L2StorePolicyName = Literal["all", "first"]  # lmcache.storage.l2.policies.STORE_POLICIES
 L2PrefetchPolicyName = Literal["order", "fastest"]  # ... .PREFETCH_POLICIES
+MetricsNamesChoice = Literal["ours", "upstream", "both"]
 MIN_L1_BYTES = 64 << 10  # 16 pages; tests run real servers with pools of 4 small chunks
 
 
@@ -201,6 +203,12 @@ class ServerSettings(BaseSettings):
     )
     disable_observability: bool = Field(
         False, description="upstream's switch for its event bus; here: --disable-metrics"
+    )
+    metrics_names: MetricsNamesChoice = Field(
+        METRICS_NAMES,  # type: ignore[arg-type]
+        description="which names /metrics shows: ours (lmcache_*), upstream LMCache's "
+        "(lmcache_mp_*: its Grafana dashboard works unchanged) or both (about twice the "
+        "series of either, all counted once and read at scrape time)",
     )
     prometheus_port: int | None = Field(
         None,

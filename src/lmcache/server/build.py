@@ -66,6 +66,7 @@ def build(
             breaker_s=s.l2_breaker_s,
             store_policy=STORE_POLICIES[s.l2_store_policy](),
             prefetch_policy=PREFETCH_POLICIES[s.l2_prefetch_policy](),
+            metrics=metrics,
         )  # fmt: skip
     handler = RequestHandler(
         store=store,

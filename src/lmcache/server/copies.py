@@ -99,21 +99,27 @@ class Copies:
             raise BadRequestError(str(exc)) from None
         tokens = req.end - req.start - req.skip_tokens
         start = time.perf_counter()
-        with self._read(req, engine, keys) as chunks:
+        with _copying(self.metrics, "retrieve"), self._read(req, engine, keys) as chunks:
             for i, src in enumerate(chunks):
                 transfer.scatter(src, ids, i, skip)
-        record_retrieve(self.metrics, tokens, engine.bytes_of(req.end - req.start), start)
+        record_retrieve(
+            self.metrics, tokens, engine.bytes_of(req.end - req.start), start,
+            model=engine.model_name, chunks=len(keys),
+        )  # fmt: skip
         return RetrieveReply(id=req.id, retrieved_tokens=tokens)
 
     def retrieve_bytes(self, req: RetrieveBytes) -> tuple[ChunkData, list[bytes]]:
         engine = self.registry.get(req.instance_id)
         keys = self.range_keys(engine, req)
         start = time.perf_counter()
-        with self._read(req, engine, keys) as chunks:
+        with _copying(self.metrics, "retrieve"), self._read(req, engine, keys) as chunks:
             # A copy: ZMQ sends after we unpin, and the pages may be reused by then.
             frames = [src.tobytes() for src in chunks]
         nbytes = sum(len(f) for f in frames)
-        record_retrieve(self.metrics, req.end - req.start, nbytes, start)
+        record_retrieve(
+            self.metrics, req.end - req.start, nbytes, start, model=engine.model_name,
+            chunks=len(frames),
+        )  # fmt: skip
         return ChunkData(id=req.id, chunks=len(frames), chunk_bytes=engine.chunk_bytes), frames
 
     # ----- the storage steps, through the store ------------------------------------------------
@@ -123,14 +129,17 @@ class Copies:
     ) -> StoreReply:
         start = time.perf_counter()
         tail = engine.tail_layout(req.end, self.chunk_size)
-        result = self.store.write(keys, engine.chunk_layout, fill, tail=tail, salt=req.cache_salt)
+        with _copying(self.metrics, "store"):
+            result = self.store.write(
+                keys, engine.chunk_layout, fill, tail=tail, salt=req.cache_salt
+            )
         if result.conflicts:
             self._warn_conflict(engine)
         c, t = self.chunk_size, req.end % self.chunk_size
         stored = result.tokens("stored", c, t)
         record_store(
             self.metrics, result, chunks=len(keys), tokens=stored,
-            nbytes=engine.bytes_of(stored), started=start,
+            nbytes=engine.bytes_of(stored), started=start, model=engine.model_name,
         )  # fmt: skip
         return StoreReply(
             id=req.id, stored_tokens=stored, cached_tokens=result.tokens("cached", c, t),
@@ -187,23 +196,50 @@ class Copies:
 
 def record_store(
     metrics: Metrics, result: WriteResult, *, chunks: int, tokens: int, nbytes: int,
-    started: float,
+    started: float, model: str, finished: bool = True,
 ) -> None:  # fmt: skip
     """Log and count a finished store (shared memory, bytes, or a worker's commit) that
-    wrote ``tokens`` (``nbytes``)."""
+    wrote ``tokens`` (``nbytes``); ``finished``: `Metrics.copy_started` counted its start."""
+    seconds = time.perf_counter() - started
     if result.stored:
-        logger.info("Stored %d tokens in %.3f seconds", tokens, time.perf_counter() - started)
+        logger.info("Stored %d tokens in %.3f seconds", tokens, seconds)
+    refused = 0
     if result.no_space:
         metrics.store_no_space.inc()
+        refused = chunks - result.stored - result.cached - result.conflicts
         logger.warning("L1 is full of locked chunks: stored %d of %d chunks", result.stored, chunks)
     metrics.stored_tokens.inc(tokens)
     metrics.stored_bytes.inc(nbytes)
+    metrics.copy_done(
+        "store", model, chunks=result.stored, nbytes=nbytes, seconds=seconds,
+        no_space_chunks=refused, finished=finished,
+    )  # fmt: skip
 
 
-def record_retrieve(metrics: Metrics, tokens: int, nbytes: int, started: float) -> None:
-    logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - started)
+def record_retrieve(
+    metrics: Metrics, tokens: int, nbytes: int, started: float, *, model: str, chunks: int,
+    finished: bool = True,
+) -> None:  # fmt: skip
+    seconds = time.perf_counter() - started
+    logger.info("Retrieved %d tokens in %.3f seconds", tokens, seconds)
     metrics.retrieved_tokens.inc(tokens)
     metrics.retrieved_bytes.inc(nbytes)
+    metrics.copy_done(
+        "retrieve", model, chunks=chunks, nbytes=nbytes, seconds=seconds, finished=finished
+    )
+
+
+@contextmanager
+def _copying(metrics: Metrics, kind: str) -> Iterator[None]:
+    """Around a copy: its start is counted now; a copy that fails is counted as left
+    (upstream's "finished" counts a transfer leaving, not its success). A copy that
+    succeeds is counted by `record_store` / `record_retrieve`."""
+    metrics.copy_started(kind)
+    try:
+        yield
+    except BaseException:
+        metrics.count("finished", (kind,))
+        raise
 
 
 def _check_start_by(req: Store | Retrieve) -> None:

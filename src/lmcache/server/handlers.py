@@ -46,7 +46,7 @@ from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry, check_identity, pid_alive
-from lmcache.server.sessions import Sessions, Tail
+from lmcache.server.sessions import Session, Sessions, Tail
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
@@ -287,15 +287,28 @@ class RequestHandler:
         def probe(chunk: int) -> Tail | None:
             return self._hold_tail(req, digests, lease, chunk)
 
+        model, asked = req.model_name, num_tokens  # for the metrics
         if layouts is None or self.tiers is None:
             session = self.sessions.start(
-                req.request_id, lease, held, pid=pid, tail=probe(len(held))
-            )
-            self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
+                req.request_id, lease, held, pid=pid, tail=probe(len(held)),
+                model_name=model, requested_tokens=asked,
+            )  # fmt: skip
+            self._count_hit(session)
             return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
         job = self.tiers.prefetch(lease, rest, layouts, req.cache_salt)  # L1 missed: ask L2
-        self.sessions.start(req.request_id, lease, held, prefetch=job, pid=pid, tail_probe=probe)
+        self.sessions.start(
+            req.request_id, lease, held, prefetch=job, pid=pid, tail_probe=probe,
+            model_name=model, requested_tokens=asked,
+        )  # fmt: skip
         return LookupReply(id=req.id, hit_tokens=None)
+
+    def _count_hit(self, session: Session) -> None:
+        """Count a lookup whose hit just became known, split by the tier that held it."""
+        l1_tokens, l1_keys, l2_keys = session.hit_split()
+        self.metrics.lookup_done(
+            session.model_name, requested=session.requested_tokens, l1_tokens=l1_tokens,
+            hit=session.hit_tokens or 0, l1_keys=l1_keys, l2_keys=l2_keys,
+        )  # fmt: skip
 
     def _hold_tail(
         self, req: Lookup, digests: list[bytes], lease: Lease, chunk: int
@@ -325,7 +338,7 @@ class RequestHandler:
             logger.warning("lookup status asked for unknown request %r", req.request_id[:200])
             return LookupReply(id=req.id, hit_tokens=0)
         if self.sessions.poll(session):  # the L2 prefetch just finished: the hit is known
-            self.metrics.lookup_hit_tokens.inc(session.hit_tokens or 0)
+            self._count_hit(session)
         return LookupReply(id=req.id, hit_tokens=session.hit_tokens)
 
     def _free_lookup(self, req: FreeLookup) -> Reply:

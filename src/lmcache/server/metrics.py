@@ -1,4 +1,6 @@
-"""Prometheus metrics (``lmcache_`` prefix, base units, ``_total`` counters).
+"""Prometheus metrics (``lmcache_`` prefix, base units, ``_total`` counters), and upstream
+LMCache's ``lmcache_mp_*`` names beside them (`lmcache.server.metrics_upstream`;
+``--metrics-names ours|upstream|both``).
 
 Request counters and the latency histogram are plain numbers that each thread adds to
 its own tallies (`_Tallies`): no lock and no prometheus_client call on the ZMQ loop
@@ -27,6 +29,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from lmcache import __version__
+from lmcache.defaults import METRICS_MAX_MODELS, METRICS_NAMES
+
+MetricsNames = str  # "ours", "upstream" or "both" (`lmcache.settings.MetricsNamesChoice`)
 
 # `_created` series double the output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -106,6 +111,13 @@ _COUNTERS = {
     "lmcache_lookup_hit_tokens": "tokens found by lookups",
     "lmcache_store_no_space": "stores cut short because L1 was full of locked chunks",
 }
+# (name, help, label) for the L1/L2 split of lookup hits, exported as <name>_total{tier}
+_TIER_COUNTERS = [
+    ("lmcache_lookup_hit_tier_tokens", "tokens found by lookups, by the tier that held them "
+     "(l2: loaded into L1 by the lookup's prefetch)", "tier"),
+    ("lmcache_lookup_hit_keys", "chunk keys (one per rank and chunk) found by lookups, by "
+     "the tier that held them", "tier"),
+]  # fmt: skip
 _LE = [floatToGoString(b) for b in (*_LATENCY_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
 
 
@@ -117,6 +129,42 @@ class _ThreadTally:
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
     # op -> a count per latency bucket (the last one: +Inf), then the sum of seconds
     durations: dict[str, list[float]] = field(default_factory=dict)
+    # (name, label values) -> count: the counts that carry labels (a model name, a tier)
+    labelled: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    # (name, label values) -> a count per throughput bucket (last: +Inf), then the sum
+    throughput: dict[tuple[str, tuple[str, ...]], list[float]] = field(default_factory=dict)
+    # model label -> its lookups' sums, in `_LOOKUP_SUMS` order: one dict look-up a lookup
+    # (the ZMQ loop's cost); spread into ``labelled`` names at scrape time (`_spread`)
+    lookups: dict[str, list[float]] = field(default_factory=dict)
+
+
+# What a lookup row sums, as the labelled counts `Totals` shows them (by model name).
+_LOOKUP_SUMS = ("lookups", "lookup_requested", "lookup_hit", "lookup_hit_l1",
+                "lookup_hit_l1_keys", "lookup_hit_l2_keys")  # fmt: skip
+
+
+@dataclass
+class Totals:
+    """Every thread's tallies, summed (one scrape's view)."""
+
+    counts: dict[str, float] = field(default_factory=dict)
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    durations: dict[str, list[float]] = field(default_factory=dict)
+    labelled: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    throughput: dict[tuple[str, tuple[str, ...]], list[float]] = field(default_factory=dict)
+
+    def count(self, name: str, *labels: str) -> float:
+        return self.labelled.get((name, labels), 0.0)
+
+    def by_labels(self, name: str) -> dict[tuple[str, ...], float]:
+        return {k[1]: v for k, v in self.labelled.items() if k[0] == name}
+
+
+def _add_rows(into: dict[Any, list[float]], rows: dict[Any, list[float]]) -> None:
+    for key, row in rows.copy().items():
+        total = into.setdefault(key, [0.0] * len(row))
+        for i, v in enumerate(list(row)):  # a copy: the owner may be adding to it
+            total[i] += v
 
 
 class _Tallies:
@@ -137,24 +185,40 @@ class _Tallies:
                 self._threads.append(tally)  # kept after the thread ends: counts never drop
         return tally
 
-    def totals(
-        self,
-    ) -> tuple[dict[str, float], dict[tuple[str, str], int], dict[str, list[float]]]:
+    def totals(self) -> Totals:
         with self._lock:
             threads = list(self._threads)
-        counts: dict[str, float] = {}
-        requests: dict[tuple[str, str], int] = {}
-        durations: dict[str, list[float]] = {}
+        out = Totals()
         for t in threads:
             for name, n in t.counts.copy().items():
-                counts[name] = counts.get(name, 0) + n
+                out.counts[name] = out.counts.get(name, 0) + n
             for key, k in t.requests.copy().items():
-                requests[key] = requests.get(key, 0) + k
-            for op, row in t.durations.copy().items():
-                total = durations.setdefault(op, [0.0] * len(row))
-                for i, v in enumerate(list(row)):  # a copy: the owner may be adding to it
-                    total[i] += v
-        return counts, requests, durations
+                out.requests[key] = out.requests.get(key, 0) + k
+            for lkey, n in t.labelled.copy().items():
+                out.labelled[lkey] = out.labelled.get(lkey, 0) + n
+            _add_rows(out.durations, t.durations)
+            _add_rows(out.throughput, t.throughput)
+            for label, row in t.lookups.copy().items():
+                _spread(out, label, list(row))
+        return out
+
+
+def _spread(out: Totals, label: str, row: list[float]) -> None:
+    """Add one thread's lookup sums for model ``label`` to ``out``'s labelled counts."""
+    sums = dict(zip(_LOOKUP_SUMS, row, strict=True))
+    sums["lookup_hit_l2"] = sums["lookup_hit"] - sums["lookup_hit_l1"]
+    tiers = {
+        ("lmcache_lookup_hit_tier_tokens", ("l1",)): sums["lookup_hit_l1"],
+        ("lmcache_lookup_hit_tier_tokens", ("l2",)): sums["lookup_hit_l2"],
+        ("lmcache_lookup_hit_keys", ("l1",)): sums["lookup_hit_l1_keys"],
+        ("lmcache_lookup_hit_keys", ("l2",)): sums["lookup_hit_l2_keys"],
+        **{(name, (label,)): n for name, n in sums.items()},
+    }
+    for key, n in tiers.items():
+        out.labelled[key] = out.labelled.get(key, 0) + n
+    out.counts["lmcache_lookup_hit_tokens"] = (
+        out.counts.get("lmcache_lookup_hit_tokens", 0) + sums["lookup_hit"]
+    )
 
 
 class _Count:
@@ -176,9 +240,15 @@ class _RequestCollector(Collector):
         self._tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
-        counts, requests, durations = self._tallies.totals()
+        totals = self._tallies.totals()
+        counts, requests, durations = totals.counts, totals.requests, totals.durations
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=counts.get(name, 0))
+        for name, doc, label in _TIER_COUNTERS:
+            tiers = CounterMetricFamily(name, doc, labels=[label])
+            for tier in ("l1", "l2"):
+                tiers.add_metric([tier], totals.count(name, tier))
+            yield tiers
         family = CounterMetricFamily(
             "lmcache_requests", "requests handled", labels=["op", "outcome"]
         )
@@ -199,10 +269,28 @@ class _RequestCollector(Collector):
         yield histogram
 
 
+# Upper bounds of the GB/s histograms: OpenTelemetry's default boundaries, which upstream's
+# ``*_throughput_GB_per_second`` histograms use.
+GBPS_BUCKETS = (0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0,
+                5000.0, 7500.0, 10000.0)  # fmt: skip
+
+
 class Metrics:
-    def __init__(self, read_state: Callable[[], dict[str, Any]]) -> None:
+    """What the server counts. The request threads call the methods below; each adds to
+    its own thread's tally (no lock). ``names`` says which names /metrics shows: ours
+    (``lmcache_*``), upstream LMCache's (``lmcache_mp_*``) or both (`--metrics-names`)."""
+
+    def __init__(
+        self,
+        read_state: Callable[[], dict[str, Any]],
+        *,
+        names: MetricsNames = METRICS_NAMES,
+        instance_id: str = "",
+    ) -> None:
         self.registry = CollectorRegistry()
         self._tallies = _Tallies()
+        self._models: dict[str, str] = {}  # bounded: see `_model`
+        self._models_lock = threading.Lock()
         t = self._tallies
         self.stored_tokens = _Count("lmcache_stored_tokens", t)
         self.stored_bytes = _Count("lmcache_stored_bytes", t)
@@ -211,11 +299,17 @@ class Metrics:
         self.lookup_requested_tokens = _Count("lmcache_lookup_requested_tokens", t)
         self.lookup_hit_tokens = _Count("lmcache_lookup_hit_tokens", t)
         self.store_no_space = _Count("lmcache_store_no_space", t)
-        Info("lmcache_build", "server version", registry=self.registry).info(
-            {"version": __version__}
-        )
-        self.registry.register(_RequestCollector(t))
-        self.registry.register(_StateCollector(read_state))
+        if names in ("ours", "both"):
+            Info("lmcache_build", "server version", registry=self.registry).info(
+                {"version": __version__}
+            )
+            self.registry.register(_RequestCollector(t))
+            self.registry.register(_StateCollector(read_state))
+        if names in ("upstream", "both"):
+            # Imported here: that module builds on this one (`Totals`, `GBPS_BUCKETS`).
+            from lmcache.server.metrics_upstream import UpstreamCollector
+
+            self.registry.register(UpstreamCollector(t.totals, read_state, instance_id))
 
     def observe_request(self, op: str, outcome: str, seconds: float) -> None:
         """Count one request and its duration in this thread's tally."""
@@ -227,3 +321,89 @@ class Metrics:
             row = tally.durations[op] = [0.0] * (len(_LE) + 1)
         row[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # the first bucket with le >= seconds
         row[-1] += seconds
+
+    def _model(self, name: str) -> str:
+        """``name`` as a label value: the model names clients send are theirs to choose, so
+        only the first `METRICS_MAX_MODELS` get series of their own (the rest: "other")."""
+        label = self._models.get(name)
+        if label is None:
+            with self._models_lock:
+                full = len(self._models) >= METRICS_MAX_MODELS
+                label = self._models.setdefault(name, "other" if full else name)
+        return label
+
+    def _add(self, tally: _ThreadTally, name: str, labels: tuple[str, ...], n: float) -> None:
+        key = (name, labels)
+        tally.labelled[key] = tally.labelled.get(key, 0) + n
+
+    def count(self, name: str, labels: tuple[str, ...] = (), n: float = 1) -> None:
+        """Add ``n`` to the labelled count ``name`` in this thread's tally (the L2 tiers'
+        counts: `lmcache.server.tiers`; names as `lmcache.server.metrics_upstream` reads)."""
+        self._add(self._tallies.mine(), name, labels, n)
+
+    def lookup_done(
+        self, model: str, *, requested: int, hit: int, l1_tokens: int, l1_keys: int,
+        l2_keys: int,
+    ) -> None:  # fmt: skip
+        """One lookup whose hit is known: ``hit`` tokens, of which ``l1_tokens`` L1 held on
+        its own (the rest needed chunks its L2 prefetch loaded); keys: every rank's."""
+        lookups = self._tallies.mine().lookups
+        label = self._models.get(model) or self._model(model)
+        row = lookups.get(label)
+        if row is None:
+            row = lookups[label] = [0.0] * len(_LOOKUP_SUMS)
+        row[0] += 1
+        row[1] += requested
+        row[2] += hit
+        row[3] += l1_tokens
+        row[4] += l1_keys
+        row[5] += l2_keys
+
+    def copy_started(self, kind: str) -> None:
+        """A store or retrieve copy begins (``kind``: "store" or "retrieve"); every one is
+        matched by a `copy_done` (whatever its outcome), so their difference is in flight."""
+        tally = self._tallies.mine()
+        self._add(tally, "submitted", (kind,), 1)
+
+    def copy_done(
+        self, kind: str, model: str, *, chunks: int, nbytes: int, seconds: float,
+        no_space_chunks: int = 0, finished: bool = True,
+    ) -> None:  # fmt: skip
+        """A store wrote (a retrieve read) ``chunks`` chunks, ``nbytes``, in ``seconds``;
+        ``finished``: it had been counted by `copy_started` (a worker's own copy was not)."""
+        tally = self._tallies.mine()
+        m = (self._model(model),)
+        if finished:
+            self._add(tally, "finished", (kind,), 1)
+        else:  # the engine's worker did the copy: we learn of it when it is done
+            self._add(tally, "submitted", (kind,), 1)
+            self._add(tally, "finished", (kind,), 1)
+        self._add(tally, "l1_write" if kind == "store" else "l1_read", m, chunks)
+        if kind == "retrieve":
+            self._add(tally, "chunks_loaded", m, chunks)
+        if no_space_chunks:
+            self._add(tally, "l1_allocation_failure", ("l1_store", m[0]), no_space_chunks)
+        if nbytes and seconds > 0:
+            self.observe_gbps(f"l0_l1_{kind}", m, nbytes / seconds / 1e9)
+
+    def observe_gbps(self, name: str, labels: tuple[str, ...], gbps: float) -> None:
+        """One transfer's throughput into histogram ``name`` (GB/s), this thread's tally."""
+        tally = self._tallies.mine()
+        row = tally.throughput.get((name, labels))
+        if row is None:
+            row = tally.throughput[(name, labels)] = [0.0] * (len(GBPS_BUCKETS) + 2)
+        row[bisect_left(GBPS_BUCKETS, gbps)] += 1
+        row[-1] += gbps
+
+    def lookup_summary(self) -> dict[str, float]:
+        """The lookup counts for /status: requested and hit tokens, and the hit's L1/L2
+        split (tokens and keys)."""
+        t = self._tallies.totals()
+        return {
+            "requested_tokens": t.counts.get("lmcache_lookup_requested_tokens", 0),
+            "hit_tokens": t.counts.get("lmcache_lookup_hit_tokens", 0),
+            "hit_l1_tokens": t.count("lmcache_lookup_hit_tier_tokens", "l1"),
+            "hit_l2_tokens": t.count("lmcache_lookup_hit_tier_tokens", "l2"),
+            "hit_l1_keys": t.count("lmcache_lookup_hit_keys", "l1"),
+            "hit_l2_keys": t.count("lmcache_lookup_hit_keys", "l2"),
+        }

@@ -92,7 +92,9 @@ class ServerRuntime:
             settings.chunk_size, settings.l1_size_bytes, settings.copy_threads
         )
         self.sessions: Sessions | None = None
-        self.metrics = Metrics(self._metric_state)
+        self.metrics = Metrics(
+            self._metric_state, names=settings.metrics_names, instance_id=self.instance_id
+        )
 
     # ----- life cycle ------------------------------------------------------------------
 
@@ -394,6 +396,8 @@ class ServerRuntime:
             ],
             "engines": [e.describe() for e in self.registry.engines()],
             "prepared_transfers": len(self._prepared) if self._prepared else 0,
+            # hit tokens and keys split by the tier that held them (l2: the lookup's prefetch)
+            "lookups": self.metrics.lookup_summary(),
             "sessions": {
                 "active": len(self.sessions) if self.sessions else 0,
                 "items": self.sessions.snapshot() if self.sessions else [],

@@ -47,6 +47,11 @@ class Session:
     tail_tokens: int = 0
     # Looks for a partial chunk once the prefetch tells where the whole chunks end.
     tail_probe: TailProbe | None = None
+    # For the metrics: what the lookup asked, and how many chunk groups L1 held by itself
+    # (the groups after them, up to a partial chunk, came from L2).
+    model_name: str = ""
+    requested_tokens: int = 0
+    l1_groups: int = 0
 
     def add_tail(self, tail: Tail | None) -> None:
         """Count the partial chunk found after the whole ones (pinned in the lease)."""
@@ -55,6 +60,17 @@ class Session:
             self.tail_tokens = tail[0]
         short = self.chunk_size - self.tail_tokens if self.tail_tokens else 0
         self.hit_tokens = len(self.groups) * self.chunk_size - short
+
+    def hit_split(self) -> tuple[int, int, int]:
+        """(tokens L1 could serve by itself, keys L1 held, keys loaded from L2). A partial
+        chunk lives in L1 only; when L2 filled the chunks before it, L1 alone could not
+        serve it (upstream's rule: the L2 part is everything past the L1-servable prefix)."""
+        tail = 1 if self.tail_tokens else 0
+        loaded = self.groups[self.l1_groups : len(self.groups) - tail]
+        l2_keys = sum(len(g) for g in loaded)
+        l1_keys = sum(len(g) for g in self.groups) - l2_keys
+        hit = self.hit_tokens or 0
+        return (self.l1_groups * self.chunk_size if loaded else hit), l1_keys, l2_keys
 
     def keys_in(self, start: int, end: int | None) -> Iterator[ObjectKey]:
         first = start // self.chunk_size
@@ -83,6 +99,8 @@ class Sessions:
         pid: int | None = None,
         tail: Tail | None = None,
         tail_probe: TailProbe | None = None,
+        model_name: str = "",
+        requested_tokens: int = 0,
     ) -> Session:
         """A lookup's result: ``held`` are the chunk groups pinned in ``lease`` (every rank's
         key per chunk, from the first), then ``tail``, a partial chunk, if any; the hit is
@@ -98,6 +116,9 @@ class Sessions:
             pid,
             prefetch,
             tail_probe=tail_probe,
+            model_name=model_name,
+            requested_tokens=requested_tokens,
+            l1_groups=len(held),
         )
         if prefetch is None:
             session.add_tail(tail)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.defaults import L2_BREAKER_S, L2_PREFETCH_WORKERS, L2_WRITERS
+from lmcache.server.metrics import Metrics
 from lmcache.server.write_behind import WriteBehind
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keyspace import l2_key
@@ -101,9 +102,16 @@ class TieredStore:
         breaker_s: float = L2_BREAKER_S,
         store_policy: StorePolicy | None = None,
         prefetch_policy: PrefetchPolicy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.adapters = list(adapters)
+        self.metrics = metrics or Metrics(dict, names="none")
+        # Upstream's labels for an adapter's series: its type and its place in the list.
+        self.labels = {
+            a.name: (str(_safe_stats(a).get("type", a.name)), str(i))
+            for i, a in enumerate(self.adapters)
+        }
         self.write_behind = write_behind
         self.prefetch_workers = prefetch_workers  # --l2-prefetch-workers
         self.breaker_s = breaker_s  # --l2-breaker-s
@@ -177,12 +185,19 @@ class TieredStore:
         ]:  # fmt: skip
             for adapter in todo:
                 tried.add(adapter.name)
+                kind, index = self.labels[adapter.name]
+                self.metrics.count("l2_store_started", (kind, index))
+                start = time.perf_counter()
                 try:
                     adapter.put(name, data)
                 except L2Error as exc:
                     self._trip(adapter, exc)
                     continue
+                finally:
+                    self.metrics.count("l2_store_ended", (kind, index))
                 self.counters.add(stored=1, store_bytes=nbytes)
+                self.metrics.count("l2_store_completed", (kind,))
+                self._observe_gbps("l2_store", kind, nbytes, time.perf_counter() - start)
 
     # ----- read path -----------------------------------------------------------------------
 
@@ -194,6 +209,7 @@ class TieredStore:
         into L1, pinned into ``lease``, in the background, as chunks of ``salt`` (the
         lookup's cache_salt). The handle's result is the groups loaded (possibly none); the
         lookup's session polls it (`Sessions.poll`)."""
+        self.metrics.count("prefetch_jobs_started")
         return self._prefetch.submit(self._find_and_load, lease, groups, layouts, salt)
 
     def _find_and_load(
@@ -201,14 +217,25 @@ class TieredStore:
         salt: str = "",
     ) -> list[list[ObjectKey]]:  # fmt: skip
         try:
-            sources = self._locate(groups, layouts)
-        except Exception:
-            logger.exception("L2 lookup failed")
-            sources = []
-        run = 0
-        while run < len(sources) and all(s is not None for s in sources[run]):
-            run += 1
-        return self._load(lease, groups[:run], layouts, sources[:run], salt)
+            self.metrics.count("l2_prefetch_lookup")
+            self.metrics.count("l2_prefetch_lookup_objects", (), sum(len(g) for g in groups))
+            try:
+                sources = self._locate(groups, layouts)
+            except Exception:
+                logger.exception("L2 lookup failed")
+                sources = []
+            run = 0
+            while run < len(sources) and all(s is not None for s in sources[run]):
+                run += 1
+            if run:  # upstream counts one load task per adapter that has chunks to give
+                used = {a.name for where in sources[:run] for a in where if a is not None}
+                self.metrics.count("l2_prefetch_load_submitted", (), len(used))
+                self.metrics.count(
+                    "l2_prefetch_load_submitted_objects", (), sum(len(g) for g in groups[:run])
+                )
+            return self._load(lease, groups[:run], layouts, sources[:run], salt)
+        finally:
+            self.metrics.count("prefetch_jobs_ended")
 
     def _locate(
         self, groups: list[list[ObjectKey]], layouts: list[ChunkLayout]
@@ -265,24 +292,43 @@ class TieredStore:
         if adapter is None:
             return False
 
+        kind, index = self.labels[adapter.name]
+
         def fill(_: int, out: np.ndarray) -> bool:
+            self.metrics.count("l2_load_started", (kind, index))
+            self.metrics.count("l2_load_bytes_started", (kind, index), out.nbytes)
             start = time.perf_counter()
             try:
                 ok = adapter.get_into(l2_key(key, layout.tag), out.data)
             except L2Error as exc:
                 self._trip(adapter, exc)
                 ok = False
+            finally:
+                self.metrics.count("l2_load_ended", (kind, index))
+                self.metrics.count("l2_load_bytes_ended", (kind, index), out.nbytes)
+            seconds = time.perf_counter() - start
             if ok:
-                self.prefetch_policy.observe(adapter, out.nbytes, time.perf_counter() - start)
+                self.prefetch_policy.observe(adapter, out.nbytes, seconds)
+                self.metrics.count("l2_load_completed", (kind,))
+                self._observe_gbps("l2_load", kind, out.nbytes, seconds)
             else:
                 self.counters.add(prefetch_failures=1)
+                self.metrics.count("l2_prefetch_failure", ("not_found",))
             return ok
 
         # Not told to the write-behind hook: these bytes came from L2.
         result = self.store.write([key], layout, fill, notify=False, salt=salt)
         if result.stored:
             self.counters.add(prefetched=1, prefetch_bytes=layout.nbytes)
+            self.metrics.count("l2_prefetch_load_completed")
+            self.metrics.count("l1_write")  # upstream counts L1 writes from L2 too
+        elif result.no_space:
+            self.metrics.count("l2_prefetch_failure", ("l1_oom",))
         return bool(result.stored or result.cached)  # cached: stored by an engine meanwhile
+
+    def _observe_gbps(self, name: str, kind: str, nbytes: int, seconds: float) -> None:
+        if seconds > 0:
+            self.metrics.observe_gbps(name, (kind,), nbytes / seconds / 1e9)
 
     def _up(self, adapter: L2Adapter) -> bool:
         """Not skipped after a recent failure (see `_trip`)."""
@@ -314,6 +360,7 @@ class TieredStore:
             "prefetch_policy": self.prefetch_policy.name,
             "queue_depth": len(self.write_behind),
             "queue_skipped_full": self.write_behind.skipped_full,
+            "queue_accepted": self.write_behind.accepted,
             "stored_objects": c.stored,
             "store_gbps": _gbps(c.store_bytes, c.store_seconds),
             "prefetch_gbps": _gbps(c.prefetch_bytes, c.prefetch_seconds),

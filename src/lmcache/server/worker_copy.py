@@ -63,6 +63,7 @@ class _Pending:
     pid: int | None = None  # the writer's process, if the kernel told us (see `expire`)
     tail_slot: WriteSlot | None = None  # a store's partial last chunk (L1 only)
     tail_tokens: int = 0
+    model_name: str = ""  # for the metrics
 
     def abort(self, store: ChunkStore) -> None:
         store.abort(self.slots)
@@ -140,7 +141,10 @@ class PreparedTransfers:
         if not (req.success and intact):
             raise TransferError("the chunks were cleared or expired during the copy; recompute")
         nbytes = self._bytes(pending, pending.tokens)
-        record_retrieve(self._metrics, pending.tokens, nbytes, pending.started)
+        record_retrieve(
+            self._metrics, pending.tokens, nbytes, pending.started, model=pending.model_name,
+            chunks=-(-pending.tokens // self._chunk_size), finished=False,
+        )  # fmt: skip
         return Committed(id=req.id, tokens=pending.tokens)
 
     def _commit_store(self, req: Commit, pending: _Pending) -> Committed:
@@ -156,6 +160,7 @@ class PreparedTransfers:
         record_store(
             self._metrics, result, chunks=chunks, tokens=tokens,
             nbytes=self._bytes(pending, tokens), started=pending.started,
+            model=pending.model_name, finished=False,
         )  # fmt: skip
         return Committed(id=req.id, tokens=tokens)
 
@@ -220,5 +225,5 @@ class PreparedTransfers:
         now = time.perf_counter(), time.monotonic() + self._ttl
         return _Pending(
             kind, req.instance_id, req.request_id, *now, engine.chunk_bytes, engine.layout_tag,
-            slots or [], lease, tokens, engine.pid,
+            slots or [], lease, tokens, engine.pid, model_name=engine.model_name,
         )  # fmt: skip

@@ -23,6 +23,7 @@ class WriteBehind:
         self._lock = threading.Lock()  # offered from every request thread at once
         self._closed = False
         self.skipped_full = 0
+        self.accepted = 0  # chunks queued (upstream's l2_store_submitted)
 
     def offer(self, key: ObjectKey, tag: bytes) -> None:
         with self._lock:
@@ -32,6 +33,7 @@ class WriteBehind:
                 self.skipped_full += 1
                 return
             self._queue.put_nowait((key, tag))
+            self.accepted += 1
 
     def take(self) -> tuple[ObjectKey, bytes] | None:
         """The next chunk to copy; None: stop."""
