@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+
+# At collection: numpy.random's lazy first import inside a test, beside server threads, once
+# failed with CPython 3.11's `_ModuleLock` KeyError.
+import numpy.random
 import pytest
 
 from lmcache import processes

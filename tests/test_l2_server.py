@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis as redis_lib
 
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.protocol.messages import (
@@ -244,3 +246,46 @@ def test_a_prefetch_that_finishes_at_once_counts_each_chunk_once(
         assert h.dispatch(QueryLookup(id=5, request_id="r")) == LookupReply(id=5, hit_tokens=4 * c)
     finally:
         core.tiers.stop()
+
+
+@pytest.mark.parametrize("shape", ["resp", "valkey"])
+def test_upstream_redis_adapter_shapes_reach_a_real_redis(engine: ShmKVCache, shape: str) -> None:
+    """Upstream's JSON for its Redis adapters, as its docs write them, against a real
+    redis-server: server A writes through it, server B (same JSON) reads byte for byte."""
+    redis = start_redis()
+    config = (
+        {"type": "resp", "host": "127.0.0.1", "port": redis.port}
+        if shape == "resp"
+        else {"type": "valkey", "startup_nodes": f"127.0.0.1:{redis.port}"}
+    )
+    adapter = json.dumps(config)
+    a, b = start_server("--l2-adapter", adapter), start_server("--l2-adapter", adapter)
+    try:
+        assert a.http().get("/status").json()["l2_adapters"][0]["name"].startswith("redis://")
+        tokens, original = store_three_chunks(a, engine, 7, seed=4)
+        wait_l2_objects(a, 3)
+        assert redis_lib.Redis(port=redis.port).dbsize() > 0  # the bytes are in that Redis
+        register(b.client(), engine, 7)
+        retrieve_is_exact(b, engine, 7, tokens, original)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def test_upstream_fs_adapter_shape_base_path(engine: ShmKVCache, tmp_path: Path) -> None:
+    """Upstream's fs JSON (``base_path``) on a real directory, read back after a restart."""
+    adapter = json.dumps({"type": "fs", "base_path": str(tmp_path / "kv")})
+    server = start_server("--l2-adapter", adapter)
+    try:
+        tokens, original = store_three_chunks(server, engine, 7, seed=5)
+        wait_l2_objects(server, 3)
+    finally:
+        server.stop()
+    assert any((tmp_path / "kv").rglob("*"))
+    server = start_server("--l2-adapter", adapter)
+    try:
+        register(server.client(), engine, 7)
+        retrieve_is_exact(server, engine, 7, tokens, original)
+    finally:
+        server.stop()
