@@ -33,7 +33,7 @@ from lmcache.client import LMCacheClient
 from lmcache.engine.transfer import BlockCopier, skip_blocks
 from lmcache.errors import LMCacheError, ServerError
 from lmcache.integration.vllm.metadata import LoadSpec, StoreSpec
-from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, WorkerCopy
+from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, StoreReply, WorkerCopy
 from lmcache.storage.shm import ShmSegment
 
 
@@ -56,7 +56,9 @@ class TransferPath(ABC):
 
     ``memory`` is what registration announces, so the server knows which requests this
     engine will send. `load` leaves the range's first ``skip_tokens`` alone (vLLM already
-    has them); `store` writes chunks the server does not have yet.
+    has them); `store` writes chunks the server does not have yet and answers how many
+    tokens of the range, from its start, the server now holds (fewer than the range when
+    L1 was full of locked objects: what KV events announce).
     """
 
     uses_bytes: ClassVar[bool] = False
@@ -75,7 +77,7 @@ class TransferPath(ABC):
     def load(self, spec: LoadSpec) -> None: ...
 
     @abstractmethod
-    def store(self, spec: StoreSpec) -> None: ...
+    def store(self, spec: StoreSpec) -> int: ...
 
     def close(self) -> None:  # noqa: B027 - optional: only a path that maps something has work
         """Drop what this path mapped; our own KV memory is not the path's to free."""
@@ -140,8 +142,8 @@ class SharedKVPath(TransferPath):
             **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
         )
 
-    def store(self, spec: StoreSpec) -> None:
-        self.client.store(**self._span(spec), block_ids=spec.block_ids)
+    def store(self, spec: StoreSpec) -> int:
+        return _held(self.client.store(**self._span(spec), block_ids=spec.block_ids), spec)
 
 
 class PoolPath(TransferPath):
@@ -197,7 +199,7 @@ class PoolPath(TransferPath):
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
 
-    def store(self, spec: StoreSpec) -> None:
+    def store(self, spec: StoreSpec) -> int:
         prepared = self.client.prepare_store(**self._span(spec))
         ok = False
         try:
@@ -209,6 +211,10 @@ class PoolPath(TransferPath):
             ok = True
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
+        if not prepared.no_space:
+            return spec.end - spec.start
+        chunk_tokens = self.copier.blocks_per_chunk * self.copier.layout.block_size
+        return min(spec.end - spec.start, len(prepared.offsets) * chunk_tokens)  # L1 full
 
     def _check_pieces(self, chunk_bytes: int, sizes: list[int]) -> list[int]:
         """``sizes``, once the server's whole-chunk size agrees with ours (it sizes partial
@@ -239,7 +245,18 @@ class BytesPath(TransferPath):
         frames = self.client.retrieve_bytes(**self._span(spec))
         self._scatter(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
 
-    def store(self, spec: StoreSpec) -> None:
+    def store(self, spec: StoreSpec) -> int:
         bufs = [np.empty(size, dtype=np.uint8) for size in self._sizes(spec)]
         self.copier.gather_range(self._ids(spec), enumerate(bufs))
-        self.client.store_bytes(**self._span(spec), chunks=bufs)
+        return _held(self.client.store_bytes(**self._span(spec), chunks=bufs), spec)
+
+
+def _held(reply: StoreReply, spec: StoreSpec) -> int:
+    """Tokens of the range, from its start, that the server holds after a store: all of
+    them, or (L1 full) the written and already cached prefix; none when some were cached
+    under another layout (where they sit in the range is not told)."""
+    if reply.conflict_tokens:
+        return 0
+    if not reply.no_space:
+        return spec.end - spec.start
+    return min(spec.end - spec.start, reply.stored_tokens + reply.cached_tokens)

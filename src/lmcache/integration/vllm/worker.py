@@ -18,12 +18,17 @@ tries the preferred path again.
 
 A failed load reports its blocks as load errors (vLLM recomputes them); a failed
 store is only logged. While the server is down, both are skipped (see `link.py`).
+
+Every load and store is counted for vLLM's stats (`stats.py`); with vLLM's KV events on,
+a finished store's blocks (what the server holds of them) wait in `events` for vLLM to
+take them after the step (`kv_events.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
@@ -40,8 +45,10 @@ from lmcache.errors import (
 )
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
+from lmcache.integration.vllm.kv_events import WorkerEvents
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy, StoreSpec
+from lmcache.integration.vllm.stats import Tally
 from lmcache.integration.vllm.store_queue import StoreQueue
 from lmcache.integration.vllm.transfer_paths import (
     BytesPath,
@@ -71,6 +78,7 @@ class WorkerSide:
         can_store: bool,
         async_store: bool = True,
         copy_threads: int = COPY_THREADS,
+        events: bool = False,
     ) -> None:
         self.link = link
         self.copy_threads = copy_threads
@@ -89,6 +97,8 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
         self._stores = StoreQueue(self._store_one) if async_store and can_store else None
+        self.stats = Tally()
+        self.events = WorkerEvents() if events and can_store else None  # None: vLLM's are off
         link.instance_id = self.instance_id
         link.on_recover = self._register
 
@@ -202,16 +212,22 @@ class WorkerSide:
     def start_load(self, meta: Metadata) -> None:
         for spec in meta.loads:
             path = self.path
+            began = time.perf_counter()
             ok = (
                 self.can_load
                 and path is not None
                 and self.link.healthy
                 and self._moved("load", spec.request_id, partial(path.load, spec))
             )
+            first = spec.skip_tokens // self.identity.block_size
             if not ok:  # vLLM recomputes these blocks (the skipped ones it has already)
-                first = spec.skip_tokens // self.identity.block_size
                 self._load_errors.update(spec.block_ids[first:])
                 self._failed_loads.add(spec.request_id)
+                self._count(failed_loads=1)
+                continue
+            tokens = spec.end - spec.start - first * self.identity.block_size
+            self._count(load_tokens=tokens)
+            self.stats.add(load_bytes=self._bytes(tokens), load_seconds=time.perf_counter() - began)
 
     def handle_preemptions(self, meta: Metadata) -> None:
         """Before this step touches any block: a preempted request's blocks are free again
@@ -238,7 +254,31 @@ class WorkerSide:
         path = self.path
         if path is None or not self.link.healthy:
             return  # degraded: skipped (the scheduler's stores are best effort)
-        self._moved("store", spec.request_id, partial(path.store, spec))
+        began, held = time.perf_counter(), 0
+
+        def store() -> None:
+            nonlocal held
+            held = path.store(spec)  # tokens of the range the server holds now
+
+        if not self._moved("store", spec.request_id, store):
+            self._count(failed_stores=1)
+            return
+        tokens = spec.end - spec.start
+        self._count(store_tokens=tokens)
+        self.stats.add(store_bytes=self._bytes(tokens), store_seconds=time.perf_counter() - began)
+        if self.events is not None and spec.event is not None:
+            self.events.add(spec.event.prefix(held // self.identity.block_size))
+
+    def _count(self, **counts: float) -> None:
+        """Token and failure counts: KV rank 0's only (every rank moves the same tokens)."""
+        if self.parallel.rank == 0:
+            self.stats.add(**counts)
+
+    def _bytes(self, tokens: int) -> int:
+        layout = self._layout
+        if layout is None:
+            return 0
+        return tokens // layout.block_size * layout.num_layers * layout.block_bytes
 
     def _moved(self, what: str, request_id: str, move: Callable[[], None]) -> bool:
         """Run one load or store; a failure is logged (and a server that stopped answering
@@ -255,6 +295,10 @@ class WorkerSide:
         return False
 
     # ----- completion ------------------------------------------------------------------------
+
+    def take_events(self) -> list[object]:
+        """Finished stores' events since the last call (empty when vLLM's are off)."""
+        return list(self.events.take()) if self.events is not None else []
 
     def load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
