@@ -163,6 +163,13 @@ class ServerSettings(BaseSettings):
     disable_observability: bool = Field(
         False, description="upstream's switch for its event bus; here: --disable-metrics"
     )
+    kv_event_log_size: int = Field(
+        0,
+        ge=0,
+        le=1 << 20,
+        description="keep a log of this many KV events (chunks stored into and removed from "
+        "L1) that engines poll, e.g. the vLLM connector for its KV events; 0 = no log",
+    )
     prometheus_port: int | None = Field(
         None,
         ge=1,

@@ -248,6 +248,8 @@ class ServerRuntime:
         if self._handler is not None:
             for line in self._handler.reap(self.settings.engine_timeout_s):
                 logger.warning("%s", line)
+            if self._handler.kv_events is not None:
+                self._handler.kv_events.sweep()  # removals from L1, whatever their cause
 
     # ----- views for HTTP -----------------------------------------------------------------
 
@@ -343,6 +345,9 @@ class ServerRuntime:
                 "shm_segment": self._segment.name if self._segment else None,
             },
             "l2_adapters": self.tiers.status() if self.tiers else [],
+            "kv_events": self._handler.kv_events.stats()
+            if self._handler is not None and self._handler.kv_events is not None
+            else None,
             "workers": [
                 {
                     "name": "zmq-loop",
