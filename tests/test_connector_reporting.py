@@ -3,6 +3,7 @@ request (the real vLLM and server: tests/vllm/test_vllm_reporting.py)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -13,14 +14,17 @@ from lmcache.errors import ServerError
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.kv_events import (
     EventTally,
+    RemovalWatch,
+    RemovedBlocks,
     StoredBlocks,
     WorkerEvents,
     stored_blocks,
 )
 from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy, StoreSpec
 from lmcache.integration.vllm.stats import Tally, merged, summary
+from lmcache.integration.vllm.transfer_paths import Held
 from lmcache.integration.vllm.worker import WorkerSide
-from lmcache.protocol.messages import KVLayout, LayerPlacement
+from lmcache.protocol.messages import KVEventRecord, KVEvents, KVLayout, LayerPlacement
 
 from .test_connector_scheduler import FakeClient, FakeLink, blocks, step
 
@@ -159,25 +163,53 @@ def test_a_lookup_is_counted_once_it_is_answered() -> None:
 class FakePath:
     held: int | None = None  # tokens the server holds after a store (None: all)
     fail: bool = False
-    stored: list[StoreSpec] = field(default_factory=list)
+    asked_keys: list[bool] = field(default_factory=list)
 
-    def store(self, spec: StoreSpec) -> int:
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
         if self.fail:
             raise ServerError("boom")
-        self.stored.append(spec)
-        return spec.end - spec.start if self.held is None else self.held
+        self.asked_keys.append(want_keys)
+        chunks = -(-(spec.end - spec.start) // 256)
+        keys = tuple(f"k{spec.start // 256 + i}".encode() for i in range(chunks))
+        return Held(spec.end - spec.start if self.held is None else self.held, keys)
 
     def load(self, spec: Any) -> None:
         if self.fail:
             raise ServerError("boom")
 
 
-def worker(path: FakePath, *, events: bool = True, rank: int = 0) -> WorkerSide:
-    link = SimpleNamespace(chunk_size=256, healthy=True, instance_id=None, on_recover=None)
+@dataclass
+class FakeLog:
+    """The server's KV event log, as `poll_kv_events` answers it."""
+
+    records: list[KVEventRecord] = field(default_factory=list)
+    log: str = "L"
+    enabled: bool = True
+    lost: bool = False
+    polls: list[int] = field(default_factory=list)
+
+    def poll_kv_events(self, after: int = 0) -> KVEvents:
+        self.polls.append(after)
+        new = [r for r in self.records if r.seq > after]
+        nxt = new[-1].seq if new else after
+        return KVEvents(
+            id=1, log=self.log, enabled=self.enabled, next=nxt, lost=self.lost, records=new
+        )
+
+    def remove(self, key: bytes) -> None:
+        self.records.append(KVEventRecord(len(self.records) + 1, "removed", key))
+
+
+def worker(
+    path: FakePath, *, events: bool = True, rank: int = 0, log: FakeLog | None = None
+) -> WorkerSide:
+    link = SimpleNamespace(
+        chunk_size=256, healthy=True, instance_id=None, on_recover=None, client=log or FakeLog()
+    )
     w = WorkerSide(
         link,  # type: ignore[arg-type]
         IDENT, ParallelStrategy(2, rank), "lmcache_driven", can_load=True, can_store=True,
-        async_store=False, events=events,
+        async_store=False, events=events, event_poll_s=0.01,
     )  # fmt: skip
     w.path = path  # type: ignore[assignment]
     w._layout = KVLayout(  # 2 layers, 1 KiB per block of a layer
@@ -197,7 +229,9 @@ def spec(first: int, last: int) -> StoreSpec:
 def test_a_finished_store_is_announced_and_counted() -> None:
     w = worker(FakePath())
     w.save(Metadata(stores=[spec(0, 4)]))
-    assert w.take_events() == [event(0, 4)] and w.take_events() == []
+    assert w.take_events() == [event(0, 4)]
+    time.sleep(0.02)
+    assert w.take_events() == []
     data = w.stats.take()
     assert data is not None
     assert (data["store_tokens"], data["store_bytes"]) == (512, 4 * 2 * 1024)
@@ -294,3 +328,72 @@ def test_vllm_stats_and_prometheus_counters() -> None:
     assert value("vllm:lmcache_store_tokens_total", {"engine": "0"}) == 512
     assert value("vllm:lmcache_lookup_tokens_total", {"engine": "0"}) == 20
     assert value("vllm:lmcache_failed_loads_total", {"engine": "0"}) == 0
+
+
+# ----- removals, from the server's KV event log (rank 0) ------------------------------------
+
+
+def test_rank_zero_announces_the_removal_of_a_chunk_it_stored() -> None:
+    log, path = FakeLog(), FakePath()
+    w = worker(path, log=log)
+    w.save(Metadata(stores=[spec(0, 4)]))  # chunks k0 (blocks 0-1) and k1 (blocks 2-3)
+    assert path.asked_keys == [True]
+    assert w.take_events() == [event(0, 4)]
+    log.remove(b"k1")
+    log.remove(b"someone else's")
+    time.sleep(0.02)
+    assert w.take_events() == [RemovedBlocks(tuple(HASHES[2:4]))]
+    time.sleep(0.02)
+    assert w.take_events() == [] and log.polls[-1] == 2  # each record once
+
+
+def test_a_lost_log_withdraws_everything_announced() -> None:
+    log = FakeLog()
+    w = worker(FakePath(held=256), log=log)  # L1 full: only chunk k0 held
+    w.save(Metadata(stores=[spec(0, 4)]))
+    assert w.take_events() == [event(0, 2)]
+    log.log = "restarted"
+    time.sleep(0.02)
+    assert w.take_events() == [RemovedBlocks(tuple(HASHES[0:2]))]
+    log.remove(b"k0")  # already withdrawn: nothing more
+    time.sleep(0.02)
+    assert w.take_events() == []
+
+
+def test_other_ranks_and_servers_without_a_log_do_not_poll() -> None:
+    log, path = FakeLog(), FakePath()
+    w = worker(path, rank=1, log=log)
+    w.save(Metadata(stores=[spec(0, 2)]))
+    w.take_events()
+    assert w.removals is None and path.asked_keys == [False] and log.polls == []
+    off = FakeLog(enabled=False)
+    watch = RemovalWatch(off.poll_kv_events, interval=0.01)
+    assert watch.check(now=1.0) == [] and not watch.enabled
+    assert watch.check(now=2.0) == [] and off.polls == [0]  # never asked again
+
+
+def test_the_watch_polls_at_its_interval_and_is_bounded() -> None:
+    log = FakeLog()
+    watch = RemovalWatch(log.poll_kv_events, interval=1.0, limit=2)
+    e = event(0, 6)
+    assert e is not None
+    watch.remember([b"a", b"b", b"c"], e, chunk_size=256)  # a is dropped (limit 2)
+    for key in (b"a", b"b"):
+        log.remove(key)
+    assert watch.check(now=10.0) == [RemovedBlocks(tuple(HASHES[2:4]))]
+    log.remove(b"c")
+    assert watch.check(now=10.5) == []  # not due yet
+    assert watch.check(now=11.0) == [RemovedBlocks(tuple(HASHES[4:6]))]
+
+
+def test_removals_are_ready_at_once_in_vllm_form() -> None:
+    tally = EventTally(ranks=4)
+    removed = RemovedBlocks((HASHES[0],))
+    tally.add([removed])
+    assert tally.take() == [removed]
+    pytest.importorskip("vllm")
+    from lmcache.integration.vllm.kv_events import to_vllm
+
+    (out,) = to_vllm([removed])
+    assert type(out).__name__ == "BlockRemoved" and out.medium == "CPU"
+    assert len(out.block_hashes) == 1

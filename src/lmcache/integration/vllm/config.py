@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
-from lmcache.defaults import COPY_THREADS, RPC_TIMEOUT_S, SERVER_PORT
+from lmcache.defaults import COPY_THREADS, KV_EVENT_POLL_S, RPC_TIMEOUT_S, SERVER_PORT
 from lmcache.errors import ConfigError
 from lmcache.transport.zmq_client import CurveClientKeys
 
@@ -48,6 +48,9 @@ class ConnectorConfig:
     # Threads one block copy is split over (0 = auto: up to 4, at most the usable CPUs;
     # copies under 1 MiB use one). The server's --copy-threads, for this worker's copies.
     copy_threads: int = COPY_THREADS
+    # With vLLM's KV events on: seconds between polls of the server's KV event log, for
+    # the removal of blocks we announced (0 = never poll; kv_events.py).
+    kv_event_poll_interval: float = KV_EVENT_POLL_S
     # A server on another host (README, "Threat model"): its server.key and our key_secret.
     curve_server_key: str = ""
     curve_client_cert: str = ""

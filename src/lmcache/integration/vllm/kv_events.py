@@ -17,22 +17,34 @@ matched by the same hashes, with a medium that says where it is (as vLLM's nativ
 offloading connector does). ``medium`` is vLLM's ``CPU`` (the L1 pool is host memory), and
 ``ownership`` is ``lmcache`` so that a router can tell our tier from vLLM's own offloading.
 
-Removals: a store's event is announced once; what we learn of removals is vLLM's own reset
-(`reset_cache` clears the server too, and vLLM then publishes ``AllBlocksCleared``).
-Evictions inside the server are not announced (README, "KV events").
+Removals, when the server keeps a KV event log (``--kv-event-log-size``): KV rank 0's
+stores ask for their chunk keys, and `RemovalWatch` remembers which of our announced blocks
+each key holds; every ``lmcache.mp.kv_event_poll_interval`` seconds it polls the log, and a
+key that left L1 (evicted, cleared, deleted: whatever the cause, whoever caused it)
+becomes ``BlockRemoved`` of those blocks. A log we lost track of (the ring wrapped past our
+cursor, a server restart) withdraws every block we announced. Without a log, removals are
+not announced (vLLM's own ``reset_cache`` still clears both, with ``AllBlocksCleared``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from lmcache.errors import LMCacheError
+from lmcache.protocol.messages import KVEvents
+
+logger = logging.getLogger("lmcache.integration")
 
 MEDIUM = "CPU"  # vLLM's name for host memory, what L1 is
 OWNERSHIP = "lmcache"  # which secondary tier announced the blocks
 MAX_PENDING = 4096  # events waiting for the other ranks (scheduler), or for vLLM (worker)
+MAX_WATCHED = 65536  # chunk keys whose removal rank 0 watches for (the oldest are dropped)
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,77 @@ def stored_blocks(
     )
 
 
+@dataclass(frozen=True)
+class RemovedBlocks:
+    """Blocks we announced that the server no longer holds (KV rank 0 alone reports it)."""
+
+    block_hashes: tuple[Any, ...]
+
+
+class RemovalWatch:
+    """KV rank 0's side of the server's KV event log: chunk key -> our announced blocks,
+    and a poll of the log when one is due (`check`). Never raises: a failed poll is tried
+    again at the next interval; a server without a log is not asked again."""
+
+    def __init__(
+        self, poll: Callable[[int], KVEvents], interval: float, limit: int = MAX_WATCHED
+    ) -> None:
+        self._poll = poll
+        self.interval = interval
+        self.limit = limit
+        self._blocks: OrderedDict[bytes, tuple[Any, ...]] = OrderedDict()
+        self._log = ""  # the log we follow ("" until the first answer)
+        self._after = 0
+        self._due = 0.0
+        self.enabled = interval > 0
+
+    def remember(self, keys: Sequence[bytes], event: StoredBlocks, chunk_size: int) -> None:
+        """The stored range of ``event`` has these chunk keys, in order (a key's blocks
+        are its chunk's, up to the blocks ``event`` holds)."""
+        per_chunk = chunk_size // event.block_size
+        for i, key in enumerate(keys):
+            hashes = event.block_hashes[i * per_chunk : (i + 1) * per_chunk]
+            if not hashes:
+                break
+            self._blocks[key] = hashes
+            self._blocks.move_to_end(key)
+        while len(self._blocks) > self.limit:
+            self._blocks.popitem(last=False)
+
+    def check(self, now: float | None = None) -> list[RemovedBlocks]:
+        """Removals since the last poll, if a poll is due (else nothing)."""
+        now = time.monotonic() if now is None else now
+        if not self.enabled or now < self._due:
+            return []
+        self._due = now + self.interval
+        try:
+            reply = self._poll(self._after)
+        except LMCacheError as exc:
+            logger.debug("polling the LMCache KV event log failed: %s", exc)
+            return []
+        if not reply.enabled:
+            self.enabled = False
+            logger.info(
+                "the LMCache server keeps no KV event log (start it with --kv-event-log-size "
+                "N): blocks it evicts are not announced as removed"
+            )
+            return []
+        out: list[RemovedBlocks] = []
+        if self._log and (reply.log != self._log or reply.lost):
+            out += self._forget_all()  # we missed removals: withdraw everything we announced
+        self._log, self._after = reply.log, reply.next
+        for record in reply.records:
+            hashes = self._blocks.pop(record.key, None) if record.kind == "removed" else None
+            if hashes:
+                out.append(RemovedBlocks(hashes))
+        return out
+
+    def _forget_all(self) -> list[RemovedBlocks]:
+        hashes = tuple(h for blocks in self._blocks.values() for h in blocks)
+        self._blocks.clear()
+        return [RemovedBlocks(hashes)] if hashes else []
+
+
 class WorkerEvents:
     """The worker's finished stores, until vLLM takes them after the step (the store
     thread adds, the step takes; bounded: the oldest is dropped if vLLM never asks)."""
@@ -123,10 +206,13 @@ class EventTally:
         self.ranks = max(1, ranks)
         self.limit = limit
         self._seen: OrderedDict[StoredBlocks, int] = OrderedDict()
-        self._ready: list[StoredBlocks] = []
+        self._ready: list[StoredBlocks | RemovedBlocks] = []
 
     def add(self, events: Iterable[object]) -> None:
         for event in events:
+            if isinstance(event, RemovedBlocks):
+                self._ready.append(event)  # rank 0 alone watches removals
+                continue
             if not isinstance(event, StoredBlocks):
                 continue
             count = self._seen.pop(event, 0) + 1
@@ -137,29 +223,35 @@ class EventTally:
             while len(self._seen) > self.limit:
                 self._seen.popitem(last=False)
 
-    def take(self) -> list[StoredBlocks]:
+    def take(self) -> list[StoredBlocks | RemovedBlocks]:
         ready, self._ready = self._ready, []
         return ready
 
 
-def to_vllm(events: Iterable[StoredBlocks]) -> list[Any]:
-    """vLLM's ``BlockStored`` events, hashes in the form vLLM publishes its own (bytes, or
-    ints with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``); imported here: only a running vLLM
-    calls this."""
-    from vllm.distributed.kv_events import BlockStored
+def to_vllm(events: Iterable[StoredBlocks | RemovedBlocks]) -> list[Any]:
+    """vLLM's ``BlockStored`` / ``BlockRemoved`` events, hashes in the form vLLM publishes
+    its own (bytes, or ints with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``); imported here:
+    only a running vLLM calls this."""
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as external
 
-    return [
-        BlockStored(
-            block_hashes=[external(h) for h in e.block_hashes],
-            parent_block_hash=None if e.parent is None else external(e.parent),
-            token_ids=list(e.token_ids),
-            block_size=e.block_size,
-            lora_id=None,
-            medium=MEDIUM,
-            lora_name=None,
-            extra_keys=e.extra_keys(),
-            ownership=OWNERSHIP,
+    out: list[Any] = []
+    for e in events:
+        hashes = [external(h) for h in e.block_hashes]
+        if isinstance(e, RemovedBlocks):
+            out.append(BlockRemoved(block_hashes=hashes, medium=MEDIUM, ownership=OWNERSHIP))
+            continue
+        out.append(
+            BlockStored(
+                block_hashes=hashes,
+                parent_block_hash=None if e.parent is None else external(e.parent),
+                token_ids=list(e.token_ids),
+                block_size=e.block_size,
+                lora_id=None,
+                medium=MEDIUM,
+                lora_name=None,
+                extra_keys=e.extra_keys(),
+                ownership=OWNERSHIP,
+            )
         )
-        for e in events
-    ]
+    return out

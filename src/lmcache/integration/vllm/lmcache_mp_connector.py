@@ -96,6 +96,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 link, identity, _parallel(vllm_config), config.transfer_mode,
                 can_load=can_load, can_store=can_store, async_store=config.async_store,
                 copy_threads=config.copy_threads, events=events,
+                event_poll_s=config.kv_event_poll_interval,
             )  # fmt: skip
 
     # ----- worker side ----------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar, TypedDict
 
 import numpy as np
@@ -42,6 +43,16 @@ class NoSharedMemory(LMCacheError):
     The message says why, for the one warning that the fallback logs."""
 
 
+@dataclass(frozen=True)
+class Held:
+    """What the server holds of a stored range: ``tokens`` of it from its start (fewer
+    than the range when L1 was full of locked objects), and, when the store asked for
+    them, the range's chunk keys (to match removals in the server's KV event log)."""
+
+    tokens: int
+    keys: tuple[bytes, ...] = ()
+
+
 class _Span(TypedDict):
     request_id: str
     instance_id: int
@@ -56,9 +67,8 @@ class TransferPath(ABC):
 
     ``memory`` is what registration announces, so the server knows which requests this
     engine will send. `load` leaves the range's first ``skip_tokens`` alone (vLLM already
-    has them); `store` writes chunks the server does not have yet and answers how many
-    tokens of the range, from its start, the server now holds (fewer than the range when
-    L1 was full of locked objects: what KV events announce).
+    has them); `store` writes chunks the server does not have yet and answers what the
+    server now holds of the range (`Held`: what KV events announce).
     """
 
     uses_bytes: ClassVar[bool] = False
@@ -77,7 +87,7 @@ class TransferPath(ABC):
     def load(self, spec: LoadSpec) -> None: ...
 
     @abstractmethod
-    def store(self, spec: StoreSpec) -> int: ...
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held: ...
 
     def close(self) -> None:  # noqa: B027 - optional: only a path that maps something has work
         """Drop what this path mapped; our own KV memory is not the path's to free."""
@@ -142,8 +152,9 @@ class SharedKVPath(TransferPath):
             **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
         )
 
-    def store(self, spec: StoreSpec) -> int:
-        return _held(self.client.store(**self._span(spec), block_ids=spec.block_ids), spec)
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
+        reply = self.client.store(**self._span(spec), block_ids=spec.block_ids, want_keys=want_keys)
+        return _held(reply, spec)
 
 
 class PoolPath(TransferPath):
@@ -199,8 +210,8 @@ class PoolPath(TransferPath):
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
 
-    def store(self, spec: StoreSpec) -> int:
-        prepared = self.client.prepare_store(**self._span(spec))
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
+        prepared = self.client.prepare_store(**self._span(spec), want_keys=want_keys)
         ok = False
         try:
             # -1: the server has that chunk already; a short list: L1 is full (no_space).
@@ -211,10 +222,11 @@ class PoolPath(TransferPath):
             ok = True
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
-        if not prepared.no_space:
-            return spec.end - spec.start
-        chunk_tokens = self.copier.blocks_per_chunk * self.copier.layout.block_size
-        return min(spec.end - spec.start, len(prepared.offsets) * chunk_tokens)  # L1 full
+        tokens = spec.end - spec.start
+        if prepared.no_space:  # L1 full: the chunks that got a slot (or were cached)
+            chunk_tokens = self.copier.blocks_per_chunk * self.copier.layout.block_size
+            tokens = min(tokens, len(prepared.offsets) * chunk_tokens)
+        return Held(tokens, tuple(prepared.keys))
 
     def _check_pieces(self, chunk_bytes: int, sizes: list[int]) -> list[int]:
         """``sizes``, once the server's whole-chunk size agrees with ours (it sizes partial
@@ -245,18 +257,20 @@ class BytesPath(TransferPath):
         frames = self.client.retrieve_bytes(**self._span(spec))
         self._scatter(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
 
-    def store(self, spec: StoreSpec) -> int:
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
         bufs = [np.empty(size, dtype=np.uint8) for size in self._sizes(spec)]
         self.copier.gather_range(self._ids(spec), enumerate(bufs))
-        return _held(self.client.store_bytes(**self._span(spec), chunks=bufs), spec)
+        reply = self.client.store_bytes(**self._span(spec), chunks=bufs, want_keys=want_keys)
+        return _held(reply, spec)
 
 
-def _held(reply: StoreReply, spec: StoreSpec) -> int:
-    """Tokens of the range, from its start, that the server holds after a store: all of
-    them, or (L1 full) the written and already cached prefix; none when some were cached
-    under another layout (where they sit in the range is not told)."""
+def _held(reply: StoreReply, spec: StoreSpec) -> Held:
+    """What the server holds after a store: all of the range, or (L1 full) the written
+    and already cached prefix; nothing when some chunks were cached under another layout
+    (where they sit in the range is not told)."""
+    tokens = spec.end - spec.start
     if reply.conflict_tokens:
-        return 0
-    if not reply.no_space:
-        return spec.end - spec.start
-    return min(spec.end - spec.start, reply.stored_tokens + reply.cached_tokens)
+        tokens = 0
+    elif reply.no_space:
+        tokens = min(tokens, reply.stored_tokens + reply.cached_tokens)
+    return Held(tokens, tuple(reply.keys))

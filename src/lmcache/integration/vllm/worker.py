@@ -21,7 +21,8 @@ store is only logged. While the server is down, both are skipped (see `link.py`)
 
 Every load and store is counted for vLLM's stats (`stats.py`); with vLLM's KV events on,
 a finished store's blocks (what the server holds of them) wait in `events` for vLLM to
-take them after the step (`kv_events.py`).
+take them after the step, and KV rank 0 watches the server's KV event log for their
+removal (`removals`; `kv_events.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmcache.defaults import COPY_THREADS
+from lmcache.defaults import COPY_THREADS, KV_EVENT_POLL_S
 from lmcache.engine.transfer import BlockCopier
 from lmcache.errors import (
     BadRequestError,
@@ -45,13 +46,14 @@ from lmcache.errors import (
 )
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
-from lmcache.integration.vllm.kv_events import WorkerEvents
+from lmcache.integration.vllm.kv_events import RemovalWatch, WorkerEvents
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy, StoreSpec
 from lmcache.integration.vllm.stats import Tally
 from lmcache.integration.vllm.store_queue import StoreQueue
 from lmcache.integration.vllm.transfer_paths import (
     BytesPath,
+    Held,
     NoSharedMemory,
     PoolPath,
     SharedKVPath,
@@ -79,6 +81,7 @@ class WorkerSide:
         async_store: bool = True,
         copy_threads: int = COPY_THREADS,
         events: bool = False,
+        event_poll_s: float = KV_EVENT_POLL_S,
     ) -> None:
         self.link = link
         self.copy_threads = copy_threads
@@ -99,6 +102,11 @@ class WorkerSide:
         self._stores = StoreQueue(self._store_one) if async_store and can_store else None
         self.stats = Tally()
         self.events = WorkerEvents() if events and can_store else None  # None: vLLM's are off
+        self.removals = (
+            RemovalWatch(link.client.poll_kv_events, event_poll_s)
+            if self.events is not None and parallel.rank == 0 and event_poll_s > 0
+            else None
+        )
         link.instance_id = self.instance_id
         link.on_recover = self._register
 
@@ -254,11 +262,13 @@ class WorkerSide:
         path = self.path
         if path is None or not self.link.healthy:
             return  # degraded: skipped (the scheduler's stores are best effort)
-        began, held = time.perf_counter(), 0
+        began, held = time.perf_counter(), Held(0)
+        want_keys = self.removals is not None and spec.event is not None
 
         def store() -> None:
             nonlocal held
-            held = path.store(spec)  # tokens of the range the server holds now
+            # what the server holds now (its chunk keys too, when we watch removals)
+            held = path.store(spec, want_keys=True) if want_keys else path.store(spec)
 
         if not self._moved("store", spec.request_id, store):
             self._count(failed_stores=1)
@@ -267,7 +277,10 @@ class WorkerSide:
         self._count(store_tokens=tokens)
         self.stats.add(store_bytes=self._bytes(tokens), store_seconds=time.perf_counter() - began)
         if self.events is not None and spec.event is not None:
-            self.events.add(spec.event.prefix(held // self.identity.block_size))
+            stored = spec.event.prefix(held.tokens // self.identity.block_size)
+            self.events.add(stored)
+            if self.removals is not None and stored is not None:
+                self.removals.remember(held.keys, stored, self.chunk_size)
 
     def _count(self, **counts: float) -> None:
         """Token and failure counts: KV rank 0's only (every rank moves the same tokens)."""
@@ -297,8 +310,14 @@ class WorkerSide:
     # ----- completion ------------------------------------------------------------------------
 
     def take_events(self) -> list[object]:
-        """Finished stores' events since the last call (empty when vLLM's are off)."""
-        return list(self.events.take()) if self.events is not None else []
+        """Finished stores' events since the last call, then the removals the server's
+        KV event log told of, if a poll was due (empty when vLLM's events are off)."""
+        if self.events is None:
+            return []
+        events: list[object] = list(self.events.take())
+        if self.removals is not None and self.link.healthy:
+            events += self.removals.check()
+        return events
 
     def load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
