@@ -2,7 +2,9 @@
 
     copies (engine memory, bytes in messages) ─┐                 ┌─> L1Cache (pool, pins,
     prepared transfers (the worker copies)   ──┼─> ChunkStore ───┤    eviction, clear)
-    L2 prefetch, L2 write-behind, sessions   ──┘   write / read  └─> on_stored hook (L2)
+    L2 prefetch, L2 write-behind, sessions   ──┘   write / read  ├─> on_stored hook (L2)
+                                                                 └─> on_committed hook
+                                                                     (the KV event log)
 
 A write is always the same few steps, written once here: reserve each chunk (or learn
 that it is cached, unreadable with this layout, or that L1 is full of pinned chunks),
