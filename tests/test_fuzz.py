@@ -55,12 +55,14 @@ from lmcache.protocol.messages import (
     ErrorCode,
     ErrorReply,
     FreeLookup,
+    KVEvents,
     KVLayout,
     LayerPlacement,
     Lookup,
     LookupReply,
     Ok,
     Ping,
+    PollKVEvents,
     Pong,
     Prepared,
     PrepareRetrieve,
@@ -127,13 +129,14 @@ ALLOWED: dict[type[Any], tuple[tuple[type[Any], ...], frozenset[str]]] = {
     RetrieveBytes: ((ChunkData,), frozenset({BAD, UNKNOWN_ENGINE, MISS})),
     EndSession: ((Ok,), frozenset()),
     Clear: ((Ok,), frozenset()),
+    PollKVEvents: ((KVEvents,), frozenset()),  # fuzzed in test_fuzz_kv_events.py
 }
 assert set(ALLOWED) == set(Request.__args__), "a new request type needs an entry here"
 DATA_OPS = (StoreBytes, RetrieveBytes)  # the only requests that take data frames
 # Every request type but Clear, which would wipe the cache mid-run: it is tested once, below.
 # UnregisterKV goes last, so that the engines RegisterKV made are there for the others.
 FUZZED_KINDS: list[type[Any]] = sorted(
-    (k for k in Request.__args__ if k is not Clear), key=lambda k: k is UnregisterKV
+    (k for k in Request.__args__ if k not in (Clear, PollKVEvents)), key=lambda k: k is UnregisterKV
 )
 
 _ids = itertools.count(1)

@@ -253,6 +253,8 @@ def test_curve_peers_use_the_cache_but_never_map_memory(
             remote.register(9, rank=0, layout=kv.layout, memory=kv.memory, **MODEL)
         with pytest.raises(ForbiddenError, match="registered by another client"):
             remote.unregister(VICTIM)
+        with pytest.raises(ForbiddenError, match="every tenant's keys: local peers only"):
+            remote.poll_kv_events()  # the log names every tenant's chunk keys
         with pytest.raises(ForbiddenError, match="another client"):
             remote.register(VICTIM, rank=0, layout=kv.layout, memory=WorkerCopy(), **MODEL)
         # Its own registration works, in bytes mode, with byte-exact results.

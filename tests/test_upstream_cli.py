@@ -39,6 +39,7 @@ def upstream_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         "--l1-write-ttl-seconds=45", "--supported-transfer-mode", "auto", "--transport", "zmq",
         "--instance-id", "node-a", "--l2-store-policy", "default", "--hash-algorithm", "blake3",
         "--max-gpu-workers", "2", "--no-l1-use-lazy", "--prometheus-port", str(free_port()),
+        "--kv-event-log-size", "32768",
         "--l2-adapter", json.dumps({"type": "fs", "base_path": str(base)}),
     )  # fmt: skip
     s.fs_base = base  # type: ignore[attr-defined]
@@ -54,6 +55,8 @@ def test_upstream_flags_take_effect(upstream_server: ServerProcess) -> None:
     assert config["instance_id"] == "node-a"
     assert config["max_workers"] == 2
     assert config["l2_store_policy"] == "all"
+    assert config["kv_event_log_size"] == 32768
+    assert upstream_server.status()["kv_events"]["size"] == 32768
     assert config["l2_adapter"][0]["base_path"]  # as given; the fs adapter gets it as path
     version = upstream_server.http_json("GET", "/version")
     assert version["instance_id"] == "node-a"
@@ -133,7 +136,7 @@ def test_commands_with_the_server_down(args: list[str]) -> None:
     [
         ["--p2p-advertise-url", "h:1"], ["--coordinator-url", "http://c:9300"],
         ["--engine-type", "blend"], ["--transport", "grpc"], ["--l1-use-hugepages"],
-        ["--kv-event-log-size=10"],
+        ["--periodic-notifier-interval-ms=10"],
         ["--runtime-plugin-locations", "/x"], ["--gds-l1-path", "/nvme"],
         ["--l2-store-policy", "skip_l1"], ["--hash-algorithm", "builtin"],
         ["--enable-tracing"], ["--otlp-endpoint", "http://o:4317"],

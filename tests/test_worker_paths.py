@@ -135,6 +135,15 @@ class TestTransferPathContract:
         np.testing.assert_array_equal(rig.blocks(dst), original)
         np.testing.assert_array_equal(rig.blocks(src), original)  # the source is untouched
 
+    def test_a_store_says_what_the_server_holds_and_its_keys(self, rig: Rig) -> None:
+        tokens, src, _ = two_chunks()
+        held = rig.path.store(store_spec(tokens, src), want_keys=True)
+        assert held.tokens == 2 * CHUNK and len(held.keys) == 2
+        assert all(len(k) == 48 for k in held.keys) and held.keys[0] != held.keys[1]
+        again = rig.path.store(store_spec(tokens, src), want_keys=True)  # cached: same keys
+        assert again == held
+        assert rig.path.store(store_spec(tokens, src)).keys == ()  # not asked: none
+
     @pytest.mark.parametrize("skip", [3, BPC + 5], ids=["in-first-chunk", "past-first-chunk"])
     def test_skip_tokens_leave_skipped_blocks_untouched(self, rig: Rig, skip: int) -> None:
         tokens, src, dst = two_chunks()

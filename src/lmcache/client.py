@@ -32,6 +32,7 @@ from lmcache.errors import (
     error_from_code,
 )
 from lmcache.protocol.messages import (
+    MAX_KV_EVENTS,
     PROTOCOL_VERSION,
     ChunkData,
     Clear,
@@ -40,12 +41,14 @@ from lmcache.protocol.messages import (
     EndSession,
     ErrorReply,
     FreeLookup,
+    KVEvents,
     KVLayout,
     KVMemory,
     Lookup,
     LookupReply,
     Ok,
     Ping,
+    PollKVEvents,
     Pong,
     Prepared,
     PrepareRetrieve,
@@ -199,6 +202,10 @@ class LMCacheClient:
     def clear(self) -> None:
         self._call(Clear(id=next_request_id()), Ok)
 
+    def poll_kv_events(self, after: int = 0, limit: int = MAX_KV_EVENTS) -> KVEvents:
+        """The server's KV event log after sequence number ``after`` (local peers only)."""
+        return self._call(PollKVEvents(id=next_request_id(), after=after, limit=limit), KVEvents)
+
     # ----- lookups ------------------------------------------------------------------------
 
     def lookup(
@@ -252,6 +259,7 @@ class LMCacheClient:
         block_ids: Sequence[int],
         cache_salt: str = "",
         timeout: float | None = None,
+        want_keys: bool = False,
     ) -> StoreReply:
         req = Store(
             id=next_request_id(),
@@ -263,6 +271,7 @@ class LMCacheClient:
             block_ids=list(block_ids),
             cache_salt=cache_salt,
             start_by=self._start_by(timeout),
+            want_keys=want_keys,
         )
         return self._call(req, StoreReply, timeout)
 
@@ -303,12 +312,13 @@ class LMCacheClient:
 
     def prepare_store(
         self, request_id: str, instance_id: int, tokens: Tokens, *, start: int, end: int,
-        cache_salt: str = "",
+        cache_salt: str = "", want_keys: bool = False,
     ) -> Prepared:  # fmt: skip
         """Reserve L1 slots; write each chunk at its offset in the pool, then `commit`."""
         req = PrepareStore(
             id=next_request_id(), request_id=request_id, instance_id=instance_id,
             tokens=_token_bytes(tokens), start=start, end=end, cache_salt=cache_salt,
+            want_keys=want_keys,
         )  # fmt: skip
         return self._call(req, Prepared)
 
@@ -335,11 +345,13 @@ class LMCacheClient:
     def store_bytes(
         self, request_id: str, instance_id: int, tokens: Tokens, *, start: int, end: int,
         chunks: Sequence[Any], cache_salt: str = "", timeout: float | None = None,
+        want_keys: bool = False,
     ) -> StoreReply:  # fmt: skip
         """Store chunks ``[start, end)``; ``chunks`` holds one buffer per chunk, in order."""
         req = StoreBytes(
             id=next_request_id(), request_id=request_id, instance_id=instance_id,
             tokens=_token_bytes(tokens), start=start, end=end, cache_salt=cache_salt,
+            want_keys=want_keys,
         )  # fmt: skip
         return self._call_data(req, StoreReply, timeout, chunks)[0]
 

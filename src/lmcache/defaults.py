@@ -33,6 +33,10 @@ limit there (issue 12, README "What limits the misses")."""
 L2_BREAKER_S = 5.0
 """Seconds an L2 adapter is skipped after a failure, so lookups do not wait for its timeout."""
 
+KV_EVENT_POLL_S = 0.5
+"""Seconds between the vLLM connector's polls of the server's KV event log (removals), when
+vLLM publishes KV events and the server keeps a log (``--kv-event-log-size``)."""
+
 COPY_THREADS = 0
 """Threads that one block copy (`BlockCopier`) splits its bytes over; 0 = auto: up to 4, at
 most the CPUs this process may run on. A copy gets one thread per 512 KiB at most (one

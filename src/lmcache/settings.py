@@ -210,6 +210,13 @@ class ServerSettings(BaseSettings):
         "(lmcache_mp_*: its Grafana dashboard works unchanged) or both (about twice the "
         "series of either, all counted once and read at scrape time)",
     )
+    kv_event_log_size: int = Field(
+        0,
+        ge=0,
+        le=1 << 20,
+        description="keep a log of this many KV events (chunks stored into and removed from "
+        "L1) that engines poll, e.g. the vLLM connector for its KV events; 0 = no log",
+    )
     prometheus_port: int | None = Field(
         None,
         ge=1,

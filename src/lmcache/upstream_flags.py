@@ -110,7 +110,6 @@ REFUSED: dict[str, str] = {
     "--separate-object-groups": "object groups per sliding window",
     "--worker-registration-grace-seconds": "a separate grace for never-pinging workers",
     "--enable": "experimental transfer modules",
-    "--kv-event-log-size": "KV events",
     "--periodic-notifier-interval-ms": "the periodic event notifier",
     **dict.fromkeys(
         [

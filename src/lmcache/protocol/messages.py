@@ -30,7 +30,9 @@ from msgspec import Meta
 
 # 2: lookups may ask for partial last chunks (`Lookup.block_size`) and ranges may end on an
 # engine block inside a chunk. A protocol-1 server rejects both, so the versions must match.
-PROTOCOL_VERSION = 2
+# 3: `PollKVEvents`, and stores that ask for their chunk keys (``want_keys``): a protocol-2
+# server refuses both (unknown op, unknown field).
+PROTOCOL_VERSION = 3
 
 # Bounded integers: anything outside is a decode error (bad_request), never an overflow
 # deeper down. Generous, but far below int64 so sums and products stay exact.
@@ -47,6 +49,7 @@ MAX_REQUEST_ID = 512  # characters
 MAX_NAME = 512  # model names, segment names
 MAX_SPEC = 1024  # kv_spec, dtype
 MAX_LIST = 1 << 17  # layers, block ids of one request (2M tokens / 16-token blocks)
+MAX_KV_EVENTS = 4096  # records of one poll_kv_events answer
 RequestIdField = Annotated[str, Meta(max_length=MAX_REQUEST_ID)]
 NameField = Annotated[str, Meta(max_length=MAX_NAME)]
 SpecField = Annotated[str, Meta(max_length=MAX_SPEC)]
@@ -190,10 +193,12 @@ StartBy = Annotated[float, Meta(ge=0)]
 
 
 class Store(ChunkRange, frozen=True, kw_only=True, tag="store"):
-    """The server copies the range's blocks into L1 (one block id per engine block)."""
+    """The server copies the range's blocks into L1 (one block id per engine block).
+    ``want_keys``: the reply names the range's chunk keys (to match `PollKVEvents`)."""
 
     block_ids: Annotated[list[Count], Meta(max_length=MAX_LIST)]
     start_by: StartBy = 0.0
+    want_keys: bool = False
 
 
 class Retrieve(ChunkRange, frozen=True, kw_only=True, tag="retrieve"):
@@ -206,7 +211,10 @@ class Retrieve(ChunkRange, frozen=True, kw_only=True, tag="retrieve"):
 
 
 class PrepareStore(ChunkRange, frozen=True, kw_only=True, tag="prepare_store"):
-    """Reserve L1 slots for the range; the worker writes them, then commits."""
+    """Reserve L1 slots for the range; the worker writes them, then commits.
+    ``want_keys`` as for `Store`."""
+
+    want_keys: bool = False
 
 
 class PrepareRetrieve(ChunkRange, frozen=True, kw_only=True, tag="prepare_retrieve"):
@@ -215,7 +223,9 @@ class PrepareRetrieve(ChunkRange, frozen=True, kw_only=True, tag="prepare_retrie
 
 class StoreBytes(ChunkRange, frozen=True, kw_only=True, tag="store_bytes"):
     """Store chunks whose bytes follow as data frames, one per chunk (for engines that
-    share no memory with the server, e.g. on another host)."""
+    share no memory with the server, e.g. on another host). ``want_keys`` as for `Store`."""
+
+    want_keys: bool = False
 
 
 class RetrieveBytes(ChunkRange, frozen=True, kw_only=True, tag="retrieve_bytes"):
@@ -238,6 +248,15 @@ class Clear(Message, frozen=True, tag="clear"):
     pass
 
 
+class PollKVEvents(Message, frozen=True, tag="poll_kv_events"):
+    """The server's KV event log (``--kv-event-log-size``) after sequence number ``after``
+    (0: from the oldest record kept), at most ``limit`` records. Local peers only: the
+    log names every tenant's chunk keys."""
+
+    after: Annotated[int, Meta(ge=0, le=1 << 62)] = 0
+    limit: Annotated[int, Meta(ge=1, le=MAX_KV_EVENTS)] = MAX_KV_EVENTS
+
+
 Request = (
     Ping
     | RegisterKV
@@ -254,6 +273,7 @@ Request = (
     | RetrieveBytes
     | EndSession
     | Clear
+    | PollKVEvents
 )
 REQUEST_OPS = frozenset(t.__struct_config__.tag for t in Request.__args__)
 
@@ -295,6 +315,7 @@ class StoreReply(Message, frozen=True, tag="store_result"):
     cached_tokens: int  # already present (or being written by someone else)
     no_space: bool = False  # L1 full of locked objects: the rest was skipped
     conflict_tokens: int = 0  # cached under another layout for this identity: not stored
+    keys: list[bytes] = []  # with ``want_keys``: the range's chunk keys, in order
 
 
 class RetrieveReply(Message, frozen=True, tag="retrieve_result"):
@@ -315,10 +336,32 @@ class Prepared(Message, frozen=True, tag="prepared"):
     chunk_bytes: int
     ttl_s: float
     no_space: bool = False
+    keys: list[bytes] = []  # with ``want_keys``: the range's chunk keys, in order
 
 
 class Committed(Message, frozen=True, tag="committed"):
     tokens: int
+
+
+class KVEventRecord(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One change of L1: chunk ``key`` became readable (``stored``) or left (``removed``:
+    evicted, cleared, deleted)."""
+
+    seq: int
+    kind: str
+    key: bytes
+
+
+class KVEvents(Message, frozen=True, tag="kv_events"):
+    """Answer to `PollKVEvents`. ``log`` names this log (a new one after a restart: poll
+    from 0 again); ``lost``: records after ``after`` were dropped (the ring is bounded) or
+    ``after`` is not of this log. Poll again with ``after=next``."""
+
+    log: str
+    enabled: bool
+    next: int
+    lost: bool = False
+    records: list[KVEventRecord] = []
 
 
 class ChunkData(Message, frozen=True, tag="chunk_data"):
@@ -339,6 +382,7 @@ Reply = (
     | Prepared
     | Committed
     | ChunkData
+    | KVEvents
 )
 
 

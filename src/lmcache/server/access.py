@@ -2,7 +2,8 @@
 
     request                                      NONE     REMOTE     LOCAL
     ping                                          yes      yes        yes (+ L1 pool name, seal)
-    register shared memory, prepare_*, clear       -        -         yes
+    register shared memory, prepare_*, clear,      -        -         yes
+    poll_kv_events (every tenant's keys)
     register worker_copy, lookups, store/retrieve  -       yes        yes
     anything naming a GPU ID                       -       owner only owner only
 
@@ -18,6 +19,7 @@ import msgspec
 from lmcache.protocol.messages import (
     Clear,
     Ping,
+    PollKVEvents,
     PrepareRetrieve,
     PrepareStore,
     RegisterKV,
@@ -27,7 +29,7 @@ from lmcache.protocol.messages import (
 from lmcache.server.registry import EngineRegistry
 from lmcache.transport.peers import Peer, Trust
 
-_LOCAL_ONLY = (PrepareStore, PrepareRetrieve, Clear)
+_LOCAL_ONLY = (PrepareStore, PrepareRetrieve, Clear, PollKVEvents)
 
 UNTRUSTED_HINT = (
     "this connection is not authenticated: engines of the server's uid on this host "
@@ -51,6 +53,8 @@ class AccessPolicy:
             isinstance(req, _LOCAL_ONLY)
             or (isinstance(req, RegisterKV) and isinstance(req.memory, ShmMemory))
         ):
+            if isinstance(req, PollKVEvents):
+                return f"{op} names every tenant's keys: local peers only; {peer.label} is remote"
             return f"{op} needs shared memory with the server; {peer.label} is remote"
         return self._owner_problem(req, peer)
 

@@ -1,6 +1,7 @@
 """Composition: the server's parts for one L1 pool, wired together, nothing started.
 
     settings, pool ─> L1Cache ─> ChunkStore ──(on_stored)──> WriteBehind ─> TieredStore
+                                    │ └─(on_committed)─> KVEventLog            │
                                     │                                          │
                         Sessions <──┤        KeySpace (hasher, digests)        │
                                     └──────> RequestHandler <──────────────────┘
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmcache.server.handlers import RequestHandler
+from lmcache.server.kv_event_log import KVEventLog
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.server.sessions import Sessions
@@ -40,6 +42,7 @@ class Core:
     sessions: Sessions
     tiers: TieredStore | None  # None without L2 adapters
     handler: RequestHandler
+    kv_events: KVEventLog | None = None  # None without --kv-event-log-size
 
 
 def build(
@@ -56,7 +59,13 @@ def build(
     # L2's write-behind queue is the store's one hook: every chunk that becomes READY from
     # an engine (not from L2) is offered to it.
     write_behind = WriteBehind(s.l2_queue_size) if adapters else None
-    store = ChunkStore(l1, on_stored=write_behind.offer if write_behind is not None else None)
+    events = (
+        KVEventLog(s.kv_event_log_size, l1.contains, server_token) if s.kv_event_log_size else None
+    )
+    store = ChunkStore(
+        l1, on_stored=write_behind.offer if write_behind is not None else None,
+        on_committed=events.stored if events is not None else None,
+    )  # fmt: skip
     sessions = Sessions(store, s.chunk_size, s.lock_ttl_s)
     tiers = None
     if write_behind is not None:
@@ -80,5 +89,6 @@ def build(
         pool_seal=pool_seal,
         local_endpoint=local_endpoint,
         tiers=tiers,
+        kv_events=events,
     )
-    return Core(l1, store, sessions, tiers, handler)
+    return Core(l1, store, sessions, tiers, handler, events)

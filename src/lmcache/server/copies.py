@@ -125,7 +125,7 @@ class Copies:
     # ----- the storage steps, through the store ------------------------------------------------
 
     def _write(
-        self, req: ChunkRange, engine: Engine, keys: list[ObjectKey], fill: Fill
+        self, req: Store | StoreBytes, engine: Engine, keys: list[ObjectKey], fill: Fill
     ) -> StoreReply:
         start = time.perf_counter()
         tail = engine.tail_layout(req.end, self.chunk_size)
@@ -144,6 +144,7 @@ class Copies:
         return StoreReply(
             id=req.id, stored_tokens=stored, cached_tokens=result.tokens("cached", c, t),
             no_space=result.no_space, conflict_tokens=result.tokens("conflicts", c, t),
+            keys=list(keys) if req.want_keys else [],
         )  # fmt: skip
 
     def _warn_conflict(self, engine: Engine) -> None:

@@ -29,6 +29,7 @@ from lmcache.protocol.messages import (
     LookupReply,
     Ok,
     Ping,
+    PollKVEvents,
     Pong,
     PrepareRetrieve,
     PrepareStore,
@@ -44,6 +45,7 @@ from lmcache.protocol.messages import (
 )
 from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
+from lmcache.server.kv_event_log import KVEventLog, disabled
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry, check_identity, pid_alive
 from lmcache.server.sessions import Session, Sessions, Tail
@@ -106,8 +108,10 @@ class RequestHandler:
         pool_seal: str = "",
         local_endpoint: str = "",
         tiers: TieredStore | None = None,
+        kv_events: KVEventLog | None = None,
     ) -> None:
         self.store = store
+        self.kv_events = kv_events
         self.keys = keys
         self.registry = registry
         self.sessions = sessions
@@ -132,6 +136,7 @@ class RequestHandler:
             FreeLookup: Route(_plain(self._free_lookup), loop),
             EndSession: Route(_plain(self._end_session), loop),
             Clear: Route(_plain(self._clear), loop),
+            PollKVEvents: Route(_plain(self._poll_kv_events), loop),
             PrepareStore: Route(_plain(self._prepare_store), loop, long=self._long_range),
             PrepareRetrieve: Route(_plain(self._prepare_retrieve), loop, long=self._long_range),
             Commit: Route(_plain(self.prepared.commit), loop),
@@ -225,6 +230,11 @@ class RequestHandler:
         removed = self.store.clear()
         logger.info("Cleared %d chunks from L1", removed)
         return Ok(id=req.id)
+
+    def _poll_kv_events(self, req: PollKVEvents) -> Reply:
+        if self.kv_events is None:
+            return disabled(req, self.server_token)
+        return self.kv_events.poll(req)
 
     # ----- dead and silent engines -------------------------------------------------------
 

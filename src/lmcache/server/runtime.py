@@ -278,6 +278,8 @@ class ServerRuntime:
         if self._handler is not None:
             for line in self._handler.reap(self.settings.engine_timeout_s):
                 logger.warning("%s", line)
+            if self._handler.kv_events is not None:
+                self._handler.kv_events.sweep()  # removals from L1, whatever their cause
 
     # ----- views for HTTP -----------------------------------------------------------------
 
@@ -376,6 +378,9 @@ class ServerRuntime:
             },
             "eviction": self.eviction_status(),
             "l2_adapters": self.tiers.status() if self.tiers else [],
+            "kv_events": self._handler.kv_events.stats()
+            if self._handler is not None and self._handler.kv_events is not None
+            else None,
             "workers": [
                 {
                     "name": "zmq-loop",

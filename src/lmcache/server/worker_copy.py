@@ -97,7 +97,7 @@ class PreparedTransfers:
         tid = self._add(pending)
         return Prepared(
             id=req.id, transfer_id=tid, offsets=res.offsets, chunk_bytes=engine.chunk_bytes,
-            ttl_s=self._ttl, no_space=res.no_space,
+            ttl_s=self._ttl, no_space=res.no_space, keys=list(keys) if req.want_keys else [],
         )  # fmt: skip
 
     def prepare_retrieve(

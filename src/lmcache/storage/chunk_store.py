@@ -2,7 +2,9 @@
 
     copies (engine memory, bytes in messages) ─┐                 ┌─> L1Cache (pool, pins,
     prepared transfers (the worker copies)   ──┼─> ChunkStore ───┤    eviction, clear)
-    L2 prefetch, L2 write-behind, sessions   ──┘   write / read  └─> on_stored hook (L2)
+    L2 prefetch, L2 write-behind, sessions   ──┘   write / read  ├─> on_stored hook (L2)
+                                                                 └─> on_committed hook
+                                                                     (the KV event log)
 
 A write is always the same few steps, written once here: reserve each chunk (or learn
 that it is cached, unreadable with this layout, or that L1 is full of pinned chunks),
@@ -32,6 +34,7 @@ from lmcache.storage.l1 import L1Cache, Lease, Refused, WriteSlot
 from lmcache.types import ObjectKey
 
 StoredHook = Callable[[ObjectKey, bytes], None]  # (key, layout tag): a chunk became READY
+CommittedHook = Callable[[ObjectKey], None]  # any chunk became READY (partial, from L2: all)
 # Fill chunk i of a write into its L1 bytes. Raise to abort the whole write, or return
 # False to abort this chunk and stop there (the source did not have it).
 Fill = Callable[[int, np.ndarray], "bool | None"]
@@ -78,9 +81,15 @@ class Reservation:
 
 
 class ChunkStore:
-    def __init__(self, l1: L1Cache, *, on_stored: StoredHook | None = None) -> None:
+    def __init__(
+        self, l1: L1Cache, *, on_stored: StoredHook | None = None,
+        on_committed: CommittedHook | None = None,
+    ) -> None:  # fmt: skip
+        """``on_stored``: the L2 write-behind (whole chunks from engines); ``on_committed``:
+        every chunk that became READY, whatever its source (the KV event log)."""
         self.l1 = l1
         self._on_stored = on_stored
+        self._on_committed = on_committed
 
     # ----- writes ----------------------------------------------------------------------
 
@@ -158,6 +167,8 @@ class ChunkStore:
     def _commit_one(self, slot: WriteSlot, tag: bytes, notify: bool) -> int:
         if not self.l1.commit_write(slot):
             return 0
+        if self._on_committed is not None:
+            self._on_committed(slot.key)
         if notify and self._on_stored is not None:
             self._on_stored(slot.key, tag)
         return 1

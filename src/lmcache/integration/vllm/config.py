@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
-from lmcache.defaults import COPY_THREADS, RPC_TIMEOUT_S, SERVER_PORT
+from lmcache.defaults import COPY_THREADS, KV_EVENT_POLL_S, RPC_TIMEOUT_S, SERVER_PORT
 from lmcache.errors import ConfigError
 from lmcache.transport.zmq_client import CurveClientKeys
 
@@ -51,6 +51,9 @@ class ConnectorConfig:
     # Loads copied layer by layer while the forward pass runs (layered_load.py), once vLLM
     # is seen to wait for each layer; false: all at once before the forward pass.
     layerwise_load: bool = True
+    # With vLLM's KV events on: seconds between polls of the server's KV event log, for
+    # the removal of blocks we announced (0 = never poll; kv_events.py).
+    kv_event_poll_interval: float = KV_EVENT_POLL_S
     # A server on another host (README, "Threat model"): its server.key and our key_secret.
     curve_server_key: str = ""
     curve_client_cert: str = ""

@@ -9,11 +9,17 @@ delegates to `SchedulerSide` or `WorkerSide`.
 
 ``kv_role``: ``kv_both`` loads and stores, ``kv_producer`` only stores,
 ``kv_consumer`` only loads.
+
+What it reports to vLLM: stats (`get_kv_connector_stats` on both sides, built and summed
+by the classmethods below; `stats.py`) and, when vLLM publishes KV events, the blocks its
+stores put into LMCache (`get_kv_connector_kv_cache_events` on the workers,
+`update_connector_output` and `take_events` on the scheduler; `kv_events.py`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -24,8 +30,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmcache.integration.vllm.config import ConnectorConfig
 from lmcache.integration.vllm.identity import cache_identity
+from lmcache.integration.vllm.kv_events import to_vllm
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy
+from lmcache.integration.vllm.reporting import (
+    LMCacheConnectorStats,
+    LMCacheKVEvents,
+    LMCachePromMetrics,
+)
 from lmcache.integration.vllm.scheduler import SchedulerSide
 from lmcache.integration.vllm.worker import WorkerSide
 from lmcache.logs import ensure_logging
@@ -33,11 +45,13 @@ from lmcache.logs import ensure_logging
 if TYPE_CHECKING:  # vLLM's own types at the boundary, as its connector base names them
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache.integration")
@@ -61,6 +75,8 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         identity = cache_identity(vllm_config)
         can_store = transfer.kv_role in ("kv_both", "kv_producer")
         can_load = transfer.kv_role in ("kv_both", "kv_consumer")
+        events_config = getattr(vllm_config, "kv_events_config", None)
+        events = bool(events_config and events_config.enable_kv_cache_events)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -68,7 +84,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             link = ServerLink(config)
             self._scheduler = SchedulerSide(
                 link, identity, can_load=can_load, can_store=can_store,
-                async_store=config.async_store,
+                async_store=config.async_store, events=events,
             )  # fmt: skip
             logger.info(
                 "LMCache connector (scheduler) connected to %s, chunk size %d",
@@ -80,6 +96,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 link, identity, _parallel(vllm_config), config.transfer_mode,
                 can_load=can_load, can_store=can_store, async_store=config.async_store,
                 copy_threads=config.copy_threads, layerwise_load=config.layerwise_load,
+                events=events, event_poll_s=config.kv_event_poll_interval,
             )  # fmt: skip
 
     # ----- worker side ----------------------------------------------------------------
@@ -136,6 +153,35 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """Blocks whose load failed since the last call (vLLM recomputes them)."""
         return self._worker.load_errors() if self._worker is not None else set()
 
+    def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
+        """The blocks this worker's finished stores put into LMCache (KV events on)."""
+        events = self._worker.take_events() if self._worker is not None else []
+        return LMCacheKVEvents(events) if events else None
+
+    # ----- both sides ------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:
+        """Counts since the last call: lookups (scheduler), loads and stores (workers)."""
+        side = self._worker if self._worker is not None else self._scheduler
+        data = side.stats.take() if side is not None else None
+        return LMCacheConnectorStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> LMCacheConnectorStats | None:
+        return LMCacheConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> LMCachePromMetrics:
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
@@ -172,6 +218,18 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self._scheduler is None:
             return False, None
         return self._scheduler.request_finished(request), None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """The workers' events of this step: counted until every rank reported one."""
+        events = getattr(connector_output, "kv_cache_events", None)
+        if self._scheduler is not None and self._scheduler.events is not None and events:
+            self._scheduler.events.add(events.get_all_events())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """Stores every rank finished, as vLLM's ``BlockStored`` (vLLM publishes them)."""
+        if self._scheduler is None or self._scheduler.events is None:
+            return ()
+        return to_vllm(self._scheduler.events.take())
 
     def reset_cache(self) -> bool:
         return self._scheduler.reset_cache() if self._scheduler is not None else False

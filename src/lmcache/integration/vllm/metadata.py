@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmcache.integration.vllm.kv_events import StoredBlocks
+
 try:  # the base class only exists where vLLM is installed
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 except ImportError:  # pragma: no cover - unit tests without vLLM
@@ -44,7 +46,8 @@ class LoadSpec:
 
 @dataclass
 class StoreSpec:
-    """Store the blocks of tokens ``[start, end)`` (whole chunks)."""
+    """Store the blocks of tokens ``[start, end)`` (whole chunks). ``event``: what to
+    announce once it is stored (only when vLLM publishes KV events)."""
 
     request_id: str
     tokens: list[int]
@@ -52,6 +55,7 @@ class StoreSpec:
     end: int
     block_ids: list[int]
     cache_salt: str = ""
+    event: StoredBlocks | None = None
 
 
 @dataclass

@@ -21,6 +21,10 @@ its whole vLLM blocks (`lmcache.storage.keys`), once the whole prompt is compute
 at every step of a chunked prefill: each would be a new object). Lookups send the block
 size, so a hit, and the load planned from it, may end on a block inside a chunk.
 
+With vLLM's KV events on (``events``), each store carries vLLM's hashes of its blocks,
+for the workers to announce once stored (`kv_events.py`). Lookups are counted for
+vLLM's stats (`stats.py`).
+
 Nothing here may raise into vLLM: an exception in a scheduler method kills the
 engine, so every entry point falls back to "no cache" and logs instead.
 """
@@ -28,13 +32,16 @@ engine, so every entry point falls back to "no cache" and logs instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmcache.errors import LMCacheError
 from lmcache.integration.vllm.identity import CacheIdentity
+from lmcache.integration.vllm.kv_events import EventTally, stored_blocks
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, StoreSpec
+from lmcache.integration.vllm.stats import Tally
 
 if TYPE_CHECKING:  # vLLM's own types (this module is unit-tested with small fakes of them)
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -57,6 +64,7 @@ class _Tracker:
     stored: int = 0  # prompt tokens known to be in LMCache (stored or hit)
     stores_issued: bool = False  # a store was planned (it may still run on the workers)
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: Sequence[Any] | None = None  # vLLM's, for KV events (the request's list)
 
 
 class SchedulerSide:
@@ -68,6 +76,7 @@ class SchedulerSide:
         can_load: bool,
         can_store: bool,
         async_store: bool = True,
+        events: bool = False,
     ) -> None:
         self.link = link
         self.identity = identity
@@ -78,6 +87,9 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self.async_store = async_store
         self._finished_stores: list[str] = []  # for the next step's metadata
+        self.stats = Tally()
+        # KV events: vLLM's kv_events_config.enable_kv_cache_events (None: off, no cost)
+        self.events = EventTally(identity.world_size) if events else None
         link.start_heartbeat()
 
     # ----- vLLM entry points (never raise) --------------------------------------------------
@@ -151,6 +163,8 @@ class SchedulerSide:
         if tracker is None:
             tokens = list(request.prompt_token_ids or [])
             tracker = _Tracker(rid, tokens, getattr(request, "cache_salt", None) or "")
+            if self.events is not None:
+                tracker.block_hashes = getattr(request, "block_hashes", None)
             self._trackers[rid] = tracker
         if tracker.load_failed or not self.can_load:
             return 0, False
@@ -167,6 +181,8 @@ class SchedulerSide:
             tracker.hit = self._lookup(tracker)
             if tracker.hit is None:
                 return None, False  # the server is still looking: vLLM asks again
+            if tracker.lookup_sent:
+                self.stats.add(lookup_tokens=self._blocks_end(tracker), hit_tokens=tracker.hit)
         tracker.vllm_hit = num_computed_tokens
         tracker.stored = max(tracker.stored, tracker.hit)
         hit = tracker.hit
@@ -289,6 +305,11 @@ class SchedulerSide:
             return None
         tracker.stored = end
         tracker.stores_issued = True
+        event = None
+        if self.events is not None:
+            event = stored_blocks(
+                tracker.block_hashes, tracker.tokens, start, end, bs, cache_salt=tracker.cache_salt
+            )
         return StoreSpec(
             request_id=tracker.request_id,
             tokens=tracker.tokens[:end],
@@ -296,6 +317,7 @@ class SchedulerSide:
             end=end,
             block_ids=tracker.block_ids[start // bs : end // bs],
             cache_salt=tracker.cache_salt,
+            event=event,
         )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, TypedDict
 
 import numpy as np
@@ -33,13 +34,23 @@ from lmcache.client import LMCacheClient
 from lmcache.engine.transfer import BlockCopier, skip_blocks
 from lmcache.errors import LMCacheError, ServerError
 from lmcache.integration.vllm.metadata import LoadSpec, StoreSpec
-from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, WorkerCopy
+from lmcache.protocol.messages import KVMemory, Pong, ShmMemory, StoreReply, WorkerCopy
 from lmcache.storage.shm import ShmSegment
 
 
 class NoSharedMemory(LMCacheError):
     """This path cannot reach the server's memory (or the server ours): use bytes instead.
     The message says why, for the one warning that the fallback logs."""
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the server holds of a stored range: ``tokens`` of it from its start (fewer
+    than the range when L1 was full of locked objects), and, when the store asked for
+    them, the range's chunk keys (to match removals in the server's KV event log)."""
+
+    tokens: int
+    keys: tuple[bytes, ...] = ()
 
 
 class _Span(TypedDict):
@@ -99,7 +110,8 @@ class TransferPath(ABC):
 
     ``memory`` is what registration announces, so the server knows which requests this
     engine will send. `load` leaves the range's first ``skip_tokens`` alone (vLLM already
-    has them); `store` writes chunks the server does not have yet.
+    has them); `store` writes chunks the server does not have yet and answers what the
+    server now holds of the range (`Held`: what KV events announce).
     """
 
     uses_bytes: ClassVar[bool] = False
@@ -125,7 +137,7 @@ class TransferPath(ABC):
         when the load is already done (a path whose server copies itself)."""
 
     @abstractmethod
-    def store(self, spec: StoreSpec) -> None: ...
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held: ...
 
     def close(self) -> None:  # noqa: B027 - optional: only a path that maps something has work
         """Drop what this path mapped; our own KV memory is not the path's to free."""
@@ -195,8 +207,9 @@ class SharedKVPath(TransferPath):
             **self._span(spec), block_ids=spec.block_ids, skip_tokens=spec.skip_tokens
         )
 
-    def store(self, spec: StoreSpec) -> None:
-        self.client.store(**self._span(spec), block_ids=spec.block_ids)
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
+        reply = self.client.store(**self._span(spec), block_ids=spec.block_ids, want_keys=want_keys)
+        return _held(reply, spec)
 
 
 class PoolPath(TransferPath):
@@ -256,8 +269,8 @@ class PoolPath(TransferPath):
             client.commit(iid, tid, success=False)
             raise
 
-    def store(self, spec: StoreSpec) -> None:
-        prepared = self.client.prepare_store(**self._span(spec))
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
+        prepared = self.client.prepare_store(**self._span(spec), want_keys=want_keys)
         ok = False
         try:
             # -1: the server has that chunk already; a short list: L1 is full (no_space).
@@ -268,6 +281,11 @@ class PoolPath(TransferPath):
             ok = True
         finally:
             self.client.commit(self.instance_id, prepared.transfer_id, success=ok)
+        tokens = spec.end - spec.start
+        if prepared.no_space:  # L1 full: the chunks that got a slot (or were cached)
+            chunk_tokens = self.copier.blocks_per_chunk * self.copier.layout.block_size
+            tokens = min(tokens, len(prepared.offsets) * chunk_tokens)
+        return Held(tokens, tuple(prepared.keys))
 
     def _check_pieces(self, chunk_bytes: int, sizes: list[int]) -> list[int]:
         """``sizes``, once the server's whole-chunk size agrees with ours (it sizes partial
@@ -298,7 +316,20 @@ class BytesPath(TransferPath):
         frames = self.client.retrieve_bytes(**self._span(spec))
         return self._staged(spec, [np.frombuffer(f, dtype=np.uint8) for f in frames])
 
-    def store(self, spec: StoreSpec) -> None:
+    def store(self, spec: StoreSpec, *, want_keys: bool = False) -> Held:
         bufs = [np.empty(size, dtype=np.uint8) for size in self._sizes(spec)]
         self.copier.gather_range(self._ids(spec), enumerate(bufs))
-        self.client.store_bytes(**self._span(spec), chunks=bufs)
+        reply = self.client.store_bytes(**self._span(spec), chunks=bufs, want_keys=want_keys)
+        return _held(reply, spec)
+
+
+def _held(reply: StoreReply, spec: StoreSpec) -> Held:
+    """What the server holds after a store: all of the range, or (L1 full) the written
+    and already cached prefix; nothing when some chunks were cached under another layout
+    (where they sit in the range is not told)."""
+    tokens = spec.end - spec.start
+    if reply.conflict_tokens:
+        tokens = 0
+    elif reply.no_space:
+        tokens = min(tokens, reply.stored_tokens + reply.cached_tokens)
+    return Held(tokens, tuple(reply.keys))

@@ -21,19 +21,25 @@ tries the preferred path again.
 
 A failed load reports its blocks as load errors (vLLM recomputes them); a failed
 store is only logged. While the server is down, both are skipped (see `link.py`).
+
+Every load and store is counted for vLLM's stats (`stats.py`); with vLLM's KV events on,
+a finished store's blocks (what the server holds of them) wait in `events` for vLLM to
+take them after the step, and KV rank 0 watches the server's KV event log for their
+removal (`removals`; `kv_events.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.defaults import COPY_THREADS
+from lmcache.defaults import COPY_THREADS, KV_EVENT_POLL_S
 from lmcache.engine.transfer import BlockCopier
 from lmcache.errors import (
     BadRequestError,
@@ -43,12 +49,15 @@ from lmcache.errors import (
 )
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
+from lmcache.integration.vllm.kv_events import RemovalWatch, WorkerEvents
 from lmcache.integration.vllm.layered_load import LayeredLoads
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, ParallelStrategy, StoreSpec
+from lmcache.integration.vllm.stats import Tally
 from lmcache.integration.vllm.store_queue import StoreQueue
 from lmcache.integration.vllm.transfer_paths import (
     BytesPath,
+    Held,
     NoSharedMemory,
     PoolPath,
     SharedKVPath,
@@ -77,6 +86,8 @@ class WorkerSide:
         async_store: bool = True,
         copy_threads: int = COPY_THREADS,
         layerwise_load: bool = True,
+        events: bool = False,
+        event_poll_s: float = KV_EVENT_POLL_S,
     ) -> None:
         self.link = link
         self.copy_threads = copy_threads
@@ -97,6 +108,14 @@ class WorkerSide:
         self._stores = StoreQueue(self._store_one) if async_store and can_store else None
         self.layerwise_load = layerwise_load
         self._layered: LayeredLoads[LoadSpec] | None = None  # set by register_kv_caches
+        self._layered_began: list[tuple[LoadSpec, float]] = []  # this step's layered loads
+        self.stats = Tally()
+        self.events = WorkerEvents() if events and can_store else None  # None: vLLM's are off
+        self.removals = (
+            RemovalWatch(link.client.poll_kv_events, event_poll_s)
+            if self.events is not None and parallel.rank == 0 and event_poll_s > 0
+            else None
+        )
         link.instance_id = self.instance_id
         link.on_recover = self._register
 
@@ -222,8 +241,10 @@ class WorkerSide:
     def start_load(self, meta: Metadata) -> None:
         layered = self._layered if self._layered is not None and self._layered.ready else None
         staged: list[tuple[LoadSpec, StagedLoad]] = []
+        began: dict[int, float] = {}
         for spec in meta.loads:
             path = self.path
+            began[id(spec)] = time.perf_counter()
             ok = (
                 self.can_load
                 and path is not None
@@ -232,12 +253,17 @@ class WorkerSide:
             )
             if not ok:
                 self._load_failed(spec)
+            elif not staged or staged[-1][0] is not spec:  # the server copied it already
+                self._load_done(spec, began[id(spec)])
         if layered is not None:
             layered.begin(staged)
-        else:
-            for spec, load in staged:  # all at once, before the forward pass
-                if not self._moved("load", spec.request_id, load.run):
-                    self._load_failed(spec)
+            self._layered_began = [(spec, began[id(spec)]) for spec, _ in staged]
+            return
+        for spec, load in staged:  # all at once, before the forward pass
+            if self._moved("load", spec.request_id, load.run):
+                self._load_done(spec, began[id(spec)])
+            else:
+                self._load_failed(spec)
 
     def _load(self, path: TransferPath, spec: LoadSpec, staged: list[Any]) -> None:
         load = path.stage_load(spec)
@@ -250,18 +276,31 @@ class WorkerSide:
             self._layered.wait(layer_name)
 
     def _end_layered_step(self) -> None:
-        if self._layered is not None:
-            for spec in self._layered.end_step():
+        if self._layered is None:
+            return
+        failed = {id(spec) for spec in self._layered.end_step()}
+        jobs, self._layered_began = self._layered_began, []
+        for spec, began in jobs:
+            if id(spec) in failed:
                 self._load_failed(spec)
+            else:
+                self._load_done(spec, began)
 
     def _layer_load_failed(self, spec: LoadSpec, exc: Exception) -> None:
         self._failed("load", spec.request_id, exc)
+
+    def _load_done(self, spec: LoadSpec, began: float) -> None:
+        first = spec.skip_tokens // self.identity.block_size
+        tokens = spec.end - spec.start - first * self.identity.block_size
+        self._count(load_tokens=tokens)
+        self.stats.add(load_bytes=self._bytes(tokens), load_seconds=time.perf_counter() - began)
 
     def _load_failed(self, spec: LoadSpec) -> None:
         """vLLM recomputes the blocks of a failed load (the skipped ones it has already)."""
         first = spec.skip_tokens // self.identity.block_size
         self._load_errors.update(spec.block_ids[first:])
         self._failed_loads.add(spec.request_id)
+        self._count(failed_loads=1)
 
     def handle_preemptions(self, meta: Metadata) -> None:
         """Before this step touches any block: a preempted request's blocks are free again
@@ -289,7 +328,36 @@ class WorkerSide:
         path = self.path
         if path is None or not self.link.healthy:
             return  # degraded: skipped (the scheduler's stores are best effort)
-        self._moved("store", spec.request_id, partial(path.store, spec))
+        began, held = time.perf_counter(), Held(0)
+        want_keys = self.removals is not None and spec.event is not None
+
+        def store() -> None:
+            nonlocal held
+            # what the server holds now (its chunk keys too, when we watch removals)
+            held = path.store(spec, want_keys=True) if want_keys else path.store(spec)
+
+        if not self._moved("store", spec.request_id, store):
+            self._count(failed_stores=1)
+            return
+        tokens = spec.end - spec.start
+        self._count(store_tokens=tokens)
+        self.stats.add(store_bytes=self._bytes(tokens), store_seconds=time.perf_counter() - began)
+        if self.events is not None and spec.event is not None:
+            stored = spec.event.prefix(held.tokens // self.identity.block_size)
+            self.events.add(stored)
+            if self.removals is not None and stored is not None:
+                self.removals.remember(held.keys, stored, self.chunk_size)
+
+    def _count(self, **counts: float) -> None:
+        """Token and failure counts: KV rank 0's only (every rank moves the same tokens)."""
+        if self.parallel.rank == 0:
+            self.stats.add(**counts)
+
+    def _bytes(self, tokens: int) -> int:
+        layout = self._layout
+        if layout is None:
+            return 0
+        return tokens // layout.block_size * layout.num_layers * layout.block_bytes
 
     def _moved(self, what: str, request_id: str, move: Callable[[], None]) -> bool:
         """Run one load or store; a failure is logged (and a server that stopped answering
@@ -310,6 +378,16 @@ class WorkerSide:
             logger.error("%s of request %s failed", what, request_id, exc_info=exc)
 
     # ----- completion ------------------------------------------------------------------------
+
+    def take_events(self) -> list[object]:
+        """Finished stores' events since the last call, then the removals the server's
+        KV event log told of, if a poll was due (empty when vLLM's events are off)."""
+        if self.events is None:
+            return []
+        events: list[object] = list(self.events.take())
+        if self.removals is not None and self.link.healthy:
+            events += self.removals.check()
+        return events
 
     def load_errors(self) -> set[int]:
         self._end_layered_step()  # vLLM may ask before `wait_for_save` (deferred finalize)
