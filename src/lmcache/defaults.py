@@ -56,3 +56,7 @@ LMCache's (``lmcache_mp_*``, so its Grafana dashboard works), or both."""
 METRICS_MAX_MODELS = 64
 """Model names that get series of their own in the ``model_name`` label; later ones count
 as "other" (clients choose model names: the label's cardinality must stay bounded)."""
+
+PROGRESS_EVERY_S = 5.0
+"""Seconds between two progress lines of a long start-up step (pre-faulting a large L1
+pool, indexing an fs L2 tier); a step shorter than this logs none."""

@@ -1,4 +1,5 @@
-"""HTTP endpoints: health, status, clear and Prometheus metrics. OpenAPI at /docs.
+"""HTTP endpoints: health, status, clear, Prometheus metrics and the dashboard at ``/``
+(`lmcache.http.dashboard`). OpenAPI at /docs.
 
 Every mutating route (POST, PUT, DELETE, PATCH) is loopback-only unless the caller
 presents the admin token: `lmcache.http.security.AdminGuard`, applied to the whole app.
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from lmcache import __version__
 from lmcache.http.admin import CacheAdmin, add_admin_routes
+from lmcache.http.dashboard import add_dashboard_routes
 from lmcache.http.quota import QuotaTableView, add_quota_routes
 from lmcache.http.security import MIN_TOKEN_CHARS, AdminGuard
 
@@ -103,6 +105,7 @@ def create_app(
             return JSONResponse({"status": "error", "reason": reason}, status_code=404)
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
+    add_dashboard_routes(app)  # GET /: the live dashboard over /status
     if admin is not None:
         add_admin_routes(app, admin)
     if quotas is not None:

@@ -407,3 +407,11 @@ class Metrics:
             "hit_l1_keys": t.count("lmcache_lookup_hit_keys", "l1"),
             "hit_l2_keys": t.count("lmcache_lookup_hit_keys", "l2"),
         }
+
+    def traffic_summary(self) -> dict[str, float]:
+        """The copy counts for /status (the dashboard's rates): tokens and bytes stored
+        and retrieved, and stores cut short for lack of L1 space."""
+        counts = self._tallies.totals().counts
+        names = ("stored_tokens", "stored_bytes", "retrieved_tokens", "retrieved_bytes",
+                 "store_no_space")  # fmt: skip
+        return {name: counts.get(f"lmcache_{name}", 0) for name in names}

@@ -5,7 +5,8 @@ sockets are bound first (a taken port exits 1 before any memory is allocated); t
 `ServerRuntime.start` runs in a thread beside uvicorn, so that ``/healthcheck`` answers
 503 ("starting") while a large pool is being pre-faulted. uvicorn runs without a lifespan
 and on the sockets bound here, so it never announces itself: the only success lines are
-ours, "HTTP frontend on ..." and then "LMCache cache server is running...", logged after
+ours, "HTTP frontend on ...", the start-up banner (`lmcache.server.banner`) and then
+"LMCache cache server is running...", logged after
 the runtime started and never once a stop has begun.
 
     lmcache server ─> run_server(settings) ─> signal handlers (whole run, start-up too)
@@ -38,6 +39,7 @@ from lmcache.http.limits import (
     raise_fd_limit,
 )
 from lmcache.logs import setup_logging
+from lmcache.server.banner import banner_lines
 from lmcache.server.runtime import ServerRuntime, StartAborted
 from lmcache.settings import ServerSettings
 
@@ -153,7 +155,9 @@ def _serve(runtime: ServerRuntime, server: _Server) -> int:
             time.sleep(0.01)
         if server.started:
             runtime.announce(
-                f"HTTP frontend on http://{host}:{port}", "LMCache cache server is running..."
+                f"HTTP frontend on http://{host}:{port}",
+                *banner_lines(settings, runtime.status(), port),
+                "LMCache cache server is running...",
             )
 
     starter = threading.Thread(target=start, name="lmcache-startup", daemon=True)

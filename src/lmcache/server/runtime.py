@@ -403,6 +403,7 @@ class ServerRuntime:
             "prepared_transfers": len(self._prepared) if self._prepared else 0,
             # hit tokens and keys split by the tier that held them (l2: the lookup's prefetch)
             "lookups": self.metrics.lookup_summary(),
+            "traffic": self.metrics.traffic_summary(),  # stored/retrieved tokens and bytes
             "sessions": {
                 "active": len(self.sessions) if self.sessions else 0,
                 "items": self.sessions.snapshot() if self.sessions else [],

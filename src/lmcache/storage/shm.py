@@ -47,12 +47,13 @@ import re
 import stat
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
 
 from lmcache.errors import ConfigError
+from lmcache.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ SEAL_BYTES = 4096  # one page after the data
 _SEAL_LEN = len(SEAL_MAGIC) + 16
 _CREATE_ATTEMPTS = 100  # a name lost to a concurrent sweep this often is not a race any more
 _SUFFIXES = 1000  # `create` tries name, name_1 ... name_999 when live segments hold them
+_RESERVE_STEP = 1 << 30  # `create` reserves memory in steps of this (~0.2 s each)
+_PROGRESS_MIN_BYTES = 1 << 30  # smaller segments are quick: no progress thread for them
 
 
 def shm_dir() -> str:
@@ -238,11 +241,14 @@ class ShmSegment:
             os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
             # posix_fallocate reserves tmpfs pages now: ENOSPC here, not SIGBUS later.
             os.ftruncate(fd, size + SEAL_BYTES)
-            os.posix_fallocate(fd, 0, now)
             os.posix_fallocate(fd, size, SEAL_BYTES)
             os.pwrite(fd, SEAL_MAGIC + token, size)
-            # A lazy segment is not pre-faulted: faulting its hole would fill /dev/shm.
-            segment = cls(candidate, fd, size, owner=True, token=token, populate=not lazy)
+            with _progress(candidate, now) as done:
+                for start in range(0, now, _RESERVE_STEP):  # in steps: progress can be shown
+                    os.posix_fallocate(fd, start, min(_RESERVE_STEP, now - start))
+                    done[0] = min(now, start + _RESERVE_STEP)
+                # A lazy segment is not pre-faulted: faulting its hole would fill /dev/shm.
+                segment = cls(candidate, fd, size, owner=True, token=token, populate=not lazy)
             segment.reserved = now
             return segment
         except BaseException:
@@ -327,6 +333,28 @@ class ShmSegment:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _progress(name: str, nbytes: int) -> Iterator[list[int]]:
+    """Progress lines while a large segment gets its memory and page tables (a 100 GiB
+    pool takes tens of seconds); yields the reserved-bytes counter the caller updates."""
+    done = [0]
+    if nbytes < _PROGRESS_MIN_BYTES:
+        yield done
+        return
+
+    def describe() -> str:
+        gib = 1 << 30
+        if done[0] < nbytes:
+            return (
+                f"/{name}: reserving shared memory, {done[0] / gib:.1f} of "
+                f"{nbytes / gib:.1f} GiB ({100 * done[0] // nbytes}%)"
+            )
+        return f"/{name}: {nbytes / gib:.1f} GiB reserved, pre-faulting its pages"
+
+    with Progress(logger, describe):
+        yield done
 
 
 def _free_bytes(path: str) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 
 import xxhash
 
+from lmcache.progress import Progress
 from lmcache.storage.capacity import CapacityIndex
 from lmcache.storage.l2.base import (
     Health,
@@ -95,31 +96,49 @@ class FsL2:
         """Index every object file from directory entries and stat alone (no reads)."""
         found: list[tuple[int, ObjectKey, int]] = []
         stray = torn = 0
-        for d1 in _subdirs(self.root):
-            for d2 in _subdirs(d1):
-                self._dirs.add(d2)
-                with os.scandir(d2) as entries:
-                    for entry in entries:
-                        if _TEMP.fullmatch(entry.name):
-                            stray += _unlink(entry.path)
-                            continue
-                        m = _OBJECT.fullmatch(entry.name)
-                        if m is None or not entry.is_file(follow_symlinks=False):
-                            continue  # not ours
-                        key = ObjectKey(bytes.fromhex(m.group(1)))
-                        if self.path_of(key) != entry.path:
-                            continue  # misplaced: not where we would look for it
-                        st = entry.stat(follow_symlinks=False)
-                        if st.st_size < HEADER_SIZE:
-                            torn += _unlink(entry.path)
-                            continue
-                        found.append((st.st_mtime_ns, key, st.st_size))
+        top = _subdirs(self.root)
+        seen = [0]  # top-level directories done
+
+        def describe() -> str:
+            return (
+                f"{self.name}: indexing, {len(found):,} objects in {seen[0]} of {len(top)} "
+                "directories"
+            )
+
+        with Progress(logger, describe):
+            for d1 in top:
+                s, t = self._index_dir(d1, found)
+                stray, torn, seen[0] = stray + s, torn + t, seen[0] + 1
         found.sort(key=lambda t: t[0])  # oldest first: the order they were last used in
         with self._lock:
             for _, key, size in found:
                 self._drop_locked(self._index.put(key, size))
         if stray or torn:
             logger.info("%s: removed %d stray temp and %d torn files", self.name, stray, torn)
+
+    def _index_dir(self, d1: str, found: list[tuple[int, ObjectKey, int]]) -> tuple[int, int]:
+        """Add the object files under top-level directory ``d1`` to ``found``; returns the
+        stray temp files and torn files it removed."""
+        stray = torn = 0
+        for d2 in _subdirs(d1):
+            self._dirs.add(d2)
+            with os.scandir(d2) as entries:
+                for entry in entries:
+                    if _TEMP.fullmatch(entry.name):
+                        stray += _unlink(entry.path)
+                        continue
+                    m = _OBJECT.fullmatch(entry.name)
+                    if m is None or not entry.is_file(follow_symlinks=False):
+                        continue  # not ours
+                    key = ObjectKey(bytes.fromhex(m.group(1)))
+                    if self.path_of(key) != entry.path:
+                        continue  # misplaced: not where we would look for it
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_size < HEADER_SIZE:
+                        torn += _unlink(entry.path)
+                        continue
+                    found.append((st.st_mtime_ns, key, st.st_size))
+        return stray, torn
 
     def _ensure_dir(self, directory: str) -> None:
         if directory not in self._dirs:
