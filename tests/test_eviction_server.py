@@ -121,7 +121,7 @@ def _ask(app: Any, peer: str, method: str, path: str, **kw: Any) -> int:
     transport = httpx.ASGITransport(app=app, client=(peer, 4242))
 
     async def run() -> int:
-        async with httpx.AsyncClient(transport=transport, base_url="http://lmcache") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             return (await http.request(method, path, **kw)).status_code
 
     return asyncio.run(run())

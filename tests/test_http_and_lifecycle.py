@@ -89,7 +89,7 @@ def test_health_is_503_until_ready() -> None:
     transport = httpx.ASGITransport(app=create_app(runtime, metrics=runtime.metrics.registry))
 
     async def probe() -> tuple[httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             return await http.get("/healthcheck"), await http.post("/clear-cache")
 
     health, clear = asyncio.run(probe())

@@ -226,6 +226,45 @@ def test_loopback_posts_work_with_and_without_a_token(
         assert http.post("/clear-cache", headers=headers).status_code == 200
 
 
+def test_browsers_on_other_sites_cannot_reach_admin_endpoints(
+    open_server: ServerProcess, guarded_server: ServerProcess
+) -> None:
+    """A page on any site, opened in a browser on this host, is a loopback peer: the
+    browser's own headers give it away (Origin, Sec-Fetch-Site), and a page that points its
+    own name at 127.0.0.1 (DNS rebinding) sends that name as Host."""
+    http, port = open_server.http(), open_server.http_port
+    cross = [
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": f"http://localhost:{port + 1}"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+        {"Host": f"evil.example:{port}"},
+    ]
+    for headers in cross:
+        response = http.post("/clear-cache", headers=headers)
+        assert response.status_code == 403, headers
+        assert "non-browser clients" in response.json()["reason"]
+        assert http.put("/quota/x", headers=headers, json={"limit_gb": 1}).status_code == 403
+    assert "refused (403): cross-site" in open_server.log()
+    # The dashboard's own POST (same origin) and curl (no Origin) pass; GETs are open.
+    same = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    assert http.post("/clear-cache", headers=same).status_code == 200
+    assert http.post("/clear-cache", headers={"Host": f"localhost:{port}"}).status_code == 200
+    assert http.post("/clear-cache", headers={"Host": f"[::1]:{port}"}).status_code == 200
+    assert http.get("/status", headers={"Origin": "http://evil.example"}).status_code == 200
+    # The admin token still opens a loopback request with another Host (a proxy's name) ...
+    g = guarded_server.http()
+    named = {"Host": "cache.internal:8080", "Authorization": f"Bearer {TOKEN}"}
+    assert g.post("/clear-cache", headers=named).status_code == 200
+    # ... but not a cross-site one.
+    assert (
+        g.post("/clear-cache", headers={**named, "Origin": "http://evil.example"}).status_code
+        == 403
+    )
+
+
 def test_head_healthcheck_answers_like_get(open_server: ServerProcess) -> None:
     http = open_server.http()
     get, head = http.get("/healthcheck"), http.head("/healthcheck")

@@ -148,7 +148,7 @@ def _ask(app: Any, peer: str, *requests: tuple[str, str, dict[str, Any]]) -> lis
     transport = httpx.ASGITransport(app=app, client=(peer, 4242))
 
     async def run() -> list[int]:
-        async with httpx.AsyncClient(transport=transport, base_url="http://lmcache") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             return [(await http.request(m, p, **kw)).status_code for m, p, kw in requests]
 
     return asyncio.run(run())

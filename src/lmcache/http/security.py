@@ -7,6 +7,16 @@
     any other                              yes                Bearer <the token>   allowed
     any other                              yes                missing or wrong     401
 
+Browsers are refused first, whatever the peer: a page on any site that a user on this host
+opens could otherwise POST to ``http://localhost:8080/clear-cache`` as a loopback peer.
+
+    Sec-Fetch-Site cross-site or same-site, or an Origin other than the Host   -> 403
+    loopback peer without a valid token, Host not 127.x / ::1 / localhost /   -> 403
+      this host's own name
+      (a page that points its own name at 127.0.0.1: DNS rebinding)
+
+Our own dashboard (same origin) and non-browser clients (curl, the CLI: no Origin) pass.
+
 GET and HEAD stay open to everyone, except under ``/quota`` (its answers name
 ``cache_salt`` values, which are tenants' secrets): those follow the rule above too.
 The rule is one ASGI middleware that looks only at the method (and that path), so a
@@ -18,9 +28,12 @@ loopback. Tokens are compared in constant time; neither a token nor a header is 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
+import socket
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -77,13 +90,25 @@ class AdminGuard:
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         client = scope.get("client")
         host = client[0] if client else None
+        what = f"{scope['method']} {_shown_path(scope)}"
+        browser = _cross_site(scope)
+        if browser is None and is_loopback(host):
+            if _local_host_header(scope) or self._token_matches(scope):
+                return None
+            browser = "its Host header is not a loopback name (DNS rebinding?)"
+        if browser is not None:
+            logger.warning("HTTP %s from %s refused (403): cross-site", what, host)
+            reason = (
+                f"{what} refused: {browser}. The admin endpoints take requests from this "
+                "server's own pages and from non-browser clients only"
+            )
+            return JSONResponse({"status": "error", "reason": reason}, 403)
         if is_loopback(host):
             return None
-        what = f"{scope['method']} {_shown_path(scope)}"
         if self._token is None:
             status, headers = 403, None
             reason = f"{what} is only allowed from loopback or with the admin token ({TOKEN_HINT})"
-        elif bearer_matches(_header(scope, b"authorization"), self._token):
+        elif self._token_matches(scope):
             return None
         else:
             status, headers = 401, {"WWW-Authenticate": "Bearer"}
@@ -94,6 +119,58 @@ class AdminGuard:
         # Same template for every refusal: a flood of them is rate-limited by the log guard.
         logger.warning("HTTP %s from %s refused (%d)", what, host, status)
         return JSONResponse({"status": "error", "reason": reason}, status, headers=headers)
+
+    def _token_matches(self, scope: Scope) -> bool:
+        return self._token is not None and bearer_matches(
+            _header(scope, b"authorization"), self._token
+        )
+
+
+_SAME_SITE_OK = frozenset({b"same-origin", b"none"})
+
+
+def _cross_site(scope: Scope) -> str | None:
+    """Why a request looks sent by a browser for another site's page; None if it does not."""
+    fetch_site = _header(scope, b"sec-fetch-site")
+    if fetch_site is not None and fetch_site.strip().lower() not in _SAME_SITE_OK:
+        return (
+            f"a browser sent it for a page of another site (Sec-Fetch-Site: {_shown(fetch_site)})"
+        )
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return None
+    _, _, origin_host = origin.strip().partition(b"://")
+    if origin_host.lower() != (_header(scope, b"host") or b"").strip().lower():
+        return f"its Origin ({_shown(origin)}) is not this server"
+    return None
+
+
+def _local_host_header(scope: Scope) -> bool:
+    """Whether the Host header names this host by a loopback address or ``localhost`` (no
+    Host: an HTTP/1.0 client, not a browser)."""
+    raw = _header(scope, b"host")
+    if raw is None:
+        return True
+    text = raw.decode("latin-1").strip().lower()
+    name = text.rsplit(":", 1)[0] if not text.endswith("]") else text
+    if text.startswith("[") and "]" in text:
+        name = text[1 : text.index("]")]
+    return name in _local_names() or is_loopback(name)
+
+
+@functools.cache
+def _local_names() -> frozenset[str]:
+    """Names of this host itself: a rebinding page sends its own domain, never these (and
+    Debian maps the host name to 127.0.1.1, so ``curl http://$(hostname):8080`` is local)."""
+    names = {"localhost", "localhost.", socket.gethostname().lower()}
+    with contextlib.suppress(OSError):
+        names.add(socket.getfqdn().lower())
+    return frozenset(names)
+
+
+def _shown(value: bytes) -> str:
+    text = value.decode("latin-1")[:_SHOWN_PATH_CHARS]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _admin_only(scope: Scope) -> bool:
