@@ -47,6 +47,7 @@ from redis.retry import Retry
 
 from lmcache.storage.l2.base import Health, L2Error, byte_view, check_key, config_error
 from lmcache.storage.l2.format import Header, header_for, unpack_header
+from lmcache.storage.l2.redis_cluster import cluster_options
 from lmcache.storage.l2.redis_conn import (
     PackingConnection,
     PackingSSLConnection,
@@ -130,7 +131,9 @@ class RedisL2:
             "retry": Retry(backoff, self.retries, supported_errors=(RedisConnectionError,)),
         }
         if self.cluster:
-            return RedisCluster.from_url(self._target.url, **options)
+            return RedisCluster.from_url(
+                self._target.url, **options, **cluster_options(self._target)
+            )
         return redis.Redis.from_url(self._target.url, **options)
 
     @contextlib.contextmanager

@@ -1,0 +1,132 @@
+"""Two `lmcache server`s standing for two hosts (separate shared-memory dirs, separate
+engines) share a real 3-master/3-replica Redis Cluster (`lmcache.cluster_processes`), under
+continuous store/lookup/retrieve traffic with every hit checked byte for byte
+(`lmcache.bench.cluster_load`): a master is SIGKILLed, slots are resharded, the dead node
+comes back. Wrong bytes are 0 always; hits resume within ``RESUME_S`` of each event; no
+server ever says unhealthy (degraded is fine); the write-behind queue drains."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lmcache.bench.cluster_load import Figures, Host, Load, l2_status
+from lmcache.cluster_processes import RedisCluster
+from lmcache.storage.l2.base import L2Error
+from lmcache.storage.l2.redis import RedisL2
+from lmcache.types import ObjectKey
+
+from .conftest import ServerProcess, start_redis_cluster, start_server
+
+# node timeout (1 s) + failover (~1-2 s) + the server's L2 breaker (5 s) + a lookup's lag
+RESUME_S = 15.0
+
+
+def adapter(cluster: RedisCluster) -> str:
+    return f'{{"type": "redis", "url": "{cluster.seeds_url}", "cluster": true, "timeout_s": 1.0}}'
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisCluster]:
+    c = start_redis_cluster()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def hosts(cluster: RedisCluster) -> Iterator[list[Host]]:
+    """Two servers that share nothing but the cluster: each its own /dev/shm stand-in."""
+    with tempfile.TemporaryDirectory(prefix="lmcache-host-a-") as a_shm, \
+         tempfile.TemporaryDirectory(prefix="lmcache-host-b-") as b_shm:  # fmt: skip
+        servers: list[ServerProcess] = []
+        out: list[Host] = []
+        try:
+            for i, shm in enumerate((a_shm, b_shm)):
+                servers.append(
+                    start_server("--l2-adapter", adapter(cluster), env={"LMCACHE_SHM_DIR": shm})
+                )
+                out.append(Host.attach(servers[-1], 10 + i, shm))
+            yield out
+        finally:
+            for h in out:
+                h.close()
+            for s in servers:
+                s.stop()
+
+
+def drained(hosts: list[Host], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(l2_status(h.server)["queue_depth"] for h in hosts):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_hits_resume_after_a_master_dies(cluster: RedisCluster, hosts: list[Host]) -> None:
+    load = Load(hosts).start()
+    try:
+        start = load.event("steady")
+        assert load.wait_resumed(start, 20) is not None, "no cross-host hit before any event"
+        victim = cluster.masters()[0]
+        kill = load.event(f"SIGKILL master {victim}")
+        cluster.kill(victim)
+        kill.took_s = cluster.wait_failover(victim, timeout=30)
+        resumed = load.wait_resumed(kill, RESUME_S + kill.took_s)
+    finally:
+        load.stop()
+    figures = Figures.of(load, time.monotonic())
+    report = "\n".join(f.line() for f in figures)
+    assert resumed is not None, f"hits did not resume after failover:\n{report}"
+    assert sum(f.wrong_bytes for f in figures) == 0, report
+    assert sum(f.unhealthy_polls for f in figures) == 0, report
+    assert drained(hosts)
+
+
+def test_a_writer_follows_a_failover(cluster: RedisCluster) -> None:
+    """An adapter that only writes (a server whose lookups all hit L1) reloads the slot
+    map after its errors: with redis-py's default it never did, and kept writing to the
+    dead master for good (issue 14)."""
+    a = RedisL2(cluster.url, cluster=True, timeout_s=1.0)
+    keys = [ObjectKey(hashlib.sha384(bytes([i])).digest()) for i in range(40)]
+    data = b"x" * 100_000
+    for k in keys:
+        a.put(k, data)
+    victim = cluster.owner(cluster.slot_of(f"lmcache:{{{keys[0].hex()}}}:m"))
+    cluster.kill(victim)
+    cluster.wait_failover(victim, timeout=30)
+    failures = 0
+    for _ in range(3):  # a first error may reload the map; then every put goes through
+        failures = 0
+        for k in keys:
+            try:
+                a.put(k, data)
+            except L2Error:
+                failures += 1
+        if not failures:
+            break
+    assert failures == 0, a.stats()["last_error"]
+    a.close()
+
+
+def test_a_client_made_while_a_seed_is_down_finds_the_cluster(cluster: RedisCluster) -> None:
+    """Several seeds in the URL: a server whose first L2 call comes after its first seed
+    died still reaches the cluster (with that one seed only it cannot, whatever it waits)."""
+    first = cluster.nodes[0].port
+    cluster.kill(first)
+    cluster.wait_failover(first, timeout=30)
+    one_seed = RedisL2(f"redis://127.0.0.1:{first}", cluster=True, timeout_s=0.5)
+    with pytest.raises(L2Error, match="cannot be connected"):
+        one_seed.exists([ObjectKey(bytes(48))])
+    seeds = RedisL2(cluster.seeds_url, cluster=True, timeout_s=0.5)
+    key = ObjectKey(bytes(48))
+    seeds.put(key, b"y" * 1000)
+    out = bytearray(1000)
+    assert seeds.get_into(key, memoryview(out)) and out == b"y" * 1000
+    assert seeds.name.count(",") == len(cluster.nodes) - 1
+    one_seed.close()
+    seeds.close()
