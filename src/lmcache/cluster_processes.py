@@ -160,11 +160,12 @@ class RedisCluster:
         out = []
         for line in self.command(self.live()[0].port, "CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if len(fields) < 8:
-                continue
+            port = fields[1].split("@")[0].rpartition(":")[2] if len(fields) >= 8 else ""
+            if not port.isdigit():
+                continue  # a node being forgotten or not yet met (no address)
             flags = fields[2].split(",")
             out.append({
-                "id": fields[0], "port": int(fields[1].split(":")[1].split("@")[0]),
+                "id": fields[0], "port": int(port),
                 "role": "master" if "master" in flags else "replica",
                 "master": None if fields[3] == "-" else fields[3],
                 "failed": "fail" in flags or "fail?" in flags, "slots": fields[8:],

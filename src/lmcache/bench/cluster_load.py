@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.client import LMCacheClient
+from lmcache.cluster_processes import RedisCluster
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import ServerProcess
 
@@ -106,6 +107,7 @@ class Event:
     name: str
     t: float
     took_s: float = 0.0  # how long the action itself took (e.g. until failover)
+    l2_errors: int = 0  # the servers' L2 adapter errors (sum) when the event started
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Load:
 
     hosts: list[Host]
     chunks: int = 3
-    lag_s: float = 0.2
+    lag_s: float = 0.5
     reads: list[Read] = field(default_factory=list)
     stores: int = 0
     store_errors: int = 0
@@ -138,9 +140,15 @@ class Load:
             t.join(timeout=60)
 
     def event(self, name: str) -> Event:
-        e = Event(name, time.monotonic())
+        e = Event(name, time.monotonic(), l2_errors=self.l2_errors())
         self.events.append(e)
         return e
+
+    def l2_errors(self) -> int:
+        return sum(int(l2_status(h.server)["errors"]) for h in self.hosts)
+
+    def last_errors(self) -> list[str | None]:
+        return [l2_status(h.server)["last_error"] for h in self.hosts]
 
     def wait_resumed(self, event: Event, timeout: float) -> float | None:
         """Seconds from ``event`` until a prompt stored after it was a full hit; None if
@@ -231,15 +239,17 @@ class Figures:
     misses: int
     errors: int
     wrong_bytes: int
+    l2_errors: int
     resume_s: float | None
     unhealthy_polls: int
     degraded_polls: int
 
     @classmethod
-    def of(cls, load: Load, end: float) -> list[Figures]:
+    def of(cls, load: Load, end: float, end_errors: int) -> list[Figures]:
         out = []
         bounds = [e.t for e in load.events[1:]] + [end]
-        for e, stop in zip(load.events, bounds, strict=True):
+        errors = [e.l2_errors for e in load.events[1:]] + [end_errors]
+        for e, stop, err in zip(load.events, bounds, errors, strict=True):
             rs = [r for r in load.reads if e.t <= r.t < stop]
             hs = [(c, d) for t, c, d in load.health if e.t <= t < stop]
             resumed = [r.t - e.t for r in rs if r.stored_t >= e.t and r.full]
@@ -247,7 +257,7 @@ class Figures:
                 e.name, round(e.took_s, 2), len(rs), sum(r.full for r in rs),
                 sum(not r.full and r.error is None for r in rs),
                 sum(r.error is not None for r in rs), sum(r.wrong_bytes for r in rs),
-                round(resumed[0], 2) if resumed else None,
+                err - e.l2_errors, round(resumed[0], 2) if resumed else None,
                 sum(c != 200 for c, _ in hs), sum(d for _, d in hs),
             ))  # fmt: skip
         return out
@@ -257,8 +267,9 @@ class Figures:
         return (
             f"{self.event:<28} action {self.action_s:5.2f}s  reads {self.reads:5d}  "
             f"hits {self.full_hits:5d}  misses {self.misses:4d}  errors {self.errors:3d}  "
-            f"wrong bytes {self.wrong_bytes}  hits resume {resume:>7}  "
-            f"unhealthy {self.unhealthy_polls}  degraded polls {self.degraded_polls}"
+            f"wrong bytes {self.wrong_bytes}  L2 errors {self.l2_errors:3d}  "
+            f"hits resume {resume:>7}  unhealthy {self.unhealthy_polls}  "
+            f"degraded polls {self.degraded_polls}"
         )
 
 
@@ -275,3 +286,67 @@ def l2_status(server: ServerProcess) -> dict[str, Any]:
     """The server's first L2 adapter in /status."""
     adapters: list[dict[str, Any]] = server.status()["l2_adapters"]
     return adapters[0]
+
+
+@dataclass
+class Outcome:
+    figures: list[Figures]
+    drained: bool  # every server's write-behind queue emptied after the last event
+    rss_mib: list[tuple[float, float]]  # per server: after warm-up, at the end
+    stores: int
+    store_errors: int
+    last_errors: list[str | None]  # each server's last L2 error (credentials never shown)
+
+    def report(self) -> str:
+        lines = [f.line() for f in self.figures]
+        lines.append(f"stores {self.stores} (errors {self.store_errors}); write-behind queues "
+                     f"drained: {self.drained}; server RSS MiB (warm -> end): "
+                     + ", ".join(f"{a:.0f} -> {b:.0f}" for a, b in self.rss_mib))  # fmt: skip
+        lines += [f"server {i} last L2 error: {e}" for i, e in enumerate(self.last_errors)]
+        return "\n".join(lines)
+
+
+def failover_scenario(
+    cluster: RedisCluster, load: Load, steady_s: float = 2.0, resume_s: float = 20.0,
+    reshard_slots: int = 1000,
+) -> Outcome:  # fmt: skip
+    """Under ``load`` (started): steady traffic, SIGKILL a master (until its replica took
+    over), reshard ``reshard_slots`` slots between two live masters while traffic runs,
+    restart the dead node (it rejoins as a replica); after each, wait until hits resume
+    (at most ``resume_s``) and ``steady_s`` more. Stops ``load``."""
+    servers = [h.server for h in load.hosts]
+
+    def settle(event: Event) -> None:
+        load.wait_resumed(event, resume_s + event.took_s)
+        time.sleep(steady_s)
+
+    try:
+        settle(load.event("steady"))
+        rss = [rss_mib(s.proc.pid) for s in servers]
+        victim = cluster.masters()[0]
+        e = load.event(f"SIGKILL master :{victim}")
+        cluster.kill(victim)
+        e.took_s = cluster.wait_failover(victim, timeout=60)
+        settle(e)
+        source, target = cluster.masters()[:2]
+        e = load.event(f"reshard {reshard_slots} slots")
+        t0 = time.monotonic()
+        cluster.reshard(source, target, reshard_slots)
+        e.took_s = time.monotonic() - t0
+        settle(e)
+        e = load.event(f"restart :{victim}")
+        cluster.restart(victim)
+        e.took_s = cluster.wait_ok(60, all_nodes=True) + cluster.wait_replicas(60)
+        settle(e)
+    finally:
+        load.stop()
+    end = time.monotonic()
+    deadline, drained = end + 30, False
+    while not drained and time.monotonic() < deadline:
+        drained = not any(l2_status(s)["queue_depth"] for s in servers)
+        time.sleep(0.1)
+    return Outcome(
+        Figures.of(load, end, load.l2_errors()), drained,
+        [(a, rss_mib(s.proc.pid)) for a, s in zip(rss, servers, strict=True)],
+        load.stores, load.store_errors, load.last_errors(),
+    )  # fmt: skip
