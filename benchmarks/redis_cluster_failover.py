@@ -3,6 +3,7 @@ traffic through several `lmcache server`s that share nothing but the cluster (is
 
     PYTHONPATH=src python benchmarks/redis_cluster_failover.py [--servers 2] [--steady-s 5]
         [--resume-s 30] [--reshard-slots 2000] [--chunk-kib 512] [--node-timeout-ms 2000]
+        [--breaker-s 5] [--maxmemory-mb 256]
 
 A 3-master/3-replica cluster (`lmcache.cluster_processes.RedisCluster`), N servers each
 with its own shared-memory dir and synthetic engine, and the load of
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
@@ -35,13 +35,16 @@ def main() -> None:
     p.add_argument("--reshard-slots", type=int, default=2000)
     p.add_argument("--chunk-kib", type=int, default=512, help="bytes of one chunk, KiB")
     p.add_argument("--node-timeout-ms", type=int, default=2000)
+    p.add_argument("--maxmemory-mb", type=int, default=256, help="per node, allkeys-lru")
+    p.add_argument("--breaker-s", type=float, default=5.0, help="the servers' --l2-breaker-s")
     a = p.parse_args()
     block_bytes = a.chunk_kib * 1024 // 16 // 4  # 16 blocks per chunk, 4 layers
     t0 = time.monotonic()
-    cluster = RedisCluster.start(node_timeout_ms=a.node_timeout_ms)
+    cluster = RedisCluster.start(node_timeout_ms=a.node_timeout_ms, maxmemory_mb=a.maxmemory_mb)
     up = time.monotonic() - t0
     print(f"cluster: 3 masters + 3 replicas up in {up:.1f}s, cluster-node-timeout "
-          f"{a.node_timeout_ms} ms; host {platform.node()}, {os.cpu_count()} CPUs")  # fmt: skip
+          f"{a.node_timeout_ms} ms, maxmemory {a.maxmemory_mb} MiB per node (allkeys-lru); "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
     adapter = f'{{"type": "redis", "url": "{cluster.seeds_url}", "cluster": true}}'
     dirs = [tempfile.TemporaryDirectory(prefix=f"lmcache-host{i}-") for i in range(a.servers)]
     servers: list[ServerProcess] = []
@@ -49,11 +52,12 @@ def main() -> None:
     try:
         for i, d in enumerate(dirs):
             servers.append(ServerProcess.start(
-                "--l1-size-gb", "1", "--l2-adapter", adapter, env={"LMCACHE_SHM_DIR": d.name},
+                "--l1-size-gb", "1", "--l2-adapter", adapter, "--l2-breaker-s", str(a.breaker_s),
+                env={"LMCACHE_SHM_DIR": d.name},
             ))  # fmt: skip
             hosts.append(Host.attach(servers[-1], 100 + i, d.name, block_bytes=block_bytes))
-        print(f"{a.servers} servers (one shm dir each), chunk {a.chunk_kib} KiB, "
-              f"3 chunks per prompt; timeout_s 2 (default)\n")  # fmt: skip
+        print(f"{a.servers} servers (one shm dir each), chunk {a.chunk_kib} KiB, 3 chunks per "
+              f"prompt; timeout_s 2 (default), --l2-breaker-s {a.breaker_s:g}\n")  # fmt: skip
         outcome = failover_scenario(
             cluster, Load(hosts).start(), steady_s=a.steady_s, resume_s=a.resume_s,
             reshard_slots=a.reshard_slots,

@@ -69,13 +69,18 @@ class RedisCluster:
     root: Path
     node_timeout_ms: int
     cli: str
+    maxmemory_mb: int = 256
 
     @classmethod
     def start(
         cls, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
-        timeout: float = 60.0,
+        timeout: float = 60.0, maxmemory_mb: int = 256,
     ) -> RedisCluster:  # fmt: skip
-        """Start and create the cluster; RedisUnavailable without redis-server/redis-cli."""
+        """Start and create the cluster; RedisUnavailable without redis-server/redis-cli.
+
+        Each node holds at most ``maxmemory_mb`` (allkeys-lru), as a cache tier should be
+        run: under continuous writes an unbounded master grows until a returning replica's
+        full sync outlasts its output buffer and restarts for ever."""
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:
             raise RedisUnavailable("redis-server/redis-cli are not installed")
@@ -85,7 +90,7 @@ class RedisCluster:
             port = free_cluster_port()
             (root / str(port)).mkdir()
             nodes.append(ClusterNode(port, root / str(port)))
-        cluster = cls(nodes, root, node_timeout_ms, cli)
+        cluster = cls(nodes, root, node_timeout_ms, cli, maxmemory_mb)
         try:
             for node in nodes:
                 cluster._launch(node, timeout)
@@ -110,6 +115,7 @@ class RedisCluster:
              "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms),
              "--repl-diskless-sync-delay", "0",
+             "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru",
              "--logfile", str(node.workdir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
