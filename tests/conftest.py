@@ -118,12 +118,14 @@ def start_redis(port: int | None = None) -> RedisProcess:
         pytest.skip("redis-server is not installed")
 
 
-def start_redis_cluster(masters: int = 3, replicas: int = 1) -> RedisCluster:
+def start_redis_cluster(
+    masters: int = 3, replicas: int = 1, password: str | None = None
+) -> RedisCluster:
     """A real Redis Cluster on loopback (`RedisCluster`: 3 masters, 3 replicas, node
     timeout 1 s); skipped without redis-server/redis-cli, an error under
     LMCACHE_REQUIRE_REDIS=1."""
     try:
-        return RedisCluster.start(masters, replicas)
+        return RedisCluster.start(masters, replicas, password=password)
     except RedisUnavailable:
         if os.environ.get("LMCACHE_REQUIRE_REDIS") == "1":
             raise

@@ -14,6 +14,7 @@ small; it only ever signals, restarts and removes what it started.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmcache.processes import RedisProcess, RedisUnavailable, free_port
+from lmcache.processes import RedisUnavailable, free_port
+
+
+def _answers(port: int) -> bool:
+    """A redis-server listens on ``port`` (PONG, or NOAUTH when it wants a password)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
 
 
 def free_cluster_port() -> int:
@@ -70,11 +81,12 @@ class RedisCluster:
     node_timeout_ms: int
     cli: str
     maxmemory_mb: int = 256
+    password: str | None = None  # requirepass and masterauth of every node
 
     @classmethod
     def start(
-        cls, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
-        timeout: float = 60.0, maxmemory_mb: int = 256,
+        cls, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 1000,
+        timeout: float = 60.0, maxmemory_mb: int = 256, password: str | None = None,
     ) -> RedisCluster:  # fmt: skip
         """Start and create the cluster; RedisUnavailable without redis-server/redis-cli.
 
@@ -85,12 +97,13 @@ class RedisCluster:
         if server is None or cli is None:
             raise RedisUnavailable("redis-server/redis-cli are not installed")
         root = Path(tempfile.mkdtemp(prefix="lmcache-redis-cluster-"))
-        nodes = []
-        for _ in range(masters * (1 + replicas)):
+        nodes: list[ClusterNode] = []
+        while len(nodes) < masters * (1 + replicas):
             port = free_cluster_port()
-            (root / str(port)).mkdir()
-            nodes.append(ClusterNode(port, root / str(port)))
-        cluster = cls(nodes, root, node_timeout_ms, cli, maxmemory_mb)
+            if all(n.port != port for n in nodes):  # nothing holds a port until launched
+                (root / str(port)).mkdir()
+                nodes.append(ClusterNode(port, root / str(port)))
+        cluster = cls(nodes, root, node_timeout_ms, cli, maxmemory_mb, password)
         try:
             for node in nodes:
                 cluster._launch(node, timeout)
@@ -116,18 +129,24 @@ class RedisCluster:
              "--cluster-node-timeout", str(self.node_timeout_ms),
              "--repl-diskless-sync-delay", "0",
              "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru",
-             "--logfile", str(node.workdir / "redis.log")],
+             "--logfile", str(node.workdir / "redis.log"), *self._auth("--requirepass"),
+             *self._auth("--masterauth")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not RedisProcess(node.proc, node.port).pong():
+        while not _answers(node.port):
             if node.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cluster node on port {node.port} did not start")
             time.sleep(0.05)
 
+    def _auth(self, flag: str) -> list[str]:
+        return [flag, self.password] if self.password else []
+
     def _cli(self, port: int, *args: str, timeout: float = 30.0) -> str:
+        # The password goes in the environment, not on a command line others can read.
+        env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
         done = subprocess.run(
-            [self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
+            [self.cli, "-h", "127.0.0.1", "-p", str(port), *args], env=env,
             check=False, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         out = done.stdout.decode(errors="replace")
@@ -146,13 +165,17 @@ class RedisCluster:
     @property
     def url(self) -> str:
         """A seed URL: the first live node (any node serves the whole cluster's map)."""
-        return f"redis://127.0.0.1:{self.live()[0].port}"
+        return f"redis://{self._userinfo()}127.0.0.1:{self.live()[0].port}"
+
+    def _userinfo(self) -> str:
+        return f":{self.password}@" if self.password else ""
 
     @property
     def seeds_url(self) -> str:
         """Every node as a seed (``redis://h:p1,h:p2,...``): a client made while any one
         of them is down still finds the cluster."""
-        return "redis://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"redis://{self._userinfo()}{hosts}"
 
     def live(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.alive]
