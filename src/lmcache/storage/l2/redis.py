@@ -47,7 +47,7 @@ from redis.retry import Retry
 
 from lmcache.storage.l2.base import Health, L2Error, byte_view, check_key, config_error
 from lmcache.storage.l2.format import Header, header_for, unpack_header
-from lmcache.storage.l2.redis_cluster import cluster_options
+from lmcache.storage.l2.redis_cluster import cluster_options, connect_soon
 from lmcache.storage.l2.redis_conn import (
     PackingConnection,
     PackingSSLConnection,
@@ -97,6 +97,8 @@ class RedisL2:
         self._client: Client | None = None
         self._client_lock = threading.Lock()
         self._closed = False
+        if self.cluster:  # learn every node while the seeds answer (see `redis_cluster`)
+            connect_soon(self._connect, self.name)
 
     def __repr__(self) -> str:
         return f"RedisL2({self.name!r})"
