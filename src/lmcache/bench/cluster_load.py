@@ -307,13 +307,14 @@ class Outcome:
 
 
 def failover_scenario(
-    cluster: RedisCluster, load: Load, steady_s: float = 2.0, resume_s: float = 20.0,
-    reshard_slots: int = 1000,
+    cluster: RedisCluster, load: Load, *, steady_s: float = 2.0, resume_s: float = 20.0,
+    reshard_slots: int = 1000, victim: int | None = None,
 ) -> Outcome:  # fmt: skip
     """Under ``load`` (started): steady traffic, SIGKILL a master (until its replica took
     over), reshard ``reshard_slots`` slots between two live masters while traffic runs,
     restart the dead node (it rejoins as a replica); after each, wait until hits resume
-    (at most ``resume_s``) and ``steady_s`` more. Stops ``load``."""
+    (at most ``resume_s``) and ``steady_s`` more. ``victim``: the master to kill (default:
+    the first). Stops ``load``."""
     servers = [h.server for h in load.hosts]
 
     def settle(event: Event) -> None:
@@ -323,7 +324,7 @@ def failover_scenario(
     try:
         settle(load.event("steady"))
         rss = [rss_mib(s.proc.pid) for s in servers]
-        victim = cluster.masters()[0]
+        victim = victim or cluster.masters()[0]
         e = load.event(f"SIGKILL master :{victim}")
         cluster.kill(victim)
         e.took_s = cluster.wait_failover(victim, timeout=60)
