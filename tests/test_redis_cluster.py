@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from lmcache.bench.cluster_load import Host, Load, failover_scenario
 from lmcache.cluster_processes import RedisCluster
@@ -153,6 +154,8 @@ def test_credentials_on_a_cluster_never_show() -> None:
     password = "Cl-pa55"
     cluster = start_redis_cluster(password=password)
     try:
+        with pytest.raises(redis.RedisError, match=r"(?i)auth"):  # it does want one
+            redis.Redis(port=cluster.nodes[0].port, socket_timeout=5).ping()
         a = RedisL2(cluster.seeds_url, cluster=True, timeout_s=1.0)
         keys = [ObjectKey(hashlib.sha384(bytes([i])).digest()) for i in range(30)]
         for k in keys:

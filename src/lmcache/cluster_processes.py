@@ -121,16 +121,20 @@ class RedisCluster:
 
     def _launch(self, node: ClusterNode, timeout: float) -> None:
         assert not node.alive
+        conf = node.workdir / "auth.conf"  # the password in a 0600 file, not in argv
+        conf.touch(mode=0o600)
+        conf.write_text(
+            f"requirepass {self.password}\nmasterauth {self.password}\n" if self.password else ""
+        )
         node.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(node.port),
+            [shutil.which("redis-server") or "redis-server", str(conf), "--port", str(node.port),
              "--bind", "127.0.0.1", "--dir", str(node.workdir), "--save", "",
              "--appendonly", "no", "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms),
              "--repl-diskless-sync-delay", "0",
              "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru",
-             "--logfile", str(node.workdir / "redis.log"), *self._auth("--requirepass"),
-             *self._auth("--masterauth")],
+             "--logfile", str(node.workdir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -139,11 +143,8 @@ class RedisCluster:
                 raise RuntimeError(f"cluster node on port {node.port} did not start")
             time.sleep(0.05)
 
-    def _auth(self, flag: str) -> list[str]:
-        return [flag, self.password] if self.password else []
-
     def _cli(self, port: int, *args: str, timeout: float = 30.0) -> str:
-        # The password goes in the environment, not on a command line others can read.
+        # The password goes in the environment, not in an argv others can read (ps).
         env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
         done = subprocess.run(
             [self.cli, "-h", "127.0.0.1", "-p", str(port), *args], env=env,
@@ -157,10 +158,6 @@ class RedisCluster:
     def command(self, port: int, *args: str) -> str:
         """One command on one node through redis-cli; its reply as text."""
         return self._cli(port, *args, timeout=10)
-
-    @property
-    def ports(self) -> list[int]:
-        return [n.port for n in self.nodes]
 
     @property
     def url(self) -> str:
@@ -228,8 +225,8 @@ class RedisCluster:
         raise LookupError(f"no live master serves slot {slot}")
 
     def wait_ok(self, timeout: float = 60.0, all_nodes: bool = False) -> float:
-        """Until the live nodes (all nodes: every one) report ``cluster_state:ok`` and agree
-        on the masters; the seconds waited."""
+        """Until the live nodes (``all_nodes``: every node) report ``cluster_state:ok``;
+        the seconds waited."""
         t0 = time.monotonic()
         while True:
             try:
