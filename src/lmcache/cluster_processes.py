@@ -6,7 +6,8 @@ pair (client port, bus port +10000) and in its own directory, made into a cluste
     RedisCluster.start() ─> N x redis-server ─> redis-cli --cluster create ─> cluster_state:ok
                             and every replica in sync (a replica that never synced will
                             not take over: its data counts as too old)
-    kill(port) SIGKILL · wait_failover(port) · restart(port) · reshard(src, dst, n) · stop()
+    kill(port) SIGKILL · wait_failover(port) · restart(port) · wait_rejoined(port)
+    reshard(src, dst, n) · stop()
 
 Kept apart from `lmcache.processes` (one server, one redis-server) so that each stays
 small; it only ever signals, restarts and removes what it started.
@@ -14,6 +15,7 @@ small; it only ever signals, restarts and removes what it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -280,6 +282,20 @@ class RedisCluster:
         """Start a killed node again on its port and directory: it rejoins from nodes.conf
         (as a replica, if its slots moved to another master meanwhile)."""
         self._launch(self.node(port), timeout)
+
+    def wait_rejoined(self, port: int, timeout: float = 60.0) -> float:
+        """Until a restarted node serves as an in-sync replica and every node reports ok;
+        the seconds waited."""
+        t0 = time.monotonic()
+        while True:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                info = self.command(port, "INFO", "replication")
+                if "role:slave" in info and "master_link_status:up" in info:
+                    self.wait_ok(max(1.0, timeout - (time.monotonic() - t0)), all_nodes=True)
+                    return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"node {port} did not rejoin in {timeout:g}s")
+            time.sleep(0.1)
 
     def reshard(self, source: int, target: int, slots: int, timeout: float = 120.0) -> None:
         """Move ``slots`` slots (and their keys) from master ``source`` to master ``target``

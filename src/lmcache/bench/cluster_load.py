@@ -337,7 +337,7 @@ def failover_scenario(
         settle(e)
         e = load.event(f"restart :{victim}")
         cluster.restart(victim)
-        e.took_s = cluster.wait_ok(60, all_nodes=True) + cluster.wait_replicas(60)
+        e.took_s = cluster.wait_rejoined(victim, 60)
         settle(e)
     finally:
         load.stop()
