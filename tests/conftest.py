@@ -20,6 +20,7 @@ import pytest
 
 from lmcache import processes
 from lmcache.client import LMCacheClient
+from lmcache.cluster_processes import RedisCluster
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import RedisProcess, RedisUnavailable
 
@@ -115,6 +116,20 @@ def start_redis(port: int | None = None) -> RedisProcess:
         if os.environ.get("LMCACHE_REQUIRE_REDIS") == "1":
             raise
         pytest.skip("redis-server is not installed")
+
+
+def start_redis_cluster(
+    masters: int = 3, replicas: int = 1, password: str | None = None
+) -> RedisCluster:
+    """A real Redis Cluster on loopback (`RedisCluster`: 3 masters, 3 replicas, node
+    timeout 1 s); skipped without redis-server/redis-cli, an error under
+    LMCACHE_REQUIRE_REDIS=1."""
+    try:
+        return RedisCluster.start(masters, replicas, password=password)
+    except RedisUnavailable:
+        if os.environ.get("LMCACHE_REQUIRE_REDIS") == "1":
+            raise
+        pytest.skip("redis-server/redis-cli are not installed")
 
 
 def lookup_hit(

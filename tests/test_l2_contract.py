@@ -19,7 +19,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,6 +33,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from lmcache.cluster_processes import free_cluster_port
 from lmcache.errors import ConfigError
 from lmcache.processes import free_port
 from lmcache.storage.l2 import make_adapter
@@ -103,21 +103,6 @@ class RedisServer:
             self.proc.send_signal(sig)
             self.proc.wait(10)
             self.proc = None
-
-
-def free_cluster_port() -> int:
-    """A free port below 55536 whose cluster bus port (+10000) is free too."""
-    for _ in range(100):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
 
 
 def start_cluster_node(workdir: Path) -> RedisServer:
@@ -599,6 +584,8 @@ def test_fs_io_error_raises_l2error_and_marks_unhealthy(tmp_path: Path) -> None:
         ({"type": "redis", "url": "redis://h:99999"}, "'url' is not a valid URL"),
         ({"type": "redis", "url": "redis://h/x"}, "'url' path must be a database number"),
         ({"type": "redis", "url": "redis+cluster://h/3"}, "database must be 0"),
+        ({"type": "redis", "url": "redis://h:1,g:2"}, "several hosts only for a Redis Cluster"),
+        ({"type": "redis", "url": "redis+cluster://h:1,g:x"}, "not a valid URL"),
         ({"type": "redis", "url": "redis://h", "part_mb": 0}, "'part_mb' must be"),
         ({"type": "redis", "url": "redis://h", "part_mb": 1.5}, "'part_mb' must be an integer"),
         ({"type": "redis", "url": "redis://h", "timeout_s": 0}, "'timeout_s' must be"),
@@ -754,6 +741,11 @@ def test_redis_cluster_keeps_an_object_in_one_slot(redis_cluster: RedisServer) -
         ("valkey://[::1]:7000", "valkey://[::1]:7000/0", False),
         ("VALKEYS://h:7000/0?password=zzz", "valkeys://h:7000/0", False),
         ("redis+cluster://:pw@h:7000", "redis+cluster://h:7000/0", True),
+        (
+            "redis+cluster://:pw@h:7000,[::1]:7001,g",
+            "redis+cluster://h:7000,[::1]:7001,g:6379/0",
+            True,
+        ),
     ],
 )
 def test_redis_url_names_carry_no_credentials(url: str, name: str, cluster: bool) -> None:

@@ -193,7 +193,7 @@ def test_adapter_shapes_map_to_ours(tmp_path: Any) -> None:
     assert resp == {"type": "redis", "url": "redis://u:p%40ss@r:6380/0"}
     cluster = {"startup_nodes": "v1:7000,v2:7000", "cluster_mode": True, "tls_enable": True}
     valkey = from_upstream({"type": "valkey", **cluster, "request_timeout": 2})
-    assert valkey == {"type": "redis", "url": "rediss://v1:7000", "cluster": True,
+    assert valkey == {"type": "redis", "url": "rediss://v1:7000,v2:7000", "cluster": True,
                       "timeout_s": 2.0}  # fmt: skip
     standalone = from_upstream({"type": "valkey", "startup_nodes": "v:6379", "database_id": 3})
     assert standalone["url"] == "redis://v:6379/3" and standalone["cluster"] is False

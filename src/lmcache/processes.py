@@ -8,6 +8,8 @@ One module for both, so that the benchmark drives the server exactly as the test
                                    ready when the log says "LMCache cache server is running..."
     RedisProcess.start()        ─> `redis-server --port P --save "" --appendonly no`
                                    ready when it answers PING
+
+A Redis Cluster of such processes is `lmcache.cluster_processes.RedisCluster`.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from redis.retry import Retry
 
 from lmcache.storage.l2.base import Health, L2Error, byte_view, check_key, config_error
 from lmcache.storage.l2.format import Header, header_for, unpack_header
+from lmcache.storage.l2.redis_cluster import cluster_options, connect_soon
 from lmcache.storage.l2.redis_conn import (
     PackingConnection,
     PackingSSLConnection,
@@ -96,6 +97,8 @@ class RedisL2:
         self._client: Client | None = None
         self._client_lock = threading.Lock()
         self._closed = False
+        if self.cluster:  # learn every node while the seeds answer (see `redis_cluster`)
+            connect_soon(self._connect, self.name)
 
     def __repr__(self) -> str:
         return f"RedisL2({self.name!r})"
@@ -130,7 +133,9 @@ class RedisL2:
             "retry": Retry(backoff, self.retries, supported_errors=(RedisConnectionError,)),
         }
         if self.cluster:
-            return RedisCluster.from_url(self._target.url, **options)
+            return RedisCluster.from_url(
+                self._target.url, **options, **cluster_options(self._target)
+            )
         return redis.Redis.from_url(self._target.url, **options)
 
     @contextlib.contextmanager

@@ -4,7 +4,7 @@
     {"type": "resp", "host": "h", "port": 6379,               -> {"type": "redis",
      "username": "u", "password": "p"}                            "url": "redis://u:p@h:6379/0"}
     {"type": "valkey", "startup_nodes": "h1:6379,h2:6379",    -> {"type": "redis", "url":
-     "cluster_mode": true, "tls_enable": true, ...}               "rediss://h1:6379",
+     "cluster_mode": true, "tls_enable": true, ...}               "rediss://h1:6379,h2:6379",
                                                                   "cluster": true}
 
 A key upstream has and we cannot honour is refused with a message naming it (the same
@@ -74,10 +74,10 @@ def _valkey(c: Mapping[str, Any]) -> dict[str, Any]:
         raise config_error("valkey", f"'database_id' must be a non-negative integer, got {db!r}")
     _no_capacity(c, "valkey")
     # Like upstream: without cluster mode the first node is the server; in cluster mode
-    # the first node is the seed the rest of the cluster is discovered from.
-    host, port = nodes[0]
+    # every node is a seed the rest of the cluster is discovered from (tried in turn).
     path = "" if cluster else f"/{db or 0}"
-    url = ("rediss://" if tls else "redis://") + _userinfo(c, "valkey") + _hostport(host, port)
+    hosts = ",".join(_hostport(h, p) for h, p in (nodes if cluster else nodes[:1]))
+    url = ("rediss://" if tls else "redis://") + _userinfo(c, "valkey") + hosts
     out: dict[str, Any] = {"type": "redis", "url": url + path, "cluster": cluster}
     timeouts = [c[k] for k in ("request_timeout", "connection_timeout") if k in c]
     for t in timeouts:
