@@ -72,6 +72,8 @@ def test_bench_command_runs_every_phase(tmp_path: Path) -> None:
     assert rows["lookup hit p50"]["met"] in (True, False)
     l2 = [m for m in rows if "prefetch into L1" in m]
     assert len(l2) == (1 if "--no-redis" in cmd else 2)
+    full = "redis, full (maxmemory, LRU evicting): store (L1 + write-behind)"
+    assert (full in rows) == ("--no-redis" not in cmd)
     assert doc["server_exit"] == {"256": 0, "16": 0}
     assert "targets:" in proc.stdout and "ratio" in proc.stdout
 

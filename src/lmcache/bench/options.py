@@ -69,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l2-dir", type=Path, help="directory for the fs tier (default: $TMPDIR)")
     p.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
     p.add_argument("--no-redis", action="store_true", help="skip the Redis tier")
+    p.add_argument("--no-fs", action="store_true", help="skip the fs tier")
     p.add_argument(
         "--quick",
         action="store_true",

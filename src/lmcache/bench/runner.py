@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     def l2() -> tuple[list[Row], Any]:
         return measure_l2(
             shape=shape, tokens=args.tokens, reps=args.reps, l2_dir=args.l2_dir,
-            redis_url=args.redis_url, with_redis=not args.no_redis,
+            redis_url=args.redis_url, with_redis=not args.no_redis, with_fs=not args.no_fs,
         )  # fmt: skip
 
     if "transfers" in args.phases:
