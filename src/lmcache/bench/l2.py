@@ -48,22 +48,23 @@ def _wait_stored(
     server: ServerProcess, want: int, probe: tuple[Callable[[], int], int] | None = None,
     timeout: float = 300,
 ) -> None:  # fmt: skip
-    """Until /status shows ``want`` objects stored and nothing queued; with ``probe``
-    (count, target), /status is asked only once ``count()`` reached ``target``."""
+    """Until /status shows ``want`` objects stored and nothing queued. With ``probe``
+    (count, target), /status is asked every 5 ms only once ``count()`` reached ``target``
+    (before that every 0.25 s, to notice an overflowing queue)."""
     deadline = time.monotonic() + timeout
-    if probe is not None:
-        count, target = probe
-        while count() < target and time.monotonic() < deadline:
-            time.sleep(0.002)
+    next_status = 0.0
     while True:
-        tier = server.status()["l2_adapters"][0]
-        if tier["stored_objects"] >= want and tier["queue_depth"] == 0:
-            return
-        if tier.get("queue_skipped_full"):
-            raise RuntimeError("the L2 write-behind queue overflowed; lower --tokens")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"L2 stored {tier['stored_objects']} of {want} objects in time")
-        time.sleep(0.005)
+        now = time.monotonic()
+        if probe is None or now >= next_status or probe[0]() >= probe[1]:
+            tier = server.status()["l2_adapters"][0]
+            if tier["stored_objects"] >= want and tier["queue_depth"] == 0:
+                return
+            if tier.get("queue_skipped_full"):
+                raise RuntimeError("the L2 write-behind queue overflowed; lower --tokens")
+            if now > deadline:
+                raise RuntimeError(f"L2 stored {tier['stored_objects']} of {want} objects in time")
+            next_status = now + 0.25
+        time.sleep(0.005 if probe is None else 0.002)
 
 
 def _wait_hit(engine: SyntheticEngine, tokens: bytes, rid: str, timeout: float = 300) -> None:
