@@ -1,6 +1,7 @@
 """`RedisL2`: objects in Redis / Valkey (single server or Cluster) via redis-py.
 
-One object = one meta key + its payload cut into parts of ``part_mb`` MiB::
+One object = one meta key + its payload cut into parts of ``part_mb`` MiB less 4 KiB
+(`PART_SLACK`)::
 
     lmcache:{<key hex>}:m      header (80 B): length, xxh3_64, part size   ── written LAST
     lmcache:{<key hex>}:0      payload[0 : part]
@@ -64,8 +65,9 @@ MiB = 1 << 20
 # A part is ``part_mb`` MiB less this. Redis keeps a big value in the buffer it read it
 # into: the payload plus CRLF and a string header (12 B on Redis 7), which jemalloc rounds
 # up to its next size class, 25% above a power of two: a part of exactly 4 MiB took 5 MiB
-# of `used_memory` (and of ``maxmemory``). 64 B under the class boundary it takes 4 MiB.
-PART_SLACK = 64
+# of `used_memory` (and of ``maxmemory``). A page under it takes 4 MiB, and every part
+# still starts page-aligned in the reader's buffer.
+PART_SLACK = 4096
 _GLOB = re.compile(r"([*?\[\]\\])")
 _BATCH = 1000  # keys per SCAN step and per UNLINK in clear()
 _ERRORS = (RedisError, RedisClusterException, OSError)
