@@ -1,14 +1,12 @@
 """`RedisL2`: objects in Redis / Valkey (single server or Cluster) via redis-py.
 
-One object = one meta key + its payload cut into parts of ``part_mb`` MiB less 4 KiB
-(`PART_SLACK`)::
+One object = one meta key + its payload cut into parts of ``part_mb`` MiB::
 
     lmcache:{<key hex>}:m      header (80 B): length, xxh3_64, part size   ── written LAST
     lmcache:{<key hex>}:0      payload[0 : part]
     lmcache:{<key hex>}:1      payload[part : 2*part] ...
 
-    put:  MULTI  GET m, SET 0.., SET m  EXEC            one round trip, atomic; redis-py
-          sends each part from the caller's buffer as it is (`redis_conn.PackingConnection`)
+    put:  MULTI  GET m, SET 0.., SET m  EXEC            one round trip, atomic
     get:  GET m, then GET 0..n-1 pipelined, each read straight into out (`redis_conn`,
           `resp`); verify. TLS / Cluster: MULTI GET m, GET 0..n-1 EXEC, then copy into out
     exists: EXISTS m per key in one pipeline (one round trip per server)
@@ -62,12 +60,6 @@ from lmcache.types import ObjectKey
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-# A part is ``part_mb`` MiB less this. Redis keeps a big value in the buffer it read it
-# into: the payload plus CRLF and a string header (12 B on Redis 7), which jemalloc rounds
-# up to its next size class, 25% above a power of two: a part of exactly 4 MiB took 5 MiB
-# of `used_memory` (and of ``maxmemory``). A page under it takes 4 MiB, and every part
-# still starts page-aligned in the reader's buffer.
-PART_SLACK = 4096
 _GLOB = re.compile(r"([*?\[\]\\])")
 _BATCH = 1000  # keys per SCAN step and per UNLINK in clear()
 _ERRORS = (RedisError, RedisClusterException, OSError)
@@ -96,8 +88,7 @@ class RedisL2:
             )
         self.name = target.name
         self.cluster = target.cluster
-        self.part_mb = int(part_mb)
-        self.part_size = self.part_mb * MiB - PART_SLACK
+        self.part_size = int(part_mb) * MiB
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.key_prefix = key_prefix
@@ -280,7 +271,7 @@ class RedisL2:
             "objects": None,
             "bytes": None,
             "capacity_bytes": None,
-            "part_mb": self.part_mb,
+            "part_mb": self.part_size // MiB,
             "timeout_s": self.timeout_s,
             **self._health.snapshot(),
         }
