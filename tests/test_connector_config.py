@@ -24,6 +24,9 @@ def test_defaults_and_typed_overrides() -> None:
         6000, False, 2, 2.5,
     )  # fmt: skip
     assert ConnectorConfig.from_extra_config({"lmcache.mp.async_store": True}).async_store
+    for raw, value in [(True, "true"), (False, "false"), ("AUTO", "auto"), (" True ", "true")]:
+        config = ConnectorConfig.from_extra_config({"lmcache.mp.layerwise_load": raw})
+        assert config.layerwise_load == value, raw
 
 
 @pytest.mark.parametrize(
@@ -33,6 +36,7 @@ def test_defaults_and_typed_overrides() -> None:
         ("lmcache.mp.copy_threads", "-1", "copy_threads must be 0 (auto) to 64"),
         ("lmcache.mp.port", "x", "must be a int"),
         ("lmcache.mp.mp_transfer_mode", "gpu", "mp_transfer_mode must be one of"),
+        ("lmcache.mp.layerwise_load", "maybe", "layerwise_load must be one of auto, true, false"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: str, message: str) -> None:

@@ -140,11 +140,18 @@ def start_vllm(
 
 
 def kv_config(
-    port: int, *, module_path: bool = False, mode: str | None = None, role: str = "kv_both"
+    port: int,
+    *,
+    module_path: bool = False,
+    mode: str | None = None,
+    role: str = "kv_both",
+    **settings: object,
 ) -> dict[str, object]:
+    """The --kv-transfer-config; ``settings``: more ``lmcache.mp.*`` keys (without it)."""
     extra: dict[str, object] = {"lmcache.mp.host": "tcp://localhost", "lmcache.mp.port": port}
     if mode is not None:
         extra["lmcache.mp.mp_transfer_mode"] = mode
+    extra.update({f"lmcache.mp.{k}": v for k, v in settings.items()})
     config: dict[str, object] = {
         "kv_connector": "LMCacheMPConnector",
         "kv_role": role,

@@ -27,9 +27,12 @@ def stack(
 ) -> Iterator[tuple[ServerProcess, VllmProcess]]:
     entry, mode = request.param
     server = start_server("--l1-size-gb", "1")
-    vllm = start_vllm(
-        tiny_model, kv_config(server.port, module_path=entry == "module_path", mode=mode)
+    # Loads layer by layer beside the forward pass (auto picks "before it" on 2 cores; the
+    # other vLLM tests run that default), so both load paths are proven on real vLLM.
+    config = kv_config(
+        server.port, module_path=entry == "module_path", mode=mode, layerwise_load=True
     )
+    vllm = start_vllm(tiny_model, config)
     yield server, vllm
     vllm.stop()
     server.stop()

@@ -16,6 +16,7 @@ logger = logging.getLogger("lmcache.integration")
 PREFIX = "lmcache.mp."
 TransferMode = Literal["auto", "engine_driven", "lmcache_driven"]
 TRANSFER_MODES = ("auto", "engine_driven", "lmcache_driven")
+LAYERWISE_CHOICES = ("auto", "true", "false")
 
 
 def _bool(raw: object) -> bool:
@@ -49,8 +50,10 @@ class ConnectorConfig:
     # copies under 1 MiB use one). The server's --copy-threads, for this worker's copies.
     copy_threads: int = COPY_THREADS
     # Loads copied layer by layer while the forward pass runs (layered_load.py), once vLLM
-    # is seen to wait for each layer; false: all at once before the forward pass.
-    layerwise_load: bool = True
+    # is seen to wait for each layer; false: all at once before the forward pass; auto:
+    # layered only with a CPU to spare beside vLLM's compute threads (measured: on a busy
+    # 2-core host the copy thread slows the forward pass more than it hides).
+    layerwise_load: str = "auto"  # auto | true | false
     # With vLLM's KV events on: seconds between polls of the server's KV event log, for
     # the removal of blocks we announced (0 = never poll; kv_events.py).
     kv_event_poll_interval: float = KV_EVENT_POLL_S
@@ -87,6 +90,8 @@ class ConnectorConfig:
                 value = _CASTS[f.type](raw)
             except (TypeError, ValueError):
                 raise ConfigError(f"{key} must be a {f.type}, got {raw!r}") from None
+            if f.name == "layerwise_load":  # JSON true/false, or the words
+                value = str(value).strip().lower()
             values[f.name] = value
             if log and value != f.default:
                 logger.info("%s = %s (overridden, default: %s)", key, value, f.default)
@@ -98,6 +103,11 @@ class ConnectorConfig:
             raise ConfigError(
                 f"{PREFIX}mp_transfer_mode must be one of {', '.join(TRANSFER_MODES)}, "
                 f"got {config.mp_transfer_mode!r}"
+            )
+        if config.layerwise_load not in LAYERWISE_CHOICES:
+            raise ConfigError(
+                f"{PREFIX}layerwise_load must be one of {', '.join(LAYERWISE_CHOICES)}, "
+                f"got {config.layerwise_load!r}"
             )
         if not 0 <= config.copy_threads <= 64:
             raise ConfigError(f"{PREFIX}copy_threads must be 0 (auto) to 64")

@@ -19,6 +19,7 @@ stores put into LMCache (`get_kv_connector_kv_cache_events` on the workers,
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker = WorkerSide(
                 link, identity, _parallel(vllm_config), config.transfer_mode,
                 can_load=can_load, can_store=can_store, async_store=config.async_store,
-                copy_threads=config.copy_threads, layerwise_load=config.layerwise_load,
+                copy_threads=config.copy_threads, layerwise_load=_layerwise(config.layerwise_load),
                 events=events, event_poll_s=config.kv_event_poll_interval,
             )  # fmt: skip
 
@@ -233,6 +234,23 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def reset_cache(self) -> bool:
         return self._scheduler.reset_cache() if self._scheduler is not None else False
+
+
+def _layerwise(setting: str) -> bool:
+    """``lmcache.mp.layerwise_load``: auto = layered when a CPU is free beside the torch
+    threads of vLLM's forward pass (the copy thread would otherwise take one of theirs)."""
+    if setting != "auto":
+        return setting == "true"
+    import torch
+
+    cpus, threads = len(os.sched_getaffinity(0)), int(torch.get_num_threads())
+    layered = cpus > threads
+    logger.info(
+        "KV loads are copied %s (lmcache.mp.layerwise_load = auto: %d CPUs, %d compute threads)",
+        "layer by layer beside the forward pass" if layered else "before the forward pass",
+        cpus, threads,
+    )  # fmt: skip
+    return layered
 
 
 def _parallel(vllm_config: VllmConfig) -> ParallelStrategy:
