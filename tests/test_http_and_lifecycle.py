@@ -114,6 +114,7 @@ def test_port_in_use_fails_with_a_clear_error(server: ServerProcess) -> None:
     second = start_server("--port", str(server.port), wait=False)
     assert second.proc.wait(timeout=30) == 1
     assert "cannot bind ZMQ endpoint" in second.log()
+    assert f"another process holds port {server.port}: start with --port N" in second.log()
 
 
 def test_invalid_flag_names_the_flag() -> None:

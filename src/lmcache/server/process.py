@@ -18,6 +18,7 @@ the runtime started and never once a stop has begun.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
 import threading
@@ -147,7 +148,13 @@ def _serve(runtime: ServerRuntime, server: _Server) -> int:
             return
         except Exception as exc:
             runtime.startup_error = str(exc)
-            logger.error("LMCache cache server failed to start: %s", exc)
+            text = str(exc)
+            if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                text = (
+                    f"{exc.strerror}; another process holds port {runtime.settings.port}: start "
+                    "with --port N (and give engines lmcache.mp.port N)"
+                )
+            logger.error("LMCache cache server failed to start: %s", text)
             logger.debug("start-up failure", exc_info=True)
             server.should_exit = True
             return

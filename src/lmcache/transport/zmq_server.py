@@ -125,7 +125,7 @@ class ZmqServer:
             self._router.bind(self.endpoint)
         except zmq.ZMQError as exc:
             self._close_sockets()
-            raise OSError(f"cannot bind ZMQ endpoint {self.endpoint}: {exc}") from exc
+            raise OSError(exc.errno, f"cannot bind ZMQ endpoint {self.endpoint}: {exc}") from exc
         if self._local is not None and self.local_path:
             try:
                 _bind_private_socket(self._local, self.local_path)

@@ -23,8 +23,8 @@ from lmcache.protocol.messages import Pong
 logger = logging.getLogger("lmcache.integration")
 
 START_HINT = (
-    "start it with `lmcache server --l1-size-gb 20 --eviction-policy LRU` "
-    f"(add `--port N` and set lmcache.mp.port if {SERVER_PORT} is taken)"
+    "start it with `lmcache server` (add `--port N` and set lmcache.mp.port if "
+    f"{SERVER_PORT} is taken)"
 )
 
 
