@@ -75,13 +75,17 @@ class VllmProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def complete(self, prompt: list[int], max_tokens: int = 8) -> Completion:
+    def complete(
+        self, prompt: list[int], max_tokens: int = 8, ignore_eos: bool = False
+    ) -> Completion:
+        """Greedy; ``ignore_eos``: all ``max_tokens`` even where a random model says EOS."""
         body = {
             "model": str(self.model),
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
             "logprobs": 1,
+            "ignore_eos": ignore_eos,
         }
         start = time.perf_counter()
         r = httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body, timeout=120)

@@ -89,7 +89,9 @@ class SchedulerSide:
         self._finished_stores: list[str] = []  # for the next step's metadata
         self.stats = Tally()
         # KV events: vLLM's kv_events_config.enable_kv_cache_events (None: off, no cost)
-        self.events = EventTally(identity.world_size) if events else None
+        # (KV shared by every rank, MLA: rank 0 alone stores, so its report is the last)
+        ranks = 1 if identity.shared_kv else identity.world_size
+        self.events = EventTally(ranks) if events else None
         link.start_heartbeat()
 
     # ----- vLLM entry points (never raise) --------------------------------------------------

@@ -88,7 +88,10 @@ class WorkerSide:
         layerwise_load: bool = True,
         events: bool = False,
         event_poll_s: float = KV_EVENT_POLL_S,
+        instance_id: int | None = None,
     ) -> None:
+        """``instance_id`` names this worker's registration (the server's "GPU ID"): the
+        process id unless given (tests that run several ranks in one process)."""
         self.link = link
         self.copy_threads = copy_threads
         self.identity = identity
@@ -97,7 +100,7 @@ class WorkerSide:
         self.mode: TransferMode = "lmcache_driven" if mode == "auto" else mode
         self.can_load = can_load
         self.can_store = can_store
-        self.instance_id = os.getpid()
+        self.instance_id = os.getpid() if instance_id is None else instance_id
         self.chunk_size = link.chunk_size
         self.path: TransferPath | None = None  # None until registered
         self._layout: KVLayout | None = None
@@ -328,6 +331,8 @@ class WorkerSide:
         path = self.path
         if path is None or not self.link.healthy:
             return  # degraded: skipped (the scheduler's stores are best effort)
+        if self.identity.shared_kv and self.parallel.rank != 0:
+            return  # every rank holds the same KV (MLA): rank 0 writes it once for all
         began, held = time.perf_counter(), Held(0)
         want_keys = self.removals is not None and spec.event is not None
 
