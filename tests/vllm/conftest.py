@@ -57,6 +57,18 @@ def tiny_model() -> Path:
     return build_model("tiny-2layer")
 
 
+@pytest.fixture(scope="session")
+def mla_model() -> Path:
+    """DeepseekV2 (MLA): one latent KV tensor per layer."""
+    return build_model("tiny-deepseek-v2", "--arch", "deepseek_v2")
+
+
+@pytest.fixture(scope="session")
+def gemma2_model() -> Path:
+    """Gemma2: sliding-window and full attention layers (two KV cache groups)."""
+    return build_model("tiny-gemma2", "--arch", "gemma2")
+
+
 @dataclass
 class Completion:
     text: str

@@ -16,15 +16,10 @@ from pathlib import Path
 import pytest
 
 from ..conftest import ServerProcess, start_server
-from .conftest import VllmProcess, build_model, kv_config, start_vllm
+from .conftest import VllmProcess, kv_config, start_vllm
 from .test_vllm_e2e import prompt, same_output
 
 MLA_ARGS = ("--attention-backend", "CPU_MLA")
-
-
-@pytest.fixture(scope="module")
-def mla_model() -> Path:
-    return build_model("tiny-deepseek-v2", "--arch", "deepseek_v2")
 
 
 @pytest.fixture(scope="module")
