@@ -30,7 +30,7 @@ def stack(gemma2_model: Path) -> Iterator[tuple[ServerProcess, VllmProcess]]:
 
 def retrieved(server: ServerProcess, since: int) -> list[int]:
     lines = server.log()[since:].splitlines()
-    return sorted(int(line.split()[2]) for line in lines if "Retrieved " in line)
+    return sorted(int(line.split()[3]) for line in lines if "Retrieved " in line)
 
 
 def test_each_group_registers_as_its_own_engine(
@@ -55,6 +55,7 @@ def test_a_hit_gives_the_same_tokens_and_logprobs(
     server.wait_log("Stored 640 tokens", since=since)
     warm = vllm.complete(tokens, ignore_eos=True)
     server.wait_log("Retrieved 640 tokens", since=since)
+    server.wait_log("Retrieved 384 tokens", since=since)
     # the full group loads 5 blocks; the window group the chunk its window reaches into
     assert retrieved(server, since) == [384, 640]
     same_output(cold, warm)
@@ -69,6 +70,7 @@ def test_a_partial_hit_matches_a_cold_run(stack: tuple[ServerProcess, VllmProces
     since = len(server.log())
     partial = vllm.complete(other, ignore_eos=True)
     server.wait_log("Retrieved 512 tokens", since=since)
+    server.wait_log("Retrieved 256 tokens", since=since)
     assert retrieved(server, since) == [256, 512]
     assert server.http().post("/clear-cache").status_code == 200
     since = len(server.log())
