@@ -1,6 +1,13 @@
 """MLA under tensor parallelism (TP=2) through a real `vllm serve` (CPU build): the latent
 KV, the same on both ranks, is stored once (by rank 0) and read by both. Its own module,
-so that no other vLLM process holds the two cores the ranks are bound to."""
+so that no other vLLM process holds the two cores the ranks are bound to.
+
+vLLM's CPU MLA under TP=2 is not reproducible across processes: the same prompt and
+weights gave three different greedy outputs in three `vllm serve` processes (within one
+process, two cold runs are identical; TP=1 is reproducible). A hit kept the tokens and
+moved logprobs by up to 0.01 (two runs: 0.0015 and 0.0092), so logprobs are compared with a
+0.02 tolerance here; the bytes themselves are checked without vLLM (test_tensor_parallel.py).
+"""
 
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ def test_mla_latent_is_stored_once_and_read_by_both_ranks(mla_model: Path) -> No
         server.wait_log("Retrieved 688 tokens")
         assert count(server, "Stored 688 tokens") == 1
         assert count(server, "Retrieved 688 tokens") == 2  # both ranks read it
-        same_output(cold, warm)
+        same_output(cold, warm, tolerance=2e-2)
     finally:
         vllm.stop()
         server.stop()
