@@ -69,7 +69,7 @@ def test_the_scheduler_plans_loads_and_stores_per_group() -> None:
     client = FakeClient(hit=1024)
     s = SchedulerSide(
         FakeLink(client),  # type: ignore[arg-type]
-        IDENT, can_load=True, can_store=True, primary=1, window_groups=frozenset({0}),
+        IDENT, can_load=True, can_store=True, primary=1, window_groups={0: 512},
     )  # fmt: skip
     req = request("a", 1100)
     assert s.get_num_new_matched_tokens(req, 0) == (1024, False)
@@ -108,3 +108,36 @@ def test_a_hybrid_model_with_state_groups_is_refused() -> None:
         kv_groups(config)
     alone = SimpleNamespace(kv_cache_groups=config.kv_cache_groups[2:])
     assert kv_groups(alone) == [KVGroup(0, ("m.4",), None)]  # one group: as before
+
+
+def test_a_window_group_never_stores_blocks_that_left_its_window() -> None:
+    """A chunked prefill of 900 tokens in steps of 767 and 133 under a 128-token window:
+    when vLLM schedules the second step it frees the window group's blocks before token
+    767 - 128 + 1 = 640 (blocks 0..4; our copy of the table still names them), so the
+    tail's store of that group starts past them (the full group's does not)."""
+    client = FakeClient(hit=0)
+    s = SchedulerSide(
+        FakeLink(client),  # type: ignore[arg-type]
+        IDENT, can_load=True, can_store=True, primary=1, window_groups={0: 128},
+    )  # fmt: skip
+    req = request("c", 900)
+    s.get_num_new_matched_tokens(req, 0)
+    window, full = list(range(11, 19)), list(range(21, 29))
+    empty = SimpleNamespace(
+        req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set()
+    )
+    first = s.build_connector_meta(SimpleNamespace(
+        preempted_req_ids=None, num_scheduled_tokens={"c": 767}, scheduled_cached_reqs=empty,
+        scheduled_new_reqs=[SimpleNamespace(req_id="c", block_ids=(window[:6], full[:6]),
+                                            num_computed_tokens=0)],
+    ))  # fmt: skip
+    got = sorted((x.group, x.start, x.end, x.block_ids) for x in first.stores)
+    assert got == [(0, 0, 512, window[:4]), (1, 0, 512, full[:4])]
+    second = s.build_connector_meta(SimpleNamespace(
+        preempted_req_ids=None, num_scheduled_tokens={"c": 133}, scheduled_new_reqs=[],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=["c"], new_block_ids=[(window[6:], full[6:])], num_computed_tokens=[767],
+            resumed_req_ids=set()),
+    ))  # fmt: skip
+    got = sorted((x.group, x.start, x.end, x.block_ids) for x in second.stores)
+    assert got == [(0, 768, 896, [17]), (1, 512, 896, [25, 26, 27])]

@@ -98,7 +98,7 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             self._scheduler = SchedulerSide(
                 link, identity, can_load=can_load, can_store=can_store,
                 async_store=config.async_store, events=events, primary=primary,
-                window_groups=frozenset(g.index for g in groups if g.sliding_window),
+                window_groups={g.index: g.sliding_window for g in groups if g.sliding_window},
             )  # fmt: skip
             logger.info(
                 "LMCache connector (scheduler) connected to %s, chunk size %d",

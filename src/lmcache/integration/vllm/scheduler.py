@@ -36,14 +36,14 @@ engine, so every entry point falls back to "no cache" and logs instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmcache.errors import LMCacheError
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.kv_events import EventTally, stored_blocks
-from lmcache.integration.vllm.kv_groups import held_load, held_store
+from lmcache.integration.vllm.kv_groups import NULL_BLOCK, held_load, held_store
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, StoreSpec
 from lmcache.integration.vllm.stats import Tally
@@ -83,14 +83,15 @@ class SchedulerSide:
         async_store: bool = True,
         events: bool = False,
         primary: int = 0,
-        window_groups: frozenset[int] = frozenset(),
+        window_groups: Mapping[int, int] | None = None,
     ) -> None:
         """``identity``: the primary KV cache group's (the one lookups ask; `kv_groups`);
-        ``window_groups``: the sliding-window groups (only they hold null blocks)."""
+        ``window_groups``: the sliding-window groups and their windows in tokens (only
+        they drop blocks while a request runs)."""
         self.link = link
         self.identity = identity
         self.primary = primary
-        self.window_groups = window_groups
+        self.window_groups = dict(window_groups or {})
         self.chunk_size = link.chunk_size
         self.can_load = can_load
         self.can_store = can_store
@@ -335,7 +336,12 @@ class SchedulerSide:
         for group, group_ids in enumerate(tracker.block_ids):
             ids = group_ids[start // bs : end // bs]
             kept: tuple[int, list[int]] | None = (start, ids)
-            if group in self.window_groups:
+            window = self.window_groups.get(group)
+            if window is not None:
+                # vLLM freed the blocks that left the window when it scheduled this step
+                # (our copy of the table still names them): null them before trimming.
+                freed = max(0, computed - window + 1) // bs - start // bs
+                ids = [NULL_BLOCK] * min(max(freed, 0), len(ids)) + ids[max(freed, 0) :]
                 kept = held_store(start, end, ids, bs, c)
             if kept is None:
                 continue  # a window group no longer holds any of these blocks
