@@ -70,9 +70,10 @@ def test_the_scheduler_plans_loads_and_stores_per_group() -> None:
     s = SchedulerSide(
         FakeLink(client),  # type: ignore[arg-type]
         IDENT, can_load=True, can_store=True, primary=1, window_groups={0: 512},
+        async_loads=True,
     )  # fmt: skip
     req = request("a", 1100)
-    assert s.get_num_new_matched_tokens(req, 0) == (1024, False)
+    assert s.get_num_new_matched_tokens(req, 0) == (1024, True)  # vLLM waits for it
     assert [name for name, _ in client.calls] == ["lookup"]  # one lookup, the primary's
     window, full = [0, 0, 0, 0, 0, 14, 15, 16], [21, 22, 23, 24, 25, 26, 27, 28]
     s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (window, full)), 1024)

@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 
@@ -99,6 +100,7 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 link, identity, can_load=can_load, can_store=can_store,
                 async_store=config.async_store, events=events, primary=primary,
                 window_groups={g.index: g.sliding_window for g in groups if g.sliding_window},
+                async_loads=count > 1,
             )  # fmt: skip
             logger.info(
                 "LMCache connector (scheduler) connected to %s, chunk size %d",
@@ -115,7 +117,8 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                     _parallel(vllm_config), config.transfer_mode,
                     can_load=can_load, can_store=can_store,
                     async_store=config.async_store and not window,  # see worker_groups.py
-                    copy_threads=config.copy_threads, layerwise_load=config.layerwise_load,
+                    copy_threads=config.copy_threads,
+                    layerwise_load=config.layerwise_load and count <= 1,  # worker_groups.py
                     events=events and main, event_poll_s=config.kv_event_poll_interval,
                     instance_id=None if group is None or main else _group_instance(group),
                 )  # fmt: skip
@@ -171,9 +174,22 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Finished requests whose stores are done (vLLM frees their blocks now); loads
-        finish inside the step that needs them, so none are ever reported here."""
+        finish inside the step that needs them, so none are reported here (a hybrid
+        model's are, by `get_transfer_results`)."""
         done = self._worker.finished_stores() if self._worker is not None else set()
         return done or None, None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Finished stores (`get_finished`) and, for a hybrid model, finished loads and the
+        failed ones among them (its loads are asynchronous, see worker_groups.py)."""
+        sending, _ = self.get_finished(finished_req_ids)
+        received: set[str] = set()
+        failed: set[str] = set()
+        if isinstance(self._worker, GroupedWorkers):
+            received, failed = self._worker.finished_loads()
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()), finished_recving=received, failed_recving=failed
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes them)."""

@@ -84,14 +84,18 @@ class SchedulerSide:
         events: bool = False,
         primary: int = 0,
         window_groups: Mapping[int, int] | None = None,
+        async_loads: bool = False,
     ) -> None:
         """``identity``: the primary KV cache group's (the one lookups ask; `kv_groups`);
         ``window_groups``: the sliding-window groups and their windows in tokens (only
-        they drop blocks while a request runs)."""
+        they drop blocks while a request runs); ``async_loads``: vLLM waits for a load in
+        a step of its own (WAITING_FOR_REMOTE_KVS), so that the workers can report a
+        failed one as a failed request (hybrid models; see worker_groups.py)."""
         self.link = link
         self.identity = identity
         self.primary = primary
         self.window_groups = dict(window_groups or {})
+        self.async_loads = async_loads
         self.chunk_size = link.chunk_size
         self.can_load = can_load
         self.can_store = can_store
@@ -208,7 +212,9 @@ class SchedulerSide:
         # its own (profiled: the copy ran in a forward-less step) plus one to notice it
         # finished. A failed copy is reported through `get_block_ids_with_load_errors`,
         # and vLLM recomputes those blocks (the connector sets the "recompute" policy).
-        return (need, False) if need > 0 else (0, False)
+        # Hybrid models load asynchronously (`async_loads`): vLLM takes a failed load of a
+        # model with several KV cache groups only as a failed request, not as blocks.
+        return (need, self.async_loads) if need > 0 else (0, False)
 
     def _lookup_end(self, tracker: _Tracker) -> int:
         """The most prompt tokens a lookup can add to: whole blocks (whole chunks, then a

@@ -14,6 +14,14 @@ running store (`store_queue.py`).
 A finished request's stores are done when every group's are; a request whose load failed
 in any group stores nothing of this step in any group (its later KV was computed over
 blocks without valid KV).
+
+Loads are asynchronous in vLLM's sense (the scheduler says so, `async_loads`): vLLM cannot
+map failed block ids back to requests when a model has several KV cache groups (it stops
+with "A KV connector reported block-level load failures (invalid_block_ids) which is not
+supported for models with multiple KV cache groups"), so a load is copied whole in
+`start_load` (never layer by layer: its request is not in the step's forward pass) and
+reported as a finished receive, a failed one also as a failed receive (vLLM then
+recomputes the request); never as load errors.
 """
 
 from __future__ import annotations
@@ -64,6 +72,8 @@ class GroupedWorkers:
             for name in g.layer_names
         }
         self._pending: Counter[str] = Counter()
+        self._recv_done: set[str] = set()  # loads ended (emptied every step by vLLM)
+        self._recv_failed: set[str] = set()
         self.stats = _MergedStats(self.workers)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -91,6 +101,17 @@ class GroupedWorkers:
             loads = [spec for spec in meta.loads if spec.group == i]
             if loads:
                 w.start_load(replace(meta, loads=loads, stores=[]))
+        requests = {spec.request_id for spec in meta.loads}
+        for w in self.workers:
+            self._recv_failed |= w.step_failures() & requests
+            w.load_errors()  # reported as failed receives instead (module docstring)
+        self._recv_done |= requests
+
+    def finished_loads(self) -> tuple[set[str], set[str]]:
+        """Requests whose loads ended since the last call, and those of them that failed."""
+        done, failed = self._recv_done, self._recv_failed
+        self._recv_done, self._recv_failed = set(), set()
+        return done, failed
 
     def wait_for_layer(self, layer_name: str) -> None:
         worker = self._by_layer.get(layer_name)
@@ -121,10 +142,10 @@ class GroupedWorkers:
         return done
 
     def load_errors(self) -> set[int]:
-        errors: set[int] = set()
+        """None: failed loads are failed receives here (`finished_loads`)."""
         for w in self.workers:
-            errors |= w.load_errors()
-        return errors
+            w.load_errors()
+        return set()
 
     def take_events(self) -> list[object]:
         return self.primary.take_events()
