@@ -142,3 +142,33 @@ def test_a_window_group_never_stores_blocks_that_left_its_window() -> None:
     ))  # fmt: skip
     got = sorted((x.group, x.start, x.end, x.block_ids) for x in second.stores)
     assert got == [(0, 768, 896, [17]), (1, 512, 896, [25, 26, 27])]
+
+
+def test_a_failed_asynchronous_load_is_computed_and_stored_again() -> None:
+    """vLLM resets a request whose asynchronous load failed and asks again: no second
+    lookup or load, and its stores cover the prompt again (a group's chunks may be what
+    was missing)."""
+    client = FakeClient(hit=512)
+    s = SchedulerSide(
+        FakeLink(client),  # type: ignore[arg-type]
+        IDENT, can_load=True, can_store=True, primary=1, window_groups={0: 512},
+        async_loads=True,
+    )  # fmt: skip
+    req = request("f", 600)
+    assert s.get_num_new_matched_tokens(req, 0) == (512, True)
+    ids = ([31, 32, 33, 34, 35], [41, 42, 43, 44, 45])
+    s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ids), 512)
+    empty = SimpleNamespace(
+        req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set()
+    )
+    assert len(s.build_connector_meta(SimpleNamespace(
+        preempted_req_ids=None, num_scheduled_tokens={}, scheduled_new_reqs=[],
+        scheduled_cached_reqs=empty,
+    )).loads) == 2  # fmt: skip
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # the load failed
+    meta = s.build_connector_meta(SimpleNamespace(
+        preempted_req_ids=None, num_scheduled_tokens={"f": 600}, scheduled_cached_reqs=empty,
+        scheduled_new_reqs=[SimpleNamespace(req_id="f", block_ids=ids, num_computed_tokens=0)],
+    ))  # fmt: skip
+    assert sorted((x.group, x.start, x.end) for x in meta.stores) == [(0, 0, 512), (1, 0, 512)]
+    assert [name for name, _ in client.calls] == ["lookup"]

@@ -102,3 +102,35 @@ def test_a_restarted_server_caches_again(stack: tuple[ServerProcess, VllmProcess
         same_output(cold, warm)
     finally:
         restarted.stop()
+
+
+def test_a_group_whose_chunks_are_gone_makes_vllm_recompute(
+    stack: tuple[ServerProcess, VllmProcess],
+) -> None:
+    """The primary group's lookup hits, the window group's chunks were deleted: its load
+    fails, is reported as a failed receive (not as block ids, which would stop vLLM with
+    several KV cache groups) and vLLM recomputes the request."""
+    from lmcache.storage.keys import Namespace
+
+    server, vllm = stack
+    tokens = prompt(74, 700)
+    cold = vllm.complete(tokens, ignore_eos=True)
+    server.wait_log("Stored 640 tokens")
+    (window,) = [
+        e for e in server.http().get("/status").json()["engines"] if "window=" in e["kv_spec"]
+    ]
+    digest = Namespace(
+        window["model_name"], window["world_size"], window["rank"], window["dtype"],
+        window["kv_spec"],
+    ).digest.hex()  # fmt: skip
+    entries = server.http().get("/cache/objects", params={"page_size": 5000}).json()["entries"]
+    doomed = [e["key"] for e in entries if e["key"].startswith(digest)]
+    assert doomed
+    r = server.http().request("DELETE", "/cache/objects", json={"keys": doomed, "force": True})
+    assert r.json()["deleted"] == len(doomed)
+    since = len(server.log())
+    again = vllm.complete(tokens, ignore_eos=True)
+    assert "Retrieved 640 tokens" in server.log()[since:]  # the full group's load went on
+    assert vllm.proc.poll() is None
+    same_output(cold, again)
+    server.wait_log("Stored", since=since)  # recomputed, and the window group stored again

@@ -176,8 +176,11 @@ class SchedulerSide:
             tracker = None  # its blocks are gone: look it up afresh
         elif tracker is not None and tracker.load_planned:
             # Asked again after a load was planned: the load failed and vLLM reset the
-            # request. Compute it without the cache rather than wait on a second load.
+            # request. Compute it without the cache rather than wait on a second load, and
+            # store it again (a group's chunks may be what was missing; present ones are
+            # only counted as cached by the server).
             tracker.load_failed = True
+            tracker.stored = min(tracker.stored, num_computed_tokens)
         if tracker is None:
             tokens = list(request.prompt_token_ids or [])
             tracker = _Tracker(rid, tokens, getattr(request, "cache_salt", None) or "")
