@@ -9,7 +9,8 @@ Each group is cached as if it were its own engine: its layers are one registrati
 layout), its keys live in its own namespace (``kv_spec`` + ``group=g/n``, and the window),
 and every load and store names its group and carries that group's block ids. Lookups ask
 the *primary* group only (the first full-attention one: it holds every token); a load
-of another group whose chunks are gone fails like any load, and vLLM recomputes.
+of another group whose chunks are gone fails, vLLM recomputes the request (asynchronous
+loads, `worker_groups.py`) and its stores put them back.
 
 Null blocks are never copied: a store starts at the first chunk after them (a window
 group stores what it still holds), a load skips them (vLLM will not read them).
