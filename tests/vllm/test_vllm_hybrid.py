@@ -80,30 +80,6 @@ def test_a_partial_hit_matches_a_cold_run(stack: tuple[ServerProcess, VllmProces
     same_output(partial, cold)
 
 
-def test_a_restarted_server_caches_again(stack: tuple[ServerProcess, VllmProcess]) -> None:
-    from .test_vllm_resilience import wait_for
-
-    server, vllm = stack
-    tokens = prompt(73, 640)
-    cold = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Stored 640 tokens")
-    server.stop()
-    restarted = start_server(
-        "--l1-size-gb", "1", "--port", str(server.port), "--http-port", str(server.http_port)
-    )
-    try:
-        wait_for(vllm, "caching resumed")
-        restarted.wait_log("Registered KV cache for GPU ID")
-        again = vllm.complete(tokens, ignore_eos=True)  # the new server was empty
-        restarted.wait_log("Stored 640 tokens")
-        warm = vllm.complete(tokens, ignore_eos=True)
-        restarted.wait_log("Retrieved 640 tokens")
-        same_output(cold, again)
-        same_output(cold, warm)
-    finally:
-        restarted.stop()
-
-
 def test_a_group_whose_chunks_are_gone_makes_vllm_recompute(
     stack: tuple[ServerProcess, VllmProcess],
 ) -> None:
@@ -134,3 +110,27 @@ def test_a_group_whose_chunks_are_gone_makes_vllm_recompute(
     assert vllm.proc.poll() is None
     same_output(cold, again)
     server.wait_log("Stored", since=since)  # recomputed, and the window group stored again
+
+
+def test_a_restarted_server_caches_again(stack: tuple[ServerProcess, VllmProcess]) -> None:
+    from .test_vllm_resilience import wait_for
+
+    server, vllm = stack
+    tokens = prompt(73, 640)
+    cold = vllm.complete(tokens, ignore_eos=True)
+    server.wait_log("Stored 640 tokens")
+    server.stop()
+    restarted = start_server(
+        "--l1-size-gb", "1", "--port", str(server.port), "--http-port", str(server.http_port)
+    )
+    try:
+        wait_for(vllm, "caching resumed")
+        restarted.wait_log("Registered KV cache for GPU ID")
+        again = vllm.complete(tokens, ignore_eos=True)  # the new server was empty
+        restarted.wait_log("Stored 640 tokens")
+        warm = vllm.complete(tokens, ignore_eos=True)
+        restarted.wait_log("Retrieved 640 tokens")
+        same_output(cold, again)
+        same_output(cold, warm)
+    finally:
+        restarted.stop()
