@@ -85,7 +85,9 @@ SAME: dict[str, Same] = {
     "--no-l1-use-lazy": Same(False, why="a pool that fits in /dev/shm is allocated at start"),
     "--no-l1-use-hugepages": Same(False),
     "--no-run-script-api-enabled": Same(False),
-    "--no-separate-object-groups": Same(False),
+    "--separate-object-groups": Same(
+        False, why="each KV cache group of a hybrid model is cached as its own objects"
+    ),
     "--no-gds-l1-use-direct-io": Same(False),
     "--l1-align-bytes": Same(True, frozenset({"4096"}), "L1 pages are 4096 bytes"),
     "--null-block-id": Same(True, frozenset({"0"}), "block 0 is never read or written"),
@@ -107,7 +109,9 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(
         ["--script-allowed-imports", "--run-script-api-enabled"], "the /run_script endpoint"
     ),
-    "--separate-object-groups": "object groups per sliding window",
+    "--no-separate-object-groups": (
+        "one object for every KV cache group of a hybrid model; each group is its own here"
+    ),
     "--worker-registration-grace-seconds": "a separate grace for never-pinging workers",
     "--enable": "experimental transfer modules",
     "--periodic-notifier-interval-ms": "the periodic event notifier",

@@ -57,6 +57,18 @@ def tiny_model() -> Path:
     return build_model("tiny-2layer")
 
 
+@pytest.fixture(scope="session")
+def mla_model() -> Path:
+    """DeepseekV2 (MLA): one latent KV tensor per layer."""
+    return build_model("tiny-deepseek-v2", "--arch", "deepseek_v2")
+
+
+@pytest.fixture(scope="session")
+def gemma2_model() -> Path:
+    """Gemma2: sliding-window and full attention layers (two KV cache groups)."""
+    return build_model("tiny-gemma2", "--arch", "gemma2")
+
+
 @dataclass
 class Completion:
     text: str
@@ -75,13 +87,17 @@ class VllmProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def complete(self, prompt: list[int], max_tokens: int = 8) -> Completion:
+    def complete(
+        self, prompt: list[int], max_tokens: int = 8, ignore_eos: bool = False
+    ) -> Completion:
+        """Greedy; ``ignore_eos``: all ``max_tokens`` even where a random model says EOS."""
         body = {
             "model": str(self.model),
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
             "logprobs": 1,
+            "ignore_eos": ignore_eos,
         }
         start = time.perf_counter()
         r = httpx.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body, timeout=120)

@@ -52,7 +52,7 @@ from lmcache.server.sessions import Session, Sessions, Tail
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
-from lmcache.storage.keys import TOKEN_BYTES
+from lmcache.storage.keys import TOKEN_BYTES, shares_kv
 from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import Lease
 from lmcache.storage.shm import unlink_if_stale
@@ -334,12 +334,15 @@ class RequestHandler:
         return None
 
     def _l2_layouts(self, req: Lookup) -> list[ChunkLayout] | None:
-        """Every rank's chunk layout, if every rank's engine is registered (else no L2)."""
+        """Every rank's chunk layout, if every rank's engine is registered (else no L2);
+        rank 0's only for KV that every rank shares (one key per chunk, `shares_kv`)."""
         if self.tiers is None:
             return None
         engines = self.registry.find(req.model_name, req.world_size, req.dtype, req.kv_spec)
         if engines is None:
             return None
+        if shares_kv(req.kv_spec):
+            engines = engines[:1]
         return [e.chunk_layout for e in engines]
 
     def _query_lookup(self, req: QueryLookup) -> Reply:

@@ -43,6 +43,12 @@ TOKEN_BYTES = 4
 _SEED = b"lmcache-chunk-hash-v1"
 _PARTIAL = b"partial"  # 7 bytes: keeps partial-chunk inputs apart from whole ones (above)
 MAX_SALT_LEN = 256
+# A `kv_spec` field saying that every rank of the engine holds the same KV bytes: MLA's
+# latent cache is replicated, not sharded, across tensor-parallel ranks. Its keys then
+# carry neither rank nor world size: rank 0 writes each chunk once and every rank (of any
+# TP size) reads it. The engine decides (it knows its attention); the server only reads
+# the flag from the spec, so the protocol is unchanged.
+SHARED_KV = "shared_kv"
 DEFAULT_CACHE_BYTES = HASH_MEMO_MB << 20
 _TAIL_BYTES = 256  # fingerprint: length + last 64 tokens (O(1), unlike hashing the prompt)
 _ENTRY_OVERHEAD = 200  # bytes an entry costs beyond its tokens and hashes
@@ -60,6 +66,11 @@ def _hasher(algorithm: str) -> Callable[[], Any]:
     raise ValueError(f"unknown hash algorithm {algorithm!r}")
 
 
+def shares_kv(kv_spec: str) -> bool:
+    """Whether ``kv_spec`` marks KV that is identical on every rank (`SHARED_KV`)."""
+    return SHARED_KV in kv_spec.split(";")
+
+
 @dataclass(frozen=True, slots=True)
 class Namespace:
     """Everything that separates caches that must never share an entry."""
@@ -72,15 +83,15 @@ class Namespace:
     cache_salt: str = ""
 
     @property
+    def shared(self) -> bool:
+        """Every rank's keys are the same (`SHARED_KV`): rank and world size left out."""
+        return shares_kv(self.kv_spec)
+
+    @property
     def digest(self) -> bytes:
-        fields = (
-            self.model_name,
-            self.world_size,
-            self.rank,
-            self.dtype,
-            self.kv_spec,
-            self.cache_salt,
-        )
+        # world size 0 never names a real engine, so shared and per-rank digests never meet
+        world, rank = (0, 0) if self.shared else (self.world_size, self.rank)
+        fields = (self.model_name, world, rank, self.dtype, self.kv_spec, self.cache_salt)
         return hashlib.sha256(msgspec.msgpack.encode(fields)).digest()[:16]
 
 

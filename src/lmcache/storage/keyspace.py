@@ -1,6 +1,7 @@
 """The one owner of cache keys: lookups, stores, retrieves and L2 all ask `KeySpace`.
 
     Namespace (model, world size, rank, dtype, kv_spec, salt) ──digest──> 16 B  ┐
+      (KV shared by every rank, e.g. MLA: neither rank nor world size)          │
     tokens ──ChunkHasher──> h0, h1, h2 ... (chained, 32 B each)                 ├─> key = digest ‖ h
     key + the writer's chunk layout tag ──l2_key──> the object's name in L2     ┘
 
@@ -19,7 +20,7 @@ import hashlib
 import threading
 
 from lmcache.errors import BadRequestError
-from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace
+from lmcache.storage.keys import TOKEN_BYTES, ChunkHasher, Namespace, shares_kv
 from lmcache.types import ObjectKey
 
 MAX_MEMO_DIGESTS = 1 << 16  # namespace digests remembered (~6 MB at most)
@@ -55,16 +56,19 @@ class KeySpace:
     def rank_digests(
         self, model_name: str, world_size: int, dtype: str, kv_spec: str, cache_salt: str
     ) -> list[bytes]:
-        """Every rank's digest of one model identity: a lookup asks for all ranks at once."""
+        """Every rank's digest of one model identity: a lookup asks for all ranks at once.
+        KV shared by every rank (`shares_kv`) has one digest: one key per chunk, which
+        every rank reads."""
         ident = (model_name, world_size, dtype, kv_spec, cache_salt)
         digests = self._rank_digests.get(ident)
         if digests is None:
+            ranks = 1 if shares_kv(kv_spec) else world_size
             digests = [
                 Namespace(model_name, world_size, rank, dtype, kv_spec, cache_salt).digest
-                for rank in range(world_size)
+                for rank in range(ranks)
             ]
             with self._lock:
-                self._make_room(world_size)
+                self._make_room(ranks)
                 self._rank_digests[ident] = digests
         return digests
 

@@ -3,6 +3,11 @@
 The scheduler (lookups) and every worker (stores, retrieves) compute the same
 identity, so their keys agree; anything that changes the bytes of a block goes
 into ``kv_spec`` and keeps incompatible caches apart.
+
+MLA (DeepSeek-style latent attention) caches one latent per token that every tensor-
+parallel rank holds whole: ``kv_spec`` then says `SHARED_KV`, keys leave the rank and
+world size out, rank 0 alone stores and every rank loads the same chunks. Not under
+pipeline or decode-context parallelism, where ranks hold different layers or tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import platform
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
+
+from lmcache.storage.keys import SHARED_KV, shares_kv
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -23,6 +30,11 @@ class CacheIdentity:
     dtype: str
     kv_spec: str
     block_size: int
+
+    @property
+    def shared_kv(self) -> bool:
+        """Every rank holds the same KV (MLA): rank 0 stores, every rank loads."""
+        return shares_kv(self.kv_spec)
 
 
 @cache
@@ -50,17 +62,22 @@ def cache_identity(vllm_config: VllmConfig) -> CacheIdentity:
         device = str(current_platform.device_type)
     except Exception:  # pragma: no cover - vLLM without a platform
         device = "unknown"
-    spec = ";".join(
-        [
-            "vllm",
-            device,
-            f"isa={cpu_isa() if device == 'cpu' else device}",
-            f"block={cc.block_size}",
-            f"kv_heads={mc.get_num_kv_heads(pc)}",
-            f"head={mc.get_head_size()}",
-            f"layers={mc.get_num_layers(pc)}",
-        ]
-    )
+    fields = [
+        "vllm",
+        device,
+        f"isa={cpu_isa() if device == 'cpu' else device}",
+        f"block={cc.block_size}",
+        f"kv_heads={mc.get_num_kv_heads(pc)}",
+        f"head={mc.get_head_size()}",
+        f"layers={mc.get_num_layers(pc)}",
+    ]
+    if latent_kv_shared(
+        bool(getattr(mc, "use_mla", False)),
+        pc.pipeline_parallel_size,
+        int(getattr(pc, "decode_context_parallel_size", 1) or 1),
+    ):
+        fields.append(SHARED_KV)
+    spec = ";".join(fields)
     return CacheIdentity(
         model_name=str(mc.model),
         world_size=pc.tensor_parallel_size * pc.pipeline_parallel_size,
@@ -68,3 +85,10 @@ def cache_identity(vllm_config: VllmConfig) -> CacheIdentity:
         kv_spec=spec,
         block_size=int(cc.block_size),
     )
+
+
+def latent_kv_shared(use_mla: bool, pipeline_size: int, decode_context_size: int) -> bool:
+    """Whether every rank caches the same bytes: MLA's latent is replicated across
+    tensor-parallel ranks, but pipeline stages hold other layers and decode-context
+    parallelism splits the tokens."""
+    return use_mla and pipeline_size == 1 and decode_context_size == 1

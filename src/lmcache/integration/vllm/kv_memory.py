@@ -97,3 +97,18 @@ def migrate_to_shm(view: KVMemoryView) -> list[ShmSegment]:
         )
     view.storages = new_storages
     return segments
+
+
+def segments_of(view: KVMemoryView, segments: list[ShmSegment]) -> list[ShmSegment]:
+    """The segments (of `migrate_to_shm` over a larger view) that hold ``view``'s storages,
+    in its order; none without segments (not engine_driven)."""
+    if not segments:
+        return []
+    by_ptr = {int(s.array.ctypes.data): s for s in segments}
+    out = []
+    for storage in view.storages:
+        segment = by_ptr.get(storage.data_ptr())
+        if segment is None:
+            raise ValueError("a KV tensor is not in the shared-memory segments")
+        out.append(segment)
+    return out

@@ -27,11 +27,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 
 from lmcache.integration.vllm.config import ConnectorConfig
 from lmcache.integration.vllm.identity import cache_identity
 from lmcache.integration.vllm.kv_events import to_vllm
+from lmcache.integration.vllm.kv_groups import (
+    KVGroup,
+    group_identity,
+    kv_groups,
+    primary_group,
+)
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy
 from lmcache.integration.vllm.reporting import (
@@ -41,6 +49,7 @@ from lmcache.integration.vllm.reporting import (
 )
 from lmcache.integration.vllm.scheduler import SchedulerSide
 from lmcache.integration.vllm.worker import WorkerSide
+from lmcache.integration.vllm.worker_groups import GroupedWorkers
 from lmcache.logs import ensure_logging
 
 if TYPE_CHECKING:  # vLLM's own types at the boundary, as its connector base names them
@@ -58,7 +67,7 @@ if TYPE_CHECKING:  # vLLM's own types at the boundary, as its connector base nam
 logger = logging.getLogger("lmcache.integration")
 
 
-class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     def __init__(
         self,
         vllm_config: VllmConfig,
@@ -73,32 +82,52 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         config = ConnectorConfig.from_extra_config(
             transfer.kv_connector_extra_config, log=role == KVConnectorRole.WORKER
         )
-        identity = cache_identity(vllm_config)
+        base = cache_identity(vllm_config)
+        # vLLM's hybrid KV cache manager: one group per kind of layer (`kv_groups.py`)
+        groups = kv_groups(kv_cache_config) if kv_cache_config is not None else []
+        count = len(groups)
+        primary = primary_group(groups)
+        identity = group_identity(base, groups[primary], count) if count > 1 else base
         can_store = transfer.kv_role in ("kv_both", "kv_producer")
         can_load = transfer.kv_role in ("kv_both", "kv_consumer")
         events_config = getattr(vllm_config, "kv_events_config", None)
         events = bool(events_config and events_config.enable_kv_cache_events)
         self._scheduler: SchedulerSide | None = None
-        self._worker: WorkerSide | None = None
+        self._worker: WorkerSide | GroupedWorkers | None = None
         if role == KVConnectorRole.SCHEDULER:
             _prefer_recompute(transfer)
             link = ServerLink(config)
             self._scheduler = SchedulerSide(
                 link, identity, can_load=can_load, can_store=can_store,
-                async_store=config.async_store, events=events,
+                async_store=config.async_store, events=events, primary=primary,
+                window_groups={g.index: g.sliding_window for g in groups if g.sliding_window},
+                async_loads=count > 1,
             )  # fmt: skip
             logger.info(
                 "LMCache connector (scheduler) connected to %s, chunk size %d",
                 link.endpoint, link.chunk_size,
             )  # fmt: skip
         else:
-            link = ServerLink(config)
-            self._worker = WorkerSide(
-                link, identity, _parallel(vllm_config), config.transfer_mode,
-                can_load=can_load, can_store=can_store, async_store=config.async_store,
-                copy_threads=config.copy_threads, layerwise_load=_layerwise(config.layerwise_load),
-                events=events, event_poll_s=config.kv_event_poll_interval,
-            )  # fmt: skip
+
+            def worker(group: KVGroup | None) -> WorkerSide:
+                window = group is not None and group.sliding_window is not None
+                main = group is None or group.index == primary
+                return WorkerSide(
+                    ServerLink(config),
+                    base if group is None else group_identity(base, group, count),
+                    _parallel(vllm_config), config.transfer_mode,
+                    can_load=can_load, can_store=can_store,
+                    async_store=config.async_store and not window,  # see worker_groups.py
+                    copy_threads=config.copy_threads,
+                    layerwise_load=count <= 1 and _layerwise(config.layerwise_load),
+                    events=events and main, event_poll_s=config.kv_event_poll_interval,
+                    instance_id=None if group is None or main else _group_instance(group),
+                )  # fmt: skip
+
+            if count > 1:
+                self._worker = GroupedWorkers([worker(g) for g in groups], groups)
+            else:
+                self._worker = worker(None)
 
     # ----- worker side ----------------------------------------------------------------
 
@@ -146,9 +175,22 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Finished requests whose stores are done (vLLM frees their blocks now); loads
-        finish inside the step that needs them, so none are ever reported here."""
+        finish inside the step that needs them, so none are reported here (a hybrid
+        model's are, by `get_transfer_results`)."""
         done = self._worker.finished_stores() if self._worker is not None else set()
         return done or None, None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Finished stores (`get_finished`) and, for a hybrid model, finished loads and the
+        failed ones among them (its loads are asynchronous, see worker_groups.py)."""
+        sending, _ = self.get_finished(finished_req_ids)
+        received: set[str] = set()
+        failed: set[str] = set()
+        if isinstance(self._worker, GroupedWorkers):
+            received, failed = self._worker.finished_loads()
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()), finished_recving=received, failed_recving=failed
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call (vLLM recomputes them)."""
@@ -211,6 +253,12 @@ class LMCacheMPConnector(KVConnectorBase_V1):  # type: ignore[misc]
         assert self._scheduler is not None
         return self._scheduler.build_connector_meta(scheduler_output)
 
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """`request_finished` under vLLM's hybrid KV cache manager (`SupportsHMA`)."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -268,6 +316,14 @@ def _parallel(vllm_config: VllmConfig) -> ParallelStrategy:
         except Exception:  # pragma: no cover - single-process engines
             rank = 0
     return ParallelStrategy(world_size=world, rank=rank)
+
+
+def _group_instance(group: KVGroup) -> int:
+    """The "GPU ID" of a non-primary KV cache group's registration: the process id (what
+    the primary group uses) with the group in the high bits."""
+    import os
+
+    return os.getpid() | ((group.index + 1) << 40)
 
 
 def _prefer_recompute(transfer: Any) -> None:

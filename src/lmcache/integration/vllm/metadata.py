@@ -42,6 +42,7 @@ class LoadSpec:
     block_ids: list[int]
     skip_tokens: int = 0
     cache_salt: str = ""
+    group: int = 0  # the KV cache group whose blocks these are (`kv_groups`)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class StoreSpec:
     block_ids: list[int]
     cache_salt: str = ""
     event: StoredBlocks | None = None
+    group: int = 0  # the KV cache group whose blocks these are (`kv_groups`)
 
 
 @dataclass

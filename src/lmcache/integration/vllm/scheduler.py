@@ -21,6 +21,10 @@ its whole vLLM blocks (`lmcache.storage.keys`), once the whole prompt is compute
 at every step of a chunked prefill: each would be a new object). Lookups send the block
 size, so a hit, and the load planned from it, may end on a block inside a chunk.
 
+Hybrid models (several KV cache groups, `kv_groups.py`): the lookup asks the primary
+group; each load and store is planned once per group, over that group's block ids
+(its null blocks left out).
+
 With vLLM's KV events on (``events``), each store carries vLLM's hashes of its blocks,
 for the workers to announce once stored (`kv_events.py`). Lookups are counted for
 vLLM's stats (`stats.py`).
@@ -32,13 +36,14 @@ engine, so every entry point falls back to "no cache" and logs instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmcache.errors import LMCacheError
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.kv_events import EventTally, stored_blocks
+from lmcache.integration.vllm.kv_groups import NULL_BLOCK, held_load, held_store
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, StoreSpec
 from lmcache.integration.vllm.stats import Tally
@@ -63,7 +68,7 @@ class _Tracker:
     load_failed: bool = False
     stored: int = 0  # prompt tokens known to be in LMCache (stored or hit)
     stores_issued: bool = False  # a store was planned (it may still run on the workers)
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group
     block_hashes: Sequence[Any] | None = None  # vLLM's, for KV events (the request's list)
 
 
@@ -77,9 +82,20 @@ class SchedulerSide:
         can_store: bool,
         async_store: bool = True,
         events: bool = False,
+        primary: int = 0,
+        window_groups: Mapping[int, int] | None = None,
+        async_loads: bool = False,
     ) -> None:
+        """``identity``: the primary KV cache group's (the one lookups ask; `kv_groups`);
+        ``window_groups``: the sliding-window groups and their windows in tokens (only
+        they drop blocks while a request runs); ``async_loads``: vLLM waits for a load in
+        a step of its own (WAITING_FOR_REMOTE_KVS), so that the workers can report a
+        failed one as a failed request (hybrid models; see worker_groups.py)."""
         self.link = link
         self.identity = identity
+        self.primary = primary
+        self.window_groups = dict(window_groups or {})
+        self.async_loads = async_loads
         self.chunk_size = link.chunk_size
         self.can_load = can_load
         self.can_store = can_store
@@ -89,7 +105,9 @@ class SchedulerSide:
         self._finished_stores: list[str] = []  # for the next step's metadata
         self.stats = Tally()
         # KV events: vLLM's kv_events_config.enable_kv_cache_events (None: off, no cost)
-        self.events = EventTally(identity.world_size) if events else None
+        # (KV shared by every rank, MLA: rank 0 alone stores, so its report is the last)
+        ranks = 1 if identity.shared_kv else identity.world_size
+        self.events = EventTally(ranks) if events else None
         link.start_heartbeat()
 
     # ----- vLLM entry points (never raise) --------------------------------------------------
@@ -158,8 +176,11 @@ class SchedulerSide:
             tracker = None  # its blocks are gone: look it up afresh
         elif tracker is not None and tracker.load_planned:
             # Asked again after a load was planned: the load failed and vLLM reset the
-            # request. Compute it without the cache rather than wait on a second load.
+            # request. Compute it without the cache rather than wait on a second load, and
+            # store it again (a group's chunks may be what was missing; present ones are
+            # only counted as cached by the server).
             tracker.load_failed = True
+            tracker.stored = min(tracker.stored, num_computed_tokens)
         if tracker is None:
             tokens = list(request.prompt_token_ids or [])
             tracker = _Tracker(rid, tokens, getattr(request, "cache_salt", None) or "")
@@ -194,7 +215,9 @@ class SchedulerSide:
         # its own (profiled: the copy ran in a forward-less step) plus one to notice it
         # finished. A failed copy is reported through `get_block_ids_with_load_errors`,
         # and vLLM recomputes those blocks (the connector sets the "recompute" policy).
-        return (need, False) if need > 0 else (0, False)
+        # Hybrid models load asynchronously (`async_loads`): vLLM takes a failed load of a
+        # model with several KV cache groups only as a failed request, not as blocks.
+        return (need, self.async_loads) if need > 0 else (0, False)
 
     def _lookup_end(self, tracker: _Tracker) -> int:
         """The most prompt tokens a lookup can add to: whole blocks (whole chunks, then a
@@ -234,7 +257,7 @@ class SchedulerSide:
         tracker = self._trackers.get(request.request_id)
         if tracker is None:
             return
-        tracker.block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
+        tracker.block_ids = _per_group(blocks.get_block_ids()) if blocks is not None else []
         if num_external_tokens <= 0 or tracker.load_planned:
             if tracker.hit and not tracker.load_planned:
                 self._free_locks(tracker)
@@ -242,17 +265,28 @@ class SchedulerSide:
         c, bs = self.chunk_size, self.identity.block_size
         start = tracker.vllm_hit // c * c
         end = tracker.hit or 0
-        self._loads.append(
-            LoadSpec(
-                request_id=tracker.request_id,
-                tokens=tracker.tokens[:end],
-                start=start,
-                end=end,
-                block_ids=tracker.block_ids[start // bs : end // bs],
-                skip_tokens=tracker.vllm_hit - start,
-                cache_salt=tracker.cache_salt,
+        for group, group_ids in enumerate(tracker.block_ids):
+            ids = group_ids[start // bs : end // bs]
+            window = group in self.window_groups
+            skip = tracker.vllm_hit - start
+            held = (
+                held_load(start, end, ids, skip, bs=bs, chunk=c) if window else (start, ids, skip)
             )
-        )
+            if held is None:
+                continue  # (a window group: vLLM reads none of these blocks)
+            first, block_ids, skip = held
+            self._loads.append(
+                LoadSpec(
+                    request_id=tracker.request_id,
+                    tokens=tracker.tokens[:end],
+                    start=first,
+                    end=end,
+                    block_ids=block_ids,
+                    skip_tokens=skip,
+                    cache_salt=tracker.cache_salt,
+                    group=group,
+                )
+            )
         tracker.load_planned = True
         if start > 0:  # chunks vLLM fully has: their locks are not needed
             self._free_locks(tracker, end=start)
@@ -270,10 +304,8 @@ class SchedulerSide:
         for new in out.scheduled_new_reqs:
             tracker = self._trackers.get(new.req_id)
             if tracker is not None:
-                tracker.block_ids = list(new.block_ids[0])
-                spec = self._store_spec(tracker, new.num_computed_tokens, out)
-                if spec is not None:
-                    stores.append(spec)
+                tracker.block_ids = _per_group(new.block_ids)
+                stores += self._store_specs(tracker, new.num_computed_tokens, out)
         cached = out.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             tracker = self._trackers.get(rid)
@@ -281,44 +313,73 @@ class SchedulerSide:
                 continue
             new_ids = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids and new_ids is not None:
-                tracker.block_ids = list(new_ids[0])  # a resumed request's blocks are all new
+                tracker.block_ids = _per_group(new_ids)  # a resumed request's are all new
             elif new_ids is not None:
-                tracker.block_ids.extend(new_ids[0])
-            spec = self._store_spec(tracker, cached.num_computed_tokens[i], out)
-            if spec is not None:
-                stores.append(spec)
+                if not tracker.block_ids:
+                    tracker.block_ids = [[] for _ in new_ids]
+                for ids, added in zip(tracker.block_ids, new_ids, strict=True):
+                    ids.extend(added)
+            stores += self._store_specs(tracker, cached.num_computed_tokens[i], out)
         return stores
 
-    def _store_spec(
+    def _store_specs(
         self, tracker: _Tracker, computed: int, out: SchedulerOutput
-    ) -> StoreSpec | None:
-        if not self.link.healthy:
-            return None
+    ) -> list[StoreSpec]:
+        """This step's store of a request: one spec per KV cache group (the primary's
+        carries the KV event)."""
+        if not self.link.healthy or not tracker.block_ids:
+            return []
         c, bs = self.chunk_size, self.identity.block_size
         done = computed + out.num_scheduled_tokens.get(tracker.request_id, 0)
-        available = min(len(tracker.tokens), done, len(tracker.block_ids) * bs)
+        held = len(tracker.block_ids[self.primary]) * bs
+        available = min(len(tracker.tokens), done, held)
         # Whole chunks as they are computed; the tail's whole blocks (a partial chunk) only
         # with the prompt's last token: every step of a chunked prefill would add another.
         end = available // bs * bs if available == len(tracker.tokens) else available // c * c
         start = tracker.stored // c * c
         if end <= tracker.stored:  # (stored may end inside a chunk: a partial hit or store)
-            return None
+            return []
         tracker.stored = end
         tracker.stores_issued = True
-        event = None
-        if self.events is not None:
-            event = stored_blocks(
-                tracker.block_hashes, tracker.tokens, start, end, bs, cache_salt=tracker.cache_salt
+        specs = []
+        for group, group_ids in enumerate(tracker.block_ids):
+            ids = group_ids[start // bs : end // bs]
+            kept: tuple[int, list[int]] | None = (start, ids)
+            window = self.window_groups.get(group)
+            if window is not None:
+                # vLLM freed the blocks that left the window when it scheduled this step
+                # (our copy of the table still names them): null them before trimming.
+                freed = max(0, computed - window + 1) // bs - start // bs
+                ids = [NULL_BLOCK] * min(max(freed, 0), len(ids)) + ids[max(freed, 0) :]
+                kept = held_store(start, end, ids, bs, c)
+            if kept is None:
+                continue  # a window group no longer holds any of these blocks
+            first, block_ids = kept
+            event = None
+            if self.events is not None and group == self.primary:
+                event = stored_blocks(
+                    tracker.block_hashes, tracker.tokens, first, end, bs,
+                    cache_salt=tracker.cache_salt,
+                )  # fmt: skip
+            specs.append(
+                StoreSpec(
+                    request_id=tracker.request_id,
+                    tokens=tracker.tokens[:end],
+                    start=first,
+                    end=end,
+                    block_ids=block_ids,
+                    cache_salt=tracker.cache_salt,
+                    event=event,
+                    group=group,
+                )
             )
-        return StoreSpec(
-            request_id=tracker.request_id,
-            tokens=tracker.tokens[:end],
-            start=start,
-            end=end,
-            block_ids=tracker.block_ids[start // bs : end // bs],
-            cache_salt=tracker.cache_salt,
-            event=event,
-        )
+        return specs
+
+
+def _per_group(block_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """vLLM's block ids, one list per KV cache group (one group without the hybrid
+    manager, or for a model whose layers are all alike)."""
+    return [list(ids) for ids in block_ids]
 
 
 def _is_preempted(request: Request) -> bool:

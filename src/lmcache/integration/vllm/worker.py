@@ -88,7 +88,10 @@ class WorkerSide:
         layerwise_load: bool = True,
         events: bool = False,
         event_poll_s: float = KV_EVENT_POLL_S,
+        instance_id: int | None = None,
     ) -> None:
+        """``instance_id`` names this worker's registration (the server's "GPU ID"): the
+        process id unless given (tests that run several ranks in one process)."""
         self.link = link
         self.copy_threads = copy_threads
         self.identity = identity
@@ -97,7 +100,7 @@ class WorkerSide:
         self.mode: TransferMode = "lmcache_driven" if mode == "auto" else mode
         self.can_load = can_load
         self.can_store = can_store
-        self.instance_id = os.getpid()
+        self.instance_id = os.getpid() if instance_id is None else instance_id
         self.chunk_size = link.chunk_size
         self.path: TransferPath | None = None  # None until registered
         self._layout: KVLayout | None = None
@@ -110,6 +113,7 @@ class WorkerSide:
         self._layered: LayeredLoads[LoadSpec] | None = None  # set by register_kv_caches
         self._layered_began: list[tuple[LoadSpec, float]] = []  # this step's layered loads
         self.stats = Tally()
+        self.counts_tokens = True  # False: another group's worker counts them
         self.events = WorkerEvents() if events and can_store else None  # None: vLLM's are off
         self.removals = (
             RemovalWatch(link.client.poll_kv_events, event_poll_s)
@@ -118,6 +122,11 @@ class WorkerSide:
         )
         link.instance_id = self.instance_id
         link.on_recover = self._register
+
+    @property
+    def stores_async(self) -> bool:
+        """Whether stores run on the store thread (and `finished_stores` reports them)."""
+        return self._stores is not None
 
     @property
     def uses_bytes(self) -> bool:
@@ -310,12 +319,18 @@ class WorkerSide:
         if self._stores is not None and meta.preempted and self._stores.in_flight:
             self._stores.wait()
 
-    def save(self, meta: Metadata) -> None:
+    def step_failures(self) -> set[str]:
+        """Requests whose load failed in this step (so far)."""
+        self._end_layered_step()
+        return set(self._failed_loads)
+
+    def save(self, meta: Metadata, failed_elsewhere: set[str] | None = None) -> None:
         """After the forward: queue (or run) this step's stores. A request whose load failed
         in this step computed its later tokens over blocks that hold no valid KV (vLLM
-        recomputes them next step), so none of its stores from this step are kept."""
+        recomputes them next step), so none of its stores from this step are kept; nor
+        where its load of another KV cache group failed (``failed_elsewhere``)."""
         self._end_layered_step()
-        failed, self._failed_loads = self._failed_loads, set()
+        failed, self._failed_loads = self._failed_loads | (failed_elsewhere or set()), set()
         stores = [s for s in meta.stores if s.request_id not in failed] if self.can_store else []
         if self._stores is None:
             for spec in stores:
@@ -328,6 +343,8 @@ class WorkerSide:
         path = self.path
         if path is None or not self.link.healthy:
             return  # degraded: skipped (the scheduler's stores are best effort)
+        if self.identity.shared_kv and self.parallel.rank != 0:
+            return  # every rank holds the same KV (MLA): rank 0 writes it once for all
         began, held = time.perf_counter(), Held(0)
         want_keys = self.removals is not None and spec.event is not None
 
@@ -349,8 +366,9 @@ class WorkerSide:
                 self.removals.remember(held.keys, stored, self.chunk_size)
 
     def _count(self, **counts: float) -> None:
-        """Token and failure counts: KV rank 0's only (every rank moves the same tokens)."""
-        if self.parallel.rank == 0:
+        """Token and failure counts: KV rank 0's only (every rank moves the same tokens),
+        and of one KV cache group only (`counts_tokens`)."""
+        if self.parallel.rank == 0 and self.counts_tokens:
             self.stats.add(**counts)
 
     def _bytes(self, tokens: int) -> int:
