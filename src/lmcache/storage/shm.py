@@ -39,15 +39,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import logging
 import mmap
 import os
 import re
 import stat
-import threading
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -85,51 +82,6 @@ def shm_path(name: str) -> str:
     return os.path.join(shm_dir(), name.lstrip("/"))
 
 
-_serials = itertools.count(1)
-
-
-def new_serial() -> int:
-    """A number never handed out before in this process (segments take theirs from here)."""
-    return next(_serials)
-
-
-# id of a segment's whole-mapping array -> (address of its byte 0, segment): numpy views
-# of the segment's array have that array as their ``base``, which lives as long as they do.
-_mapped_lock = threading.Lock()
-_mapped: dict[int, tuple[int, weakref.ref[ShmSegment]]] = {}
-# Called with a segment's serial when it is closed (see `on_close`).
-_close_listeners: list[Callable[[int], None]] = []
-
-
-def on_close(listener: Callable[[int], None]) -> None:
-    """Call ``listener(serial)`` whenever a segment of this process is closed."""
-    _close_listeners.append(listener)
-
-
-def locate(array: np.ndarray) -> tuple[ShmSegment, int] | None:
-    """The mapped segment whose data holds all of ``array``'s bytes, and the offset of its
-    first byte; None if it is some other memory."""
-    found = _mapped.get(id(array.base))
-    if found is None or array.size == 0 or min(array.strides, default=0) < 0:
-        return None
-    base, ref = found
-    segment = ref()
-    if segment is None:
-        return None
-    start = array.ctypes.data
-    end = start + sum((d - 1) * s for d, s in zip(array.shape, array.strides, strict=True))
-    if base <= start and end + array.itemsize <= base + segment.size:
-        return segment, start - base
-    return None
-
-
-def owned_segments() -> list[ShmSegment]:
-    """The mapped segments that this process created (in the server: its L1 pool)."""
-    with _mapped_lock:
-        segments = [ref() for _, ref in _mapped.values()]
-    return [s for s in segments if s is not None and s.owner]
-
-
 class SegmentExistsError(FileExistsError):
     """A live segment (its creator holds its lock) already has the name."""
 
@@ -148,7 +100,6 @@ class ShmSegment:
         self.name = "/" + name.lstrip("/")
         self.size = size  # data bytes, without the seal page
         self.owner = owner
-        self.serial = new_serial()  # unique in this process, unlike names and descriptors
         self._token = token
         self._fd: int | None = fd
         self._closed = self._unlinked = False
@@ -159,11 +110,7 @@ class ShmSegment:
         # fresh mapping of the L1 pool ran at 1.4 GB/s instead of 5.3 (164k faults).
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
         self._mmap = mmap.mmap(fd, size + SEAL_BYTES, flags=flags)  # the caller closes fd on error
-        whole = np.frombuffer(self._mmap, dtype=np.uint8)
-        self.array = whole[:size]
-        self._whole_id = id(whole)
-        with _mapped_lock:
-            _mapped[self._whole_id] = (self.array.ctypes.data, weakref.ref(self))
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)[:size]
 
     reserved = 0  # bytes from the start that have memory (all of them unless lazy)
 
@@ -295,9 +242,6 @@ class ShmSegment:
         descriptor stays open."""
         mapping, self._mmap = self._mmap, None
         self.array = np.empty(0, dtype=np.uint8)
-        with _mapped_lock:
-            if mapping is not None:
-                _mapped.pop(self._whole_id, None)
         if mapping is not None:
             with contextlib.suppress(BufferError):
                 mapping.close()
@@ -306,10 +250,7 @@ class ShmSegment:
         """Unmap and close the descriptor. The creator keeps its lock (one descriptor) until
         `unlink`: a segment that still has its name is live while its creator lives."""
         self.unmap()
-        if not self._closed:
-            self._closed = True
-            for listener in _close_listeners:
-                listener(self.serial)
+        self._closed = True
         if not self.owner or self._unlinked:
             self._close_fd()
 
