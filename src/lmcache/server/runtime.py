@@ -37,7 +37,8 @@ from lmcache.settings import ServerSettings
 from lmcache.storage import l1_admin
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import L2Adapter, make_adapter
-from lmcache.storage.shm import ShmSegment, unlink_stale_segments
+from lmcache.storage.shm import ShmSegment
+from lmcache.storage.shm_names import unlink_stale_segments
 from lmcache.transport.peers import CurveServerKeys, local_socket_path
 from lmcache.transport.zmq_server import ZmqServer
 from lmcache.types import ObjectKey
