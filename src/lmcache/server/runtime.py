@@ -59,20 +59,13 @@ class StartAborted(Exception):
 
 class ServerRuntime(RuntimeViews):
     def __init__(self, settings: ServerSettings) -> None:
-        """Nothing allocated or started yet (`start`); the attributes' types are declared
-        once, in `RuntimeViews`."""
+        """Nothing allocated or started yet (`start`); the parts it makes are declared, and
+        None until then, in `RuntimeViews`."""
         self.settings = settings
         self.server_token = uuid.uuid4().hex
         self.instance_id = settings.instance_id or str(uuid.uuid4())  # upstream's default
         self.started_at = time.time()
         self.ready = False
-        self.startup_error = None
-        self.maintenance_error = None
-        self._segment = None
-        self._zmq = None
-        self._prepared = None
-        self._handler = None
-        self.tiers = None
         self._adapters: list[L2Adapter] = []
         self._stop = threading.Event()  # a stop was asked for: start() aborts, threads end
         self._lifecycle = threading.Lock()  # held by start() throughout; stop() waits for it
@@ -81,13 +74,9 @@ class ServerRuntime(RuntimeViews):
         self._maintenance = threading.Thread(
             target=self._maintain, name="lmcache-maintenance", daemon=True
         )
-        self.l1 = None
-        self.evictor = None  # only with --eviction-trigger-watermark
-        self._quotas = None
         self.registry = EngineRegistry(
             settings.chunk_size, settings.l1_size_bytes, settings.copy_threads
         )
-        self.sessions = None
         self.metrics = Metrics(
             self._metric_state, names=settings.metrics_names, instance_id=self.instance_id
         )

@@ -37,27 +37,28 @@ logger = logging.getLogger("lmcache.server")
 
 
 class RuntimeViews:
-    """The views over the runtime's parts; `ServerRuntime` sets every attribute below."""
+    """The views over the runtime's parts; `ServerRuntime` sets the attributes below."""
 
     settings: ServerSettings
     server_token: str
     instance_id: str
     started_at: float
     ready: bool
-    startup_error: str | None
-    maintenance_error: str | None
-    l1: L1Cache | None
-    sessions: Sessions | None
-    tiers: TieredStore | None
-    evictor: WatermarkEvictor | None
     registry: EngineRegistry
     metrics: Metrics
-    _segment: ShmSegment | None
-    _zmq: ZmqServer | None
-    _prepared: PreparedTransfers | None
-    _handler: RequestHandler | None
-    _quotas: QuotaTable | None
     _maintenance: threading.Thread
+    # What `start` makes or learns: None until then.
+    startup_error: str | None = None
+    maintenance_error: str | None = None
+    l1: L1Cache | None = None
+    sessions: Sessions | None = None
+    tiers: TieredStore | None = None
+    evictor: WatermarkEvictor | None = None  # only with --eviction-trigger-watermark
+    _segment: ShmSegment | None = None
+    _zmq: ZmqServer | None = None
+    _prepared: PreparedTransfers | None = None
+    _handler: RequestHandler | None = None
+    _quotas: QuotaTable | None = None
 
     def quota_table(self) -> QuotaTable | None:
         """The /quota routes' view (None until the server is ready)."""
