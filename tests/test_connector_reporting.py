@@ -211,8 +211,8 @@ def worker(
         IDENT, ParallelStrategy(2, rank), "lmcache_driven", can_load=True, can_store=True,
         async_store=False, events=events, event_poll_s=0.01,
     )  # fmt: skip
-    w.path = path  # type: ignore[assignment]
-    w._layout = KVLayout(  # 2 layers, 1 KiB per block of a layer
+    w._reg.path = path  # type: ignore[assignment]
+    w._reg.layout = KVLayout(  # 2 layers, 1 KiB per block of a layer
         num_layers=2, num_blocks=8, block_size=BS, block_bytes=1024, block_stride=1024,
         layers=[LayerPlacement(0, 0), LayerPlacement(0, 8192)],
     )  # fmt: skip

@@ -82,7 +82,7 @@ from lmcache.protocol.messages import (
     WorkerCopy,
     encode_tokens,
 )
-from lmcache.storage.shm import shm_path
+from lmcache.storage.shm_names import shm_path
 from lmcache.transport.peers import local_socket_path
 
 from .conftest import (

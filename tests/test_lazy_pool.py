@@ -13,7 +13,8 @@ from lmcache.server.l1_pool import PoolMemory
 from lmcache.storage.allocator import PageAllocator
 from lmcache.storage.eviction import make_policy
 from lmcache.storage.l1 import L1Cache, Refused, WriteSlot
-from lmcache.storage.shm import ShmSegment, free_shm_bytes, shm_path
+from lmcache.storage.shm import ShmSegment
+from lmcache.storage.shm_names import free_shm_bytes, shm_path
 
 from .conftest import fill_random, register, start_server, unique_tokens
 from .test_storage_unit import key

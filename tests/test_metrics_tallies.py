@@ -10,13 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmcache.server.metrics import (
-    _COUNTERS,
-    _LATENCY_BUCKETS,
-    Metrics,
-    _RequestCollector,
-    _Tallies,
-)
+from lmcache.server.metrics import _COUNTERS, Metrics, _RequestCollector
+from lmcache.server.metrics_tallies import LATENCY_BUCKETS, Tallies
 
 REQUESTS = [
     ("lookup", "ok", 0.00005), ("lookup", "ok", 0.0001), ("lookup", "ok", 0.0003),
@@ -37,7 +32,7 @@ def reference() -> CollectorRegistry:
     requests = Counter("lmcache_requests", "requests handled", ("op", "outcome"), registry=r)
     duration = Histogram(
         "lmcache_request_duration_seconds", "time to handle a request, copies included",
-        ("op",), buckets=_LATENCY_BUCKETS, registry=r,
+        ("op",), buckets=LATENCY_BUCKETS, registry=r,
     )  # fmt: skip
     for _ in range(3):
         for op, outcome, seconds in REQUESTS:
@@ -102,7 +97,7 @@ def test_tallies_from_several_threads_match_prometheus_client() -> None:
 
 def test_nothing_counted_yet_shows_zero_counters_and_no_request_series() -> None:
     registry = CollectorRegistry()
-    registry.register(_RequestCollector(_Tallies()))
+    registry.register(_RequestCollector(Tallies()))
     text = generate_latest(registry).decode()
     assert "lmcache_stored_tokens_total 0.0" in text
     assert "# TYPE lmcache_request_duration_seconds histogram" in text

@@ -22,13 +22,8 @@ import pytest
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import TransferError
 from lmcache.processes import free_port
-from lmcache.storage.shm import (
-    SEAL_BYTES,
-    SegmentExistsError,
-    ShmSegment,
-    segment_is_live,
-    unlink_stale_segments,
-)
+from lmcache.storage.shm import SEAL_BYTES, SegmentExistsError, ShmSegment
+from lmcache.storage.shm_names import segment_is_live, unlink_stale_segments
 
 from .conftest import BLOCK, ServerProcess, fill_random, register, unique_tokens
 

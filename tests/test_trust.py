@@ -38,7 +38,7 @@ from lmcache.protocol.messages import (
     WorkerCopy,
 )
 from lmcache.server.registry import MAX_ENGINES
-from lmcache.storage.shm import shm_path
+from lmcache.storage.shm_names import shm_path
 from lmcache.transport.peers import local_socket_path
 from lmcache.transport.zmq_client import CurveClientKeys
 

@@ -6,7 +6,7 @@ synthetic engine, the tests) puts its KV blocks in segments named
 copies blocks itself, through the file (see `lmcache.engine.transfer.ShmTransfer`).
 The segment is unlinked when the cache is closed, so nothing outlives the worker; while
 it exists, this process holds its lock, which is what tells a sweep that it is live
-(see `lmcache.storage.shm`).
+(see `lmcache.storage.shm_names`).
 
 Layout of one segment, ``layers`` evenly spaced (the common dense case)::
 

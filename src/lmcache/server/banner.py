@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from lmcache.settings import ServerSettings
-from lmcache.storage.shm import shm_dir
+from lmcache.storage.shm_names import shm_dir
 
 GiB = 1 << 30
 _ANY_HOST = ("0.0.0.0", "::", "[::]", "")

@@ -55,7 +55,7 @@ from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keys import TOKEN_BYTES, shares_kv
 from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import Lease
-from lmcache.storage.shm import unlink_if_stale
+from lmcache.storage.shm_names import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
 from lmcache.transport.zmq_server import Deferred, Outcome
 
@@ -257,7 +257,7 @@ class RequestHandler:
                 continue
             dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
             # A dead engine's KV segments stay in /dev/shm (they hold its whole KV cache)
-            # unless we remove them: only those nobody holds any more (see storage/shm.py).
+            # unless we remove them: only those nobody holds any more (see storage/shm_names.py).
             names = engine.segment_names() if dead_now else []
             removed = [n for n in names if unlink_if_stale(n)]
             lines.append(

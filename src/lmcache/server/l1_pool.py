@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 
-from lmcache.storage.shm import SEAL_BYTES, ShmSegment, free_shm_bytes
+from lmcache.storage.shm import SEAL_BYTES, ShmSegment
+from lmcache.storage.shm_names import free_shm_bytes
 
 logger = logging.getLogger("lmcache.server")
 

@@ -3,11 +3,9 @@ LMCache's ``lmcache_mp_*`` names beside them (`lmcache.server.metrics_upstream`;
 ``--metrics-names ours|upstream|both``).
 
 Request counters and the latency histogram are plain numbers that each thread adds to
-its own tallies (`_Tallies`): no lock and no prometheus_client call on the ZMQ loop
-thread, which had spent ~5% of its time in them (3.4 us a lookup). A collector sums
-the threads' tallies when /metrics is scraped. Gauges that describe state (L1 usage,
-engines, sessions) are read at scrape time too, so the storage layer knows nothing
-about Prometheus.
+its own tallies (`lmcache.server.metrics_tallies`), summed when /metrics is scraped.
+Gauges that describe state (L1 usage, engines, sessions) are read at scrape time too, so
+the storage layer knows nothing about Prometheus.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Info, disable_created_metrics
@@ -30,16 +27,21 @@ from prometheus_client.utils import floatToGoString
 
 from lmcache import __version__
 from lmcache.defaults import METRICS_MAX_MODELS, METRICS_NAMES
+from lmcache.server.metrics_tallies import (
+    GBPS_BUCKETS,
+    LATENCY_BUCKETS,
+    LOOKUP_SUMS,
+    Count,
+    Tallies,
+    ThreadTally,
+    cumulative,
+)
+from lmcache.server.metrics_upstream import UpstreamCollector
 
 MetricsNames = str  # "ours", "upstream" or "both" (`lmcache.settings.MetricsNamesChoice`)
 
 # `_created` series double the output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-_LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-)  # fmt: skip
 
 
 class _StateCollector(Collector):
@@ -118,125 +120,11 @@ _TIER_COUNTERS = [
     ("lmcache_lookup_hit_keys", "chunk keys (one per rank and chunk) found by lookups, by "
      "the tier that held them", "tier"),
 ]  # fmt: skip
-_LE = [floatToGoString(b) for b in (*_LATENCY_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
-
-
-@dataclass
-class _ThreadTally:
-    """One thread's counts; only that thread writes them."""
-
-    counts: dict[str, float] = field(default_factory=dict)
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)
-    # op -> a count per latency bucket (the last one: +Inf), then the sum of seconds
-    durations: dict[str, list[float]] = field(default_factory=dict)
-    # (name, label values) -> count: the counts that carry labels (a model name, a tier)
-    labelled: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
-    # (name, label values) -> a count per throughput bucket (last: +Inf), then the sum
-    throughput: dict[tuple[str, tuple[str, ...]], list[float]] = field(default_factory=dict)
-    # model label -> its lookups' sums, in `_LOOKUP_SUMS` order: one dict look-up a lookup
-    # (the ZMQ loop's cost); spread into ``labelled`` names at scrape time (`_spread`)
-    lookups: dict[str, list[float]] = field(default_factory=dict)
-
-
-# What a lookup row sums, as the labelled counts `Totals` shows them (by model name).
-_LOOKUP_SUMS = ("lookups", "lookup_requested", "lookup_hit", "lookup_hit_l1",
-                "lookup_hit_l1_keys", "lookup_hit_l2_keys")  # fmt: skip
-
-
-@dataclass
-class Totals:
-    """Every thread's tallies, summed (one scrape's view)."""
-
-    counts: dict[str, float] = field(default_factory=dict)
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)
-    durations: dict[str, list[float]] = field(default_factory=dict)
-    labelled: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
-    throughput: dict[tuple[str, tuple[str, ...]], list[float]] = field(default_factory=dict)
-
-    def count(self, name: str, *labels: str) -> float:
-        return self.labelled.get((name, labels), 0.0)
-
-    def by_labels(self, name: str) -> dict[tuple[str, ...], float]:
-        return {k[1]: v for k, v in self.labelled.items() if k[0] == name}
-
-
-def _add_rows(into: dict[Any, list[float]], rows: dict[Any, list[float]]) -> None:
-    for key, row in rows.copy().items():
-        total = into.setdefault(key, [0.0] * len(row))
-        for i, v in enumerate(list(row)):  # a copy: the owner may be adding to it
-            total[i] += v
-
-
-class _Tallies:
-    """Every thread's `_ThreadTally`, summed at scrape time. A thread's own ``+=`` on its
-    own dict needs no lock; the scrape copies each dict (one C call, atomic under the
-    GIL) and may miss an update in flight, which the next scrape sees."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._lock = threading.Lock()  # guards the list, taken once per thread
-        self._threads: list[_ThreadTally] = []
-
-    def mine(self) -> _ThreadTally:
-        tally: _ThreadTally | None = getattr(self._local, "tally", None)
-        if tally is None:
-            tally = self._local.tally = _ThreadTally()
-            with self._lock:
-                self._threads.append(tally)  # kept after the thread ends: counts never drop
-        return tally
-
-    def totals(self) -> Totals:
-        with self._lock:
-            threads = list(self._threads)
-        out = Totals()
-        for t in threads:
-            for name, n in t.counts.copy().items():
-                out.counts[name] = out.counts.get(name, 0) + n
-            for key, k in t.requests.copy().items():
-                out.requests[key] = out.requests.get(key, 0) + k
-            for lkey, n in t.labelled.copy().items():
-                out.labelled[lkey] = out.labelled.get(lkey, 0) + n
-            _add_rows(out.durations, t.durations)
-            _add_rows(out.throughput, t.throughput)
-            for label, row in t.lookups.copy().items():
-                _spread(out, label, list(row))
-        return out
-
-
-def _spread(out: Totals, label: str, row: list[float]) -> None:
-    """Add one thread's lookup sums for model ``label`` to ``out``'s labelled counts."""
-    sums = dict(zip(_LOOKUP_SUMS, row, strict=True))
-    sums["lookup_hit_l2"] = sums["lookup_hit"] - sums["lookup_hit_l1"]
-    tiers = {
-        ("lmcache_lookup_hit_tier_tokens", ("l1",)): sums["lookup_hit_l1"],
-        ("lmcache_lookup_hit_tier_tokens", ("l2",)): sums["lookup_hit_l2"],
-        ("lmcache_lookup_hit_keys", ("l1",)): sums["lookup_hit_l1_keys"],
-        ("lmcache_lookup_hit_keys", ("l2",)): sums["lookup_hit_l2_keys"],
-        **{(name, (label,)): n for name, n in sums.items()},
-    }
-    for key, n in tiers.items():
-        out.labelled[key] = out.labelled.get(key, 0) + n
-    out.counts["lmcache_lookup_hit_tokens"] = (
-        out.counts.get("lmcache_lookup_hit_tokens", 0) + sums["lookup_hit"]
-    )
-
-
-class _Count:
-    """What the handlers call ``metrics.<counter>.inc(n)`` on: a plain per-thread sum."""
-
-    __slots__ = ("_name", "_tallies")
-
-    def __init__(self, name: str, tallies: _Tallies) -> None:
-        self._name = name
-        self._tallies = tallies
-
-    def inc(self, amount: float = 1) -> None:
-        counts = self._tallies.mine().counts
-        counts[self._name] = counts.get(self._name, 0) + amount
+_LE = [floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
 
 
 class _RequestCollector(Collector):
-    def __init__(self, tallies: _Tallies) -> None:
+    def __init__(self, tallies: Tallies) -> None:
         self._tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
@@ -261,18 +149,8 @@ class _RequestCollector(Collector):
             labels=["op"],
         )
         for op, row in sorted(durations.items()):
-            cumulative, buckets = 0.0, []
-            for le, n in zip(_LE, row[:-1], strict=True):
-                cumulative += n
-                buckets.append((le, cumulative))
-            histogram.add_metric([op], buckets, sum_value=row[-1])
+            histogram.add_metric([op], cumulative(_LE, row), sum_value=row[-1])
         yield histogram
-
-
-# Upper bounds of the GB/s histograms: OpenTelemetry's default boundaries, which upstream's
-# ``*_throughput_GB_per_second`` histograms use.
-GBPS_BUCKETS = (0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0,
-                5000.0, 7500.0, 10000.0)  # fmt: skip
 
 
 class Metrics:
@@ -288,17 +166,17 @@ class Metrics:
         instance_id: str = "",
     ) -> None:
         self.registry = CollectorRegistry()
-        self._tallies = _Tallies()
+        self._tallies = Tallies()
         self._models: dict[str, str] = {}  # bounded: see `_model`
         self._models_lock = threading.Lock()
         t = self._tallies
-        self.stored_tokens = _Count("lmcache_stored_tokens", t)
-        self.stored_bytes = _Count("lmcache_stored_bytes", t)
-        self.retrieved_tokens = _Count("lmcache_retrieved_tokens", t)
-        self.retrieved_bytes = _Count("lmcache_retrieved_bytes", t)
-        self.lookup_requested_tokens = _Count("lmcache_lookup_requested_tokens", t)
-        self.lookup_hit_tokens = _Count("lmcache_lookup_hit_tokens", t)
-        self.store_no_space = _Count("lmcache_store_no_space", t)
+        self.stored_tokens = Count("lmcache_stored_tokens", t)
+        self.stored_bytes = Count("lmcache_stored_bytes", t)
+        self.retrieved_tokens = Count("lmcache_retrieved_tokens", t)
+        self.retrieved_bytes = Count("lmcache_retrieved_bytes", t)
+        self.lookup_requested_tokens = Count("lmcache_lookup_requested_tokens", t)
+        self.lookup_hit_tokens = Count("lmcache_lookup_hit_tokens", t)
+        self.store_no_space = Count("lmcache_store_no_space", t)
         if names in ("ours", "both"):
             Info("lmcache_build", "server version", registry=self.registry).info(
                 {"version": __version__}
@@ -306,9 +184,6 @@ class Metrics:
             self.registry.register(_RequestCollector(t))
             self.registry.register(_StateCollector(read_state))
         if names in ("upstream", "both"):
-            # Imported here: that module builds on this one (`Totals`, `GBPS_BUCKETS`).
-            from lmcache.server.metrics_upstream import UpstreamCollector
-
             self.registry.register(UpstreamCollector(t.totals, read_state, instance_id))
 
     def observe_request(self, op: str, outcome: str, seconds: float) -> None:
@@ -319,7 +194,7 @@ class Metrics:
         row = tally.durations.get(op)
         if row is None:
             row = tally.durations[op] = [0.0] * (len(_LE) + 1)
-        row[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # the first bucket with le >= seconds
+        row[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket with le >= seconds
         row[-1] += seconds
 
     def _model(self, name: str) -> str:
@@ -332,7 +207,7 @@ class Metrics:
                 label = self._models.setdefault(name, "other" if full else name)
         return label
 
-    def _add(self, tally: _ThreadTally, name: str, labels: tuple[str, ...], n: float) -> None:
+    def _add(self, tally: ThreadTally, name: str, labels: tuple[str, ...], n: float) -> None:
         key = (name, labels)
         tally.labelled[key] = tally.labelled.get(key, 0) + n
 
@@ -351,7 +226,7 @@ class Metrics:
         label = self._models.get(model) or self._model(model)
         row = lookups.get(label)
         if row is None:
-            row = lookups[label] = [0.0] * len(_LOOKUP_SUMS)
+            row = lookups[label] = [0.0] * len(LOOKUP_SUMS)
         row[0] += 1
         row[1] += requested
         row[2] += hit

@@ -5,7 +5,7 @@ Upstream (multiprocess mode) counts through OpenTelemetry; its Prometheus export
 names below are those renderings, checked against upstream 0.5.6's own exporter, so that
 its Grafana dashboard (``deploy/grafana/``) and its documented PromQL work unchanged.
 
-Everything comes from the same per-thread tallies as our own names (`Metrics`), summed at
+Everything comes from the same per-thread tallies as our own names (`metrics_tallies`), summed at
 scrape time, or from state read at scrape time: no extra work on the request path. A
 metric we cannot honour (the event bus's, GPU block lifecycles, sampled chunk lifetimes,
 the eviction loop's) is absent, never a fake zero: see `NOT_EXPOSED`. The ``cache_salt``
@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from lmcache.server.metrics import GBPS_BUCKETS, Totals
+from lmcache.server.metrics_tallies import GBPS_BUCKETS, Totals, cumulative
 
 P = "lmcache_mp_"
 _GBPS_LE = [floatToGoString(b) for b in (*GBPS_BUCKETS, float("inf"))]  # type: ignore[no-untyped-call]
@@ -217,9 +217,5 @@ def _histograms(t: Totals) -> Iterator[Metric]:
         for (hist, labels), row in sorted(t.throughput.items()):
             if hist != tally:
                 continue
-            cumulative, buckets = 0.0, []
-            for le, n in zip(_GBPS_LE, row[:-1], strict=True):
-                cumulative += n
-                buckets.append((le, cumulative))
-            family.add_metric(list(labels), buckets, sum_value=row[-1])
+            family.add_metric(list(labels), cumulative(_GBPS_LE, row), sum_value=row[-1])
         yield family

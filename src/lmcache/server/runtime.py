@@ -1,7 +1,8 @@
 """The server's life inside the process: allocate the L1 pool, wire the parts over it
 (`lmcache.server.build`), start the L2 writer, the ZMQ server and the maintenance thread,
-answer the HTTP views (`lmcache.http.app.ServerView`), and free everything at stop. The
-process around it (signals, uvicorn, start-up order, exit codes) is `lmcache.server.process`.
+and free everything at stop. What HTTP reads of it (`lmcache.http.app.ServerView`) is
+`lmcache.server.views`; the process around it (signals, uvicorn, start-up order, exit
+codes) is `lmcache.server.process`.
 
     settings ─> L2 adapters ─> stale segments removed ─> L1 pool (POSIX shm, pre-faulted)
              ─> build(settings, pool) ─> RequestHandler ─> ZmqServer (tcp + local endpoint)
@@ -20,27 +21,20 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
 
-from lmcache import __version__
 from lmcache.server.build import build
-from lmcache.server.handlers import RequestHandler
 from lmcache.server.l1_pool import PoolMemory
 from lmcache.server.metrics import Metrics
 from lmcache.server.quotas import QuotaTable
 from lmcache.server.registry import EngineRegistry
-from lmcache.server.sessions import Sessions
-from lmcache.server.tiers import TieredStore
+from lmcache.server.views import RuntimeViews
 from lmcache.server.watermark import WatermarkEvictor
-from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.settings import ServerSettings
-from lmcache.storage import l1_admin
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2 import L2Adapter, make_adapter
-from lmcache.storage.shm import ShmSegment, unlink_stale_segments
+from lmcache.storage.shm_names import unlink_stale_segments
 from lmcache.transport.peers import CurveServerKeys, local_socket_path
 from lmcache.transport.zmq_server import ZmqServer
-from lmcache.types import ObjectKey
 
 logger = logging.getLogger("lmcache.server")
 
@@ -63,20 +57,15 @@ class StartAborted(Exception):
     """`ServerRuntime.stop` was called during `start`, which freed what it had allocated."""
 
 
-class ServerRuntime:
+class ServerRuntime(RuntimeViews):
     def __init__(self, settings: ServerSettings) -> None:
+        """Nothing allocated or started yet (`start`); the parts it makes are declared, and
+        None until then, in `RuntimeViews`."""
         self.settings = settings
         self.server_token = uuid.uuid4().hex
         self.instance_id = settings.instance_id or str(uuid.uuid4())  # upstream's default
         self.started_at = time.time()
         self.ready = False
-        self.startup_error: str | None = None
-        self.maintenance_error: str | None = None
-        self._segment: ShmSegment | None = None
-        self._zmq: ZmqServer | None = None
-        self._prepared: PreparedTransfers | None = None
-        self._handler: RequestHandler | None = None
-        self.tiers: TieredStore | None = None
         self._adapters: list[L2Adapter] = []
         self._stop = threading.Event()  # a stop was asked for: start() aborts, threads end
         self._lifecycle = threading.Lock()  # held by start() throughout; stop() waits for it
@@ -85,13 +74,9 @@ class ServerRuntime:
         self._maintenance = threading.Thread(
             target=self._maintain, name="lmcache-maintenance", daemon=True
         )
-        self.l1: L1Cache | None = None
-        self.evictor: WatermarkEvictor | None = None  # only with --eviction-trigger-watermark
-        self._quotas: QuotaTable | None = None
         self.registry = EngineRegistry(
             settings.chunk_size, settings.l1_size_bytes, settings.copy_threads
         )
-        self.sessions: Sessions | None = None
         self.metrics = Metrics(
             self._metric_state, names=settings.metrics_names, instance_id=self.instance_id
         )
@@ -196,10 +181,6 @@ class ServerRuntime:
         )
         self.evictor.start()
 
-    def quota_table(self) -> QuotaTable | None:
-        """The /quota routes' view (None until the server is ready)."""
-        return self._quotas if self.ready else None
-
     def request_stop(self) -> None:
         """Ask a running `start` to abort at its next step; never blocks (signal handlers)."""
         self._stop.set()
@@ -280,150 +261,3 @@ class ServerRuntime:
                 logger.warning("%s", line)
             if self._handler.kv_events is not None:
                 self._handler.kv_events.sweep()  # removals from L1, whatever their cause
-
-    # ----- views for HTTP -----------------------------------------------------------------
-
-    def health(self) -> list[str]:
-        """Reasons the server is unhealthy (empty = healthy)."""
-        if self.startup_error:
-            return [f"startup failed: {self.startup_error}"]
-        if not self.ready:
-            return ["starting"]
-        problems = []
-        if self._zmq is None or not self._zmq.alive:
-            problems.append(f"ZMQ loop is dead ({self._zmq.error if self._zmq else 'not started'})")
-        if not self._maintenance.is_alive():
-            problems.append("maintenance thread is dead")
-        if self.maintenance_error:
-            problems.append(f"maintenance failed: {self.maintenance_error}")
-        if self.evictor is not None and not self.evictor.alive:
-            problems.append("the watermark eviction thread is dead")
-        if self.l1 is not None and self.l1.eviction_error:
-            problems.append(f"eviction failed: {self.l1.eviction_error}")
-        return problems
-
-    def degraded(self) -> list[str]:
-        """Parts that are down while the server still serves (an L2 adapter, say)."""
-        return self.tiers.problems() if self.tiers is not None else []
-
-    def clear_l2(self) -> int:
-        removed = self.tiers.clear() if self.tiers is not None else 0
-        logger.info("L2 cleared via HTTP API (%d objects)", removed)
-        return removed
-
-    def clear(self) -> int:
-        if self.l1 is None:
-            raise RuntimeError("server is not ready")
-        removed = self.l1.clear()
-        logger.info("Cache cleared via HTTP API (%d chunks)", removed)
-        return removed
-
-    # ----- upstream's admin routes (lmcache.http.admin.CacheAdmin) ---------------------
-
-    def clear_tiers(self, tier: str, force: bool) -> dict[str, int]:
-        """Clear L1 (only what nobody holds, unless ``force``), L2, or both."""
-        counts: dict[str, int] = {}
-        if tier in ("l1", "all"):
-            if self.l1 is None:
-                raise RuntimeError("server is not ready")
-            if force:
-                counts["l1_removed"], counts["l1_kept"] = self.l1.clear(), 0
-            else:
-                counts["l1_removed"], counts["l1_kept"] = l1_admin.clear_unlocked(self.l1)
-            logger.info(
-                "Cache cleared via HTTP API (%d chunks, %d locked kept)",
-                counts["l1_removed"], counts["l1_kept"],
-            )  # fmt: skip
-        if tier in ("l2", "all"):
-            counts["l2_removed"] = self.clear_l2()
-        return counts
-
-    def list_l1(
-        self, after: ObjectKey | None, limit: int
-    ) -> tuple[list[dict[str, Any]], ObjectKey | None]:
-        if self.l1 is None:
-            raise RuntimeError("server is not ready")
-        return l1_admin.list_objects(self.l1, after, limit)
-
-    def delete_l1(self, keys: list[ObjectKey], force: bool) -> tuple[int, int]:
-        if self.l1 is None:
-            raise RuntimeError("server is not ready")
-        return l1_admin.delete(self.l1, keys, force)
-
-    def config(self) -> dict[str, Any]:
-        return self.settings.redacted()
-
-    def version_info(self) -> dict[str, Any]:
-        return {
-            "version": __version__, "implementation": "lmcache (independent, multiprocess mode)",
-            "instance_id": self.instance_id, "server_token": self.server_token,
-        }  # fmt: skip
-
-    def status(self) -> dict[str, Any]:
-        zmq_server = self._zmq
-        return {
-            "version": __version__,
-            "ready": self.ready,
-            "healthy": not self.health(),
-            "problems": self.health(),
-            "server_token": self.server_token,  # an instance id, not a secret (no seal)
-            "instance_id": self.instance_id,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "zmq_endpoint": self.settings.zmq_bind_endpoint,
-            "local_endpoint": self._zmq.local_endpoint if self._zmq else None,
-            "l1": {
-                **(self.l1.stats() if self.l1 else {}),
-                "shm_segment": self._segment.name if self._segment else None,
-            },
-            "eviction": self.eviction_status(),
-            "l2_adapters": self.tiers.status() if self.tiers else [],
-            "kv_events": self._handler.kv_events.stats()
-            if self._handler is not None and self._handler.kv_events is not None
-            else None,
-            "workers": [
-                {
-                    "name": "zmq-loop",
-                    "alive": bool(zmq_server and zmq_server.alive),
-                    "error": zmq_server.error if zmq_server else None,
-                },
-                {
-                    "name": "worker-pool",
-                    "alive": bool(zmq_server and zmq_server.alive),
-                    "max_workers": self.settings.max_workers,
-                    "in_flight": zmq_server.in_flight if zmq_server else 0,
-                },
-                {
-                    "name": "maintenance",
-                    "alive": self._maintenance.is_alive(),
-                    "error": self.maintenance_error,
-                },
-            ],
-            "engines": [e.describe() for e in self.registry.engines()],
-            "prepared_transfers": len(self._prepared) if self._prepared else 0,
-            # hit tokens and keys split by the tier that held them (l2: the lookup's prefetch)
-            "lookups": self.metrics.lookup_summary(),
-            "traffic": self.metrics.traffic_summary(),  # stored/retrieved tokens and bytes
-            "sessions": {
-                "active": len(self.sessions) if self.sessions else 0,
-                "items": self.sessions.snapshot() if self.sessions else [],
-            },
-            "config": self.settings.redacted(),
-        }
-
-    def eviction_status(self) -> dict[str, Any]:
-        s, ev = self.settings, self.evictor
-        base = {"policy": s.eviction_policy, "watermark": s.eviction_trigger_watermark,
-                "ratio": s.eviction_ratio, "interval_s": s.eviction_interval_s}  # fmt: skip
-        if ev is None:
-            return {**base, "alive": False, "runs": 0, "evicted": 0}
-        return {**base, **ev.status()}
-
-    def _metric_state(self) -> dict[str, Any]:
-        empty = {"used_bytes": 0, "capacity_bytes": 0, "objects": 0, "locked": 0, "evictions": 0}
-        return {
-            "l1": self.l1.stats() if self.l1 else empty,
-            "engines": len(self.registry.engines()),
-            "sessions": len(self.sessions) if self.sessions else 0,
-            "l2": self.tiers.status() if self.tiers else [],
-        }

@@ -19,8 +19,9 @@ is still using are only *doomed*: their pages are freed when the last pin goes,
 and the copy learns (``release`` returns False) that its data was cleared, so
 no thread ever reads pages that were handed to another object.
 
-Thread-safe: one lock guards the index, the allocator and the eviction policy;
-byte copies happen outside it, on pinned objects.
+Thread-safe: one lock guards the index, the pages (`lmcache.storage.l1_pages`: free,
+grown, per salt, doomed) and the eviction policy; byte copies happen outside it, on
+pinned objects.
 
 Eviction: the policy (`lmcache.storage.eviction`) orders READY objects, told of each
 commit, read and removal; the cache walks its victims and evicts the first one nobody
@@ -41,9 +42,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lmcache.storage.allocator import Extent, PageAllocator
+from lmcache.storage.allocator import Extent
 from lmcache.storage.eviction import AccessStats, EvictionPolicy
 from lmcache.storage.l1_objects import Lease, Obj, ObjState, Refused, Reserve, WriteSlot
+from lmcache.storage.l1_pages import L1Pages
 from lmcache.types import ObjectKey
 
 __all__ = ["L1Cache", "Lease", "ObjState", "Refused", "Reserve", "WriteSlot"]
@@ -59,28 +61,18 @@ class L1Cache:
         committed_bytes: int | None = None,
         grow: Callable[[int], int] | None = None,
     ) -> None:
-        """``pool`` is the whole address range. A lazy pool has only its first
-        ``committed_bytes`` backed; ``grow(want)`` backs at least ``want`` bytes if it can
-        and returns how many are backed now. Growing comes before evicting."""
+        """``pool`` is the whole address range; ``committed_bytes`` and ``grow``: a lazy
+        pool (`L1Pages`). Growing comes before evicting."""
         self.pool = pool
         self.policy = policy
-        self._max_pages = pool.nbytes // page_size
-        self._alloc = PageAllocator(
-            pool.nbytes if committed_bytes is None else min(committed_bytes, pool.nbytes),
-            page_size,
-        )
-        self._grow = grow
+        self._pages = L1Pages(pool.nbytes, page_size, committed_bytes, grow)
         self._index: dict[ObjectKey, Obj] = {}
-        self._salt_bytes: dict[str, int] = {}  # pages held per salt (freed: gone)
         self._leases: dict[int, Lease] = {}
         self._clock = itertools.count(1)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.evictions = 0
         self.eviction_error: str | None = None
-        self.doomed_pending = 0
-        # Remote writes cleared or expired mid-flight: freed at their commit or abort.
-        self._doomed_writes: dict[int, Obj] = {}
 
     # ----- writes ---------------------------------------------------------------
 
@@ -94,9 +86,9 @@ class L1Cache:
             existing = self._index.get(key)
             if existing is not None:
                 return Refused.CACHED if existing.tag == tag else Refused.CONFLICT
-            if self._alloc.pages_for(nbytes) > self._max_pages:
+            if not self._pages.fits_ever(nbytes):
                 return Refused.NO_SPACE  # could never fit: do not evict everything trying
-            if not self._fit_limit(salt, self._alloc.pages_for(nbytes) * self._alloc.page_size):
+            if not self._fit_limit(salt, self._pages.rounded(nbytes)):
                 return Refused.NO_SPACE
             extent = self._allocate(nbytes, salt)
             if extent is None:
@@ -105,7 +97,6 @@ class L1Cache:
             obj = Obj(key, extent, ObjState.WRITING, AccessStats(now, now), salt=salt, tag=tag)
             obj.write_deadline = None if ttl is None else time.monotonic() + ttl
             self._index[key] = obj
-            self._salt_bytes[salt] = self._salt_bytes.get(salt, 0) + self._bytes(extent)
             return WriteSlot(key, extent.offset, nbytes, obj)
 
     def commit_write(self, slot: WriteSlot) -> bool:
@@ -113,7 +104,7 @@ class L1Cache:
         obj = slot._obj
         with self._lock:
             if obj.doomed or obj.freed or self._index.get(obj.key) is not obj:
-                self._free_if_doomed(obj)
+                self._pages.free_if_doomed(obj)
                 return False
             obj.state = ObjState.READY
             obj.write_deadline = None
@@ -125,9 +116,9 @@ class L1Cache:
         with self._lock:
             if self._index.get(obj.key) is obj and obj.state is ObjState.WRITING:
                 del self._index[obj.key]
-                self._free(obj)
+                self._pages.free(obj)
             else:
-                self._free_if_doomed(obj)
+                self._pages.free_if_doomed(obj)
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self.pool[offset : offset + nbytes]
@@ -151,7 +142,7 @@ class L1Cache:
             except BaseException:  # e.g. a failing key generator: leave no pins behind
                 for obj in lease.objects.values():
                     obj.pins -= 1
-                    self._free_if_doomed(obj)
+                    self._pages.free_if_doomed(obj)
                 lease.objects.clear()
                 del self._leases[lease.id]
                 raise
@@ -220,7 +211,7 @@ class L1Cache:
                 obj.pins -= 1
                 if obj.doomed:
                     intact = False
-                    self._free_if_doomed(obj)
+                    self._pages.free_if_doomed(obj)
             if not lease.objects:
                 self._leases.pop(lease.id, None)
             return intact and not lease.expired
@@ -262,9 +253,7 @@ class L1Cache:
             for obj in list(self._index.values()):
                 if obj.write_deadline is not None and obj.write_deadline < now:
                     del self._index[obj.key]
-                    obj.doomed = True
-                    self.doomed_pending += 1
-                    self._doomed_writes[id(obj)] = obj
+                    self._pages.doom(obj)
                     writes += 1
         return len(expired), writes
 
@@ -292,7 +281,7 @@ class L1Cache:
             with self._lock:
                 done = 0
                 with closing(self.policy.victims()) as victims:
-                    while self._alloc.used_bytes > target_bytes and done < batch:
+                    while self._pages.used_bytes > target_bytes and done < batch:
                         if not self._evict_one(victims):
                             return evicted + done
                         done += 1
@@ -310,28 +299,27 @@ class L1Cache:
 
     def usage(self) -> tuple[int, int]:
         """(used bytes, configured capacity): a lazy pool counts its full size."""
-        return self._alloc.used_bytes, self._max_pages * self._alloc.page_size
+        return self._pages.used_bytes, self._pages.capacity_bytes
 
     def salt_bytes(self, salt: str) -> int:
         with self._lock:
-            return self._salt_bytes.get(salt, 0)
+            return self._pages.salt_bytes(salt)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             objs = self._index.values()
             return {
-                "capacity_bytes": self._max_pages * self._alloc.page_size,
-                # Backed by memory so far: less than capacity only in a lazy pool.
-                "committed_bytes": self._alloc.capacity_bytes,
-                "used_bytes": self._alloc.used_bytes,
+                "capacity_bytes": self._pages.capacity_bytes,
+                "committed_bytes": self._pages.committed_bytes,  # < capacity: a lazy pool
+                "used_bytes": self._pages.used_bytes,
                 "objects": sum(1 for o in objs if o.state is ObjState.READY),
                 "writing": sum(1 for o in objs if o.state is ObjState.WRITING),
                 "locked": sum(1 for o in objs if o.pins > 0),
                 "leases": len(self._leases),
                 "evictions": self.evictions,
-                "doomed_pending": self.doomed_pending,
-                "largest_free_bytes": self._alloc.largest_free_bytes,
-                "free_extents": self._alloc.free_extents,
+                "doomed_pending": self._pages.doomed_pending,
+                "largest_free_bytes": self._pages.largest_free_bytes,
+                "free_extents": self._pages.free_extents,
                 "eviction_policy": self.policy.name,
                 "eviction_policy_state": self.policy.describe(),
                 "eviction_error": self.eviction_error,
@@ -375,9 +363,6 @@ class L1Cache:
         self._leases[lease.id] = lease
         return lease
 
-    def _bytes(self, extent: Extent) -> int:
-        return extent.num_pages * self._alloc.page_size
-
     def _fit_limit(self, salt: str, nbytes: int) -> bool:
         """Whether ``nbytes`` more of ``salt`` fit its policy limit, after evicting its own
         unpinned objects as needed."""
@@ -387,7 +372,7 @@ class L1Cache:
         if nbytes > limit:
             return False
         with closing(self.policy.victims(salt)) as victims:
-            while self._salt_bytes.get(salt, 0) + nbytes > limit:
+            while self._pages.salt_bytes(salt) + nbytes > limit:
                 if not self._evict_one(victims):
                     return False
         return True
@@ -396,25 +381,10 @@ class L1Cache:
         limited = self.policy.limit(salt) is not None  # then only the salt's own objects go
         try:
             with closing(self.policy.victims(salt if limited else None)) as victims:
-                while (extent := self._alloc.allocate(nbytes)) is None:
-                    if not self._grown(nbytes) and not self._evict_one(victims):
-                        return None
-                return extent
+                return self._pages.take(nbytes, salt, lambda: self._evict_one(victims))
         except Exception as exc:  # never let eviction die silently: health reports it
             self.eviction_error = f"{type(exc).__name__}: {exc}"
             raise
-
-    def _grown(self, nbytes: int) -> bool:
-        """Whether a lazy pool got memory for another ``nbytes`` object at its end."""
-        alloc = self._alloc
-        if self._grow is None or alloc.total_pages >= self._max_pages:
-            return False
-        want = min(self._max_pages, alloc.total_pages + alloc.pages_for(nbytes))
-        pages = min(self._max_pages, self._grow(want * alloc.page_size) // alloc.page_size)
-        if pages <= alloc.total_pages:
-            return False
-        alloc.grow(pages)
-        return True
 
     def _evict_one(self, victims: Generator[Obj, None, None]) -> bool:
         """Evict the policy's next victim that nobody pins; False: there is none."""
@@ -423,7 +393,7 @@ class L1Cache:
                 continue  # pinned: the container skips it, the policy keeps it
             del self._index[obj.key]
             self.policy.on_remove(obj, evicted=True)
-            self._free(obj)
+            self._pages.free(obj)
             self.evictions += 1
             return True
         return False
@@ -434,25 +404,6 @@ class L1Cache:
         if obj.state is ObjState.READY:
             self.policy.on_remove(obj)
         if obj.pins > 0 or obj.state is ObjState.WRITING:
-            obj.doomed = True
-            self.doomed_pending += 1
-            if obj.write_deadline is not None:
-                self._doomed_writes[id(obj)] = obj
+            self._pages.doom(obj)
         else:
-            self._free(obj)
-
-    def _free_if_doomed(self, obj: Obj) -> None:
-        if obj.doomed and obj.pins == 0 and not obj.freed:
-            self.doomed_pending -= 1
-            self._doomed_writes.pop(id(obj), None)
-            self._free(obj)
-
-    def _free(self, obj: Obj) -> None:
-        if not obj.freed:  # exactly once, whatever path gets here first
-            obj.freed = True
-            self._alloc.free(obj.extent)
-            left = self._salt_bytes.get(obj.salt, 0) - self._bytes(obj.extent)
-            if left > 0:
-                self._salt_bytes[obj.salt] = left
-            else:
-                self._salt_bytes.pop(obj.salt, None)
+            self._pages.free(obj)

@@ -9,24 +9,8 @@ whose seal differs. Names alone are not proof: a segment of the same name may
 belong to another process (pids repeat across hosts and containers), and mapping
 the wrong one would hand out somebody else's KV bytes.
 
-Liveness is a lock, never a pid. The creator of a segment holds ``flock(LOCK_SH)``
-on it for as long as the segment is its (until `ShmSegment.unlink`, or until the
-process dies: the kernel drops the lock then, whatever killed it). A segment is
-*stale* when ``flock(LOCK_EX | LOCK_NB)`` on a freshly opened descriptor succeeds;
-it is unlinked while that lock is held, and only if the name still leads to the
-locked file. The pid in a name is only there to make names distinct: another PID
-namespace sharing /dev/shm (``docker --ipc host``) sees live engines' pids as dead
-or as somebody else, and a server that is PID 1 of its container sees itself in
-the name of the pool its crashed predecessor left behind.
-
-Why removal cannot take a live segment: a creator makes the file with ``O_EXCL``
-and then takes its shared lock *blocking*; if a sweeper got the exclusive lock
-between the two, the sweeper unlinks the file before it lets go, so the creator
-wakes up holding a lock on a file that no longer has the name, sees that (``stat``
-of the name against ``fstat`` of its descriptor) and starts again. Once the
-creator holds its lock, no exclusive lock succeeds until it unlinks or dies.
-
-``LMCACHE_SHM_DIR`` moves the directory (tests use it to stand for another host).
+Who may take or remove a name (the creator's liveness lock, the sweep of stale names) is
+`lmcache.storage.shm_names`; a segment is created holding that lock.
 
 We use plain files under ``/dev/shm`` instead of `multiprocessing.shared_memory`
 because the latter registers every segment with a resource tracker that unlinks
@@ -38,96 +22,36 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import itertools
 import logging
 import mmap
 import os
-import re
 import stat
-import threading
-import weakref
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Iterator
 
 import numpy as np
 
 from lmcache.errors import ConfigError
 from lmcache.progress import Progress
+from lmcache.storage.shm_names import (
+    create_locked,
+    free_shm_bytes,
+    shm_dir,
+    shm_path,
+    unlink_if_same,
+)
 
 logger = logging.getLogger(__name__)
 
 SEAL_MAGIC = b"LMCSEAL1"
 SEAL_BYTES = 4096  # one page after the data
 _SEAL_LEN = len(SEAL_MAGIC) + 16
-_CREATE_ATTEMPTS = 100  # a name lost to a concurrent sweep this often is not a race any more
 _SUFFIXES = 1000  # `create` tries name, name_1 ... name_999 when live segments hold them
 _RESERVE_STEP = 1 << 30  # `create` reserves memory in steps of this (~0.2 s each)
 _PROGRESS_MIN_BYTES = 1 << 30  # smaller segments are quick: no progress thread for them
 
 
-def shm_dir() -> str:
-    return os.environ.get("LMCACHE_SHM_DIR", "/dev/shm")
-
-
 def new_token() -> bytes:
     return os.urandom(16)
-
-
-# Names are single path components: a peer must never make us open ../../etc/passwd.
-_NAME_RE = re.compile(r"^/?[A-Za-z0-9_.\-]{1,200}$")
-
-
-def shm_path(name: str) -> str:
-    """Validate a segment name (``/foo`` or ``foo``) and return its path under /dev/shm."""
-    if not _NAME_RE.match(name) or name.lstrip("/") in (".", ".."):
-        raise ValueError(f"invalid shared-memory segment name {name!r}")
-    return os.path.join(shm_dir(), name.lstrip("/"))
-
-
-_serials = itertools.count(1)
-
-
-def new_serial() -> int:
-    """A number never handed out before in this process (segments take theirs from here)."""
-    return next(_serials)
-
-
-# id of a segment's whole-mapping array -> (address of its byte 0, segment): numpy views
-# of the segment's array have that array as their ``base``, which lives as long as they do.
-_mapped_lock = threading.Lock()
-_mapped: dict[int, tuple[int, weakref.ref[ShmSegment]]] = {}
-# Called with a segment's serial when it is closed (see `on_close`).
-_close_listeners: list[Callable[[int], None]] = []
-
-
-def on_close(listener: Callable[[int], None]) -> None:
-    """Call ``listener(serial)`` whenever a segment of this process is closed."""
-    _close_listeners.append(listener)
-
-
-def locate(array: np.ndarray) -> tuple[ShmSegment, int] | None:
-    """The mapped segment whose data holds all of ``array``'s bytes, and the offset of its
-    first byte; None if it is some other memory."""
-    found = _mapped.get(id(array.base))
-    if found is None or array.size == 0 or min(array.strides, default=0) < 0:
-        return None
-    base, ref = found
-    segment = ref()
-    if segment is None:
-        return None
-    start = array.ctypes.data
-    end = start + sum((d - 1) * s for d, s in zip(array.shape, array.strides, strict=True))
-    if base <= start and end + array.itemsize <= base + segment.size:
-        return segment, start - base
-    return None
-
-
-def owned_segments() -> list[ShmSegment]:
-    """The mapped segments that this process created (in the server: its L1 pool)."""
-    with _mapped_lock:
-        segments = [ref() for _, ref in _mapped.values()]
-    return [s for s in segments if s is not None and s.owner]
 
 
 class SegmentExistsError(FileExistsError):
@@ -148,7 +72,6 @@ class ShmSegment:
         self.name = "/" + name.lstrip("/")
         self.size = size  # data bytes, without the seal page
         self.owner = owner
-        self.serial = new_serial()  # unique in this process, unlike names and descriptors
         self._token = token
         self._fd: int | None = fd
         self._closed = self._unlinked = False
@@ -159,11 +82,7 @@ class ShmSegment:
         # fresh mapping of the L1 pool ran at 1.4 GB/s instead of 5.3 (164k faults).
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
         self._mmap = mmap.mmap(fd, size + SEAL_BYTES, flags=flags)  # the caller closes fd on error
-        whole = np.frombuffer(self._mmap, dtype=np.uint8)
-        self.array = whole[:size]
-        self._whole_id = id(whole)
-        with _mapped_lock:
-            _mapped[self._whole_id] = (self.array.ctypes.data, weakref.ref(self))
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)[:size]
 
     reserved = 0  # bytes from the start that have memory (all of them unless lazy)
 
@@ -213,7 +132,7 @@ class ShmSegment:
         """
         lazy = reserve is not None and reserve < size
         now = min(size, reserve) if reserve is not None else size
-        free = _free_bytes(shm_dir())
+        free = free_shm_bytes()
         if now + SEAL_BYTES > free:
             raise ConfigError(
                 f"cannot allocate {size / (1 << 30):.2f} GiB of shared memory: {shm_dir()} has "
@@ -225,7 +144,7 @@ class ShmSegment:
         candidates = [base] if exact else [base, *(f"{base}_{i}" for i in range(1, _SUFFIXES))]
         for candidate in candidates:
             path = shm_path(candidate)
-            fd = _create_locked(path)
+            fd = create_locked(path)
             if fd is not None:
                 break
         else:
@@ -252,7 +171,7 @@ class ShmSegment:
             segment.reserved = now
             return segment
         except BaseException:
-            _unlink_if_same(fd, path)
+            unlink_if_same(fd, path)
             os.close(fd)
             raise
 
@@ -295,9 +214,6 @@ class ShmSegment:
         descriptor stays open."""
         mapping, self._mmap = self._mmap, None
         self.array = np.empty(0, dtype=np.uint8)
-        with _mapped_lock:
-            if mapping is not None:
-                _mapped.pop(self._whole_id, None)
         if mapping is not None:
             with contextlib.suppress(BufferError):
                 mapping.close()
@@ -306,10 +222,7 @@ class ShmSegment:
         """Unmap and close the descriptor. The creator keeps its lock (one descriptor) until
         `unlink`: a segment that still has its name is live while its creator lives."""
         self.unmap()
-        if not self._closed:
-            self._closed = True
-            for listener in _close_listeners:
-                listener(self.serial)
+        self._closed = True
         if not self.owner or self._unlinked:
             self._close_fd()
 
@@ -322,7 +235,7 @@ class ShmSegment:
         self._unlinked = True
         path = shm_path(self.name)
         if self._fd is not None:
-            _unlink_if_same(self._fd, path)
+            unlink_if_same(self._fd, path)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -355,115 +268,3 @@ def _progress(name: str, nbytes: int) -> Iterator[list[int]]:
 
     with Progress(logger, describe):
         yield done
-
-
-def _free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def free_shm_bytes() -> int:
-    """Bytes free in the shared-memory directory now."""
-    return _free_bytes(shm_dir())
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """Whether ``path`` (not followed if a link) is the file open as ``fd``."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _unlink_if_same(fd: int, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if _same_file(fd, path):
-            os.unlink(path)
-
-
-def _create_locked(path: str) -> int | None:
-    """A new file at ``path`` (mode 0600) whose shared lock we hold, replacing a stale one;
-    None when a live segment has the name."""
-    for _ in range(_CREATE_ATTEMPTS):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            if _sweep(path) == "live":
-                return None
-            continue  # removed (stale) or gone meanwhile: try the name again
-        try:
-            # Blocking: an exclusive lock on this file is only ever held by a sweep, for
-            # the time it takes to unlink it.
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            if _same_file(fd, path):
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # swept between our open and our lock: the name is free again
-    raise OSError(f"could not create {path}: it kept being removed by another process")
-
-
-Sweep = Literal["removed", "gone", "live", "foreign"]
-
-
-def _sweep(path: str) -> Sweep:
-    """Unlink ``path`` if it is a stale segment of ours: nobody holds its lock."""
-    try:
-        # O_NONBLOCK: a FIFO of that name must not make us wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return "gone"
-    except OSError:  # a symlink (ELOOP), unreadable, ...: not one of ours
-        return "foreign"
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            return "foreign"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "live"
-        if not _same_file(fd, path):
-            return "gone"  # unlinked (and maybe re-created) since we opened it
-        os.unlink(path)  # still under our exclusive lock: nobody can be using the name
-        return "removed"
-    finally:
-        os.close(fd)
-
-
-def segment_is_live(name: str) -> bool:
-    """Whether segment ``name`` exists and its creator (a process alive now, in any PID
-    namespace sharing this directory) still holds it."""
-    path = shm_path(name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # there, but not ours to check (another user's, a symlink): hands off
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the exclusive lock if we got it
-    return False
-
-
-def unlink_if_stale(name: str) -> bool:
-    """Unlink segment ``name`` if it is ours and no live process holds it (its creator
-    died without unlinking it); True if it was removed."""
-    return _sweep(shm_path(name)) == "removed"
-
-
-def unlink_stale_segments(prefix: str) -> list[str]:
-    """Unlink the segments named ``<prefix>...`` of this user that no live process holds
-    (whatever pid their names carry); return their names."""
-    removed = []
-    for entry in os.scandir(shm_dir()):
-        if entry.name.startswith(prefix) and _sweep(entry.path) == "removed":
-            removed.append(entry.name)
-    return sorted(removed)

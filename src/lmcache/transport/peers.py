@@ -38,7 +38,7 @@ TCP_DOMAIN = b"lmcache-tcp"
 def local_socket_path(port: int) -> str:
     """Where a server with ZMQ port ``port`` binds its local endpoint: beside the shared
     memory segments, so an engine that can reach one can reach the other."""
-    from lmcache.storage.shm import shm_dir
+    from lmcache.storage.shm_names import shm_dir
 
     return os.path.join(shm_dir(), f"lmcache_zmq_{port}.sock")
 

@@ -9,15 +9,9 @@ the engine goes on; how a block is kept from being reused under a running store 
 `store_queue.py`. ``lmcache.mp.async_store = false`` runs them inside `wait_for_save`.
 
 How the bytes move is a `TransferPath` (see `transfer_paths.py`), picked at every
-registration, the first and each one after a server restart (`link.on_recover`):
-
-    mode            preferred path    bytes in the messages (`BytesPath`) instead when
-    engine_driven   SharedKVPath      the server refuses to map our KV segments
-    lmcache_driven  PoolPath          the server offers no L1 pool, or we cannot map it
-
-Either fallback means the server's memory is out of reach (another host, another
-/dev/shm); it is logged once, when the path becomes bytes, and a later registration
-tries the preferred path again.
+registration, the first and each one after a server restart (`registration.py`: the
+mode's shared-memory path, or bytes in the messages where the server's memory is out
+of reach).
 
 A failed load reports its blocks as load errors (vLLM recomputes them); a failed
 store is only logged. While the server is down, both are skipped (see `link.py`).
@@ -40,31 +34,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmcache.defaults import COPY_THREADS, KV_EVENT_POLL_S
-from lmcache.engine.transfer import BlockCopier
-from lmcache.errors import (
-    BadRequestError,
-    ForbiddenError,
-    LMCacheError,
-    ServerUnavailableError,
-)
+from lmcache.errors import LMCacheError, ServerUnavailableError
 from lmcache.integration.vllm.config import TransferMode
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.kv_events import RemovalWatch, WorkerEvents
 from lmcache.integration.vllm.layered_load import LayeredLoads
 from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, ParallelStrategy, StoreSpec
+from lmcache.integration.vllm.registration import Registration, check_chunk_size
 from lmcache.integration.vllm.stats import Tally
 from lmcache.integration.vllm.store_queue import StoreQueue
-from lmcache.integration.vllm.transfer_paths import (
-    BytesPath,
-    Held,
-    NoSharedMemory,
-    PoolPath,
-    SharedKVPath,
-    StagedLoad,
-    TransferPath,
-)
-from lmcache.protocol.messages import KVLayout, Pong
+from lmcache.integration.vllm.transfer_paths import Held, StagedLoad, TransferPath
+from lmcache.protocol.messages import KVLayout
 from lmcache.storage.shm import ShmSegment
 
 if TYPE_CHECKING:
@@ -102,10 +83,10 @@ class WorkerSide:
         self.can_store = can_store
         self.instance_id = os.getpid() if instance_id is None else instance_id
         self.chunk_size = link.chunk_size
-        self.path: TransferPath | None = None  # None until registered
-        self._layout: KVLayout | None = None
-        self._copier: BlockCopier | None = None
-        self._segments: list[ShmSegment] = []
+        self._reg = Registration(
+            link, identity, parallel, self.mode,
+            instance_id=self.instance_id, chunk_size=self.chunk_size,
+        )  # fmt: skip
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
         self._stores = StoreQueue(self._store_one) if async_store and can_store else None
@@ -121,12 +102,17 @@ class WorkerSide:
             else None
         )
         link.instance_id = self.instance_id
-        link.on_recover = self._register
+        link.on_recover = self._reg.register
 
     @property
     def stores_async(self) -> bool:
         """Whether stores run on the store thread (and `finished_stores` reports them)."""
         return self._stores is not None
+
+    @property
+    def path(self) -> TransferPath | None:
+        """How KV bytes move now (None until registered)."""
+        return self._reg.path
 
     @property
     def uses_bytes(self) -> bool:
@@ -139,7 +125,7 @@ class WorkerSide:
         from lmcache.integration.vllm import kv_memory
 
         logger.info("Registering kv caches!")
-        self._check_chunk_size(self.identity.block_size)  # before moving any memory
+        check_chunk_size(self.chunk_size, self.identity.block_size)  # before moving memory
         view = kv_memory.describe(kv_caches, self.identity.block_size)
         logger.info("Creating transfer context (device_type=cpu, mode=%s)", self.mode)
         segments = kv_memory.migrate_to_shm(view) if self.mode == "engine_driven" else []
@@ -156,94 +142,9 @@ class WorkerSide:
         vLLM's tensors, and what tests give directly. ``segments`` are the shared-memory
         segments that hold ``arrays`` (engine_driven); shutdown unlinks them. With
         ``layer_names`` (vLLM's, in layout order), loads may be pipelined by layer."""
-        self._register_memory(layout, arrays, segments)
+        self._reg.register_memory(layout, arrays, segments, self.copy_threads)
         if self.layerwise_load and self.can_load and len(layer_names) == layout.num_layers:
             self._layered = LayeredLoads(layer_names, self._layer_load_failed)
-
-    def _register_memory(
-        self, layout: KVLayout, arrays: list[np.ndarray], segments: Sequence[ShmSegment]
-    ) -> None:
-        if self.mode == "engine_driven" and not segments:
-            raise ValueError("engine_driven needs the KV memory in shared-memory segments")
-        self._check_chunk_size(layout.block_size)
-        self._layout = layout
-        self._segments = list(segments)
-        self._copier = BlockCopier(
-            layout, arrays, self.chunk_size // layout.block_size, self.copy_threads
-        )
-        self._register(self.link.pong)
-        self.link.start_heartbeat()
-
-    def _check_chunk_size(self, bs: int) -> None:
-        if self.chunk_size % bs:
-            raise ValueError(
-                f"The LMCache server's chunk size ({self.chunk_size}) must be a multiple of "
-                f"vLLM's block size ({bs}): restart it with --chunk-size {bs * max(1, 256 // bs)}"
-            )
-
-    def _register(self, pong: Pong) -> None:
-        """Register with the path this mode prefers, or with bytes where the server's
-        memory is out of reach; then use that path. Also the link's `on_recover`."""
-        if self._copier is None:
-            return
-        try:
-            path = self._registered(self._preferred_path(pong))
-        except NoSharedMemory as exc:
-            path = self._registered(BytesPath(self.link.client, self.instance_id, self._copier))
-            if not self.uses_bytes:
-                logger.warning(
-                    "LMCache server at %s shares no memory with this worker (%s): KV bytes "
-                    "will travel in the messages, which is slower than shared memory",
-                    self.link.endpoint, exc,
-                )  # fmt: skip
-        old, self.path = self.path, path
-        if old is not None and old is not path:
-            old.close()
-            if old.uses_bytes and not path.uses_bytes:
-                logger.info("KV bytes move through %s again", path.name)
-
-    def _preferred_path(self, pong: Pong) -> TransferPath:
-        """The shared-memory path of this mode; `NoSharedMemory` if we cannot map the pool."""
-        assert self._copier is not None
-        client, iid = self.link.client, self.instance_id
-        if self.mode == "engine_driven":
-            return SharedKVPath(client, iid, self._copier, self._segments)
-        if isinstance(self.path, PoolPath) and self.path.serves(pong):
-            return self.path  # the same server's pool: keep our mapping
-        return PoolPath.attach(client, iid, self._copier, pong)
-
-    def _registered(self, path: TransferPath) -> TransferPath:
-        """``path``, once the server accepted the memory it announces; closed if not."""
-        assert self._layout is not None
-        ok = False
-        try:
-            self.link.client.register(
-                self.instance_id,
-                model_name=self.identity.model_name,
-                world_size=self.parallel.world_size,
-                rank=self.parallel.rank,
-                dtype=self.identity.dtype,
-                layout=self._layout,
-                memory=path.memory,
-                kv_spec=self.identity.kv_spec,
-            )
-            ok = True
-        except (BadRequestError, ForbiddenError) as exc:
-            # The server cannot map our segments (it runs on another host, or sees another
-            # /dev/shm); ForbiddenError: a remote (CurveZMQ) peer may not register them.
-            if isinstance(path, SharedKVPath):
-                raise NoSharedMemory(
-                    f"the server cannot map our KV segments: {exc.message}"
-                ) from None
-            raise
-        finally:
-            if not ok and path is not self.path:
-                path.close()
-        logger.info(
-            "Registered %d KV layers with the LMCache server at %s as GPU ID %d",
-            self._layout.num_layers, self.link.endpoint, self.instance_id,
-        )  # fmt: skip
-        return path
 
     # ----- loads and stores -----------------------------------------------------------------
 
@@ -372,7 +273,7 @@ class WorkerSide:
             self.stats.add(**counts)
 
     def _bytes(self, tokens: int) -> int:
-        layout = self._layout
+        layout = self._reg.layout
         if layout is None:
             return 0
         return tokens // layout.block_size * layout.num_layers * layout.block_bytes
@@ -426,9 +327,4 @@ class WorkerSide:
         if self._stores is not None:
             self._stores.close()  # before the link and the path they use
         self.link.close()
-        if self.path is not None:
-            self.path.close()
-        if self._copier is not None:
-            self._copier.release()
-        for segment in self._segments:
-            segment.unlink()  # the mapping stays valid for vLLM until the process exits
+        self._reg.close()
