@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ..conftest import ServerProcess, start_server
-from .conftest import Completion, VllmProcess, kv_config, start_vllm
+from .conftest import VllmProcess, kv_config, start_vllm
+from .scenarios import new_log, prompt, same_output
 
 # (entry point, transfer mode); None = not set, i.e. "auto" (lmcache_driven on CPU)
 CONFIGS = [
@@ -36,27 +35,6 @@ def stack(
     yield server, vllm
     vllm.stop()
     server.stop()
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(10, 2000, size=n).tolist()
-
-
-def same_output(a: Completion, b: Completion, tolerance: float = 1e-4) -> None:
-    """Identical tokens and text; logprobs equal up to float rounding.
-
-    Cached KV is byte-exact, but with a cached prefix vLLM prefills only the tail, through
-    another attention path than one pass over the whole prompt, so float32 rounding may
-    differ (about 1e-6 here; vLLM's own prefix cache behaves alike). Wrong KV bytes move
-    logprobs by orders of magnitude more, and flip tokens.
-    """
-    assert a.tokens == b.tokens and a.text == b.text
-    pairs = zip(a.logprobs, b.logprobs, strict=True)
-    assert all(math.isclose(x, y, rel_tol=0, abs_tol=tolerance) for x, y in pairs)
-
-
-def new_log(server: ServerProcess, since: int) -> str:
-    return server.log()[since:]
 
 
 def test_connector_and_mode_are_ours(

@@ -16,7 +16,13 @@ import pytest
 
 from ..conftest import ServerProcess, start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .test_vllm_e2e import prompt, same_output
+from .scenarios import (
+    hit_matches_cold,
+    partial_hit_matches_cold,
+    prompt,
+    restarted_server_caches_again,
+    same_output,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +32,6 @@ def stack(gemma2_model: Path) -> Iterator[tuple[ServerProcess, VllmProcess]]:
     yield server, vllm
     vllm.stop()
     server.stop()
-
-
-def retrieved(server: ServerProcess, since: int) -> list[int]:
-    lines = server.log()[since:].splitlines()
-    return sorted(int(line.split()[3]) for line in lines if "Retrieved " in line)
 
 
 def test_each_group_registers_as_its_own_engine(
@@ -48,36 +49,12 @@ def test_each_group_registers_as_its_own_engine(
 def test_a_hit_gives_the_same_tokens_and_logprobs(
     stack: tuple[ServerProcess, VllmProcess],
 ) -> None:
-    server, vllm = stack
-    tokens = prompt(70, 700)
-    since = len(server.log())
-    cold = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Stored 640 tokens", since=since)
-    warm = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Retrieved 640 tokens", since=since)
-    server.wait_log("Retrieved 384 tokens", since=since)
     # the full group loads 5 blocks; the window group the chunk its window reaches into
-    assert retrieved(server, since) == [384, 640]
-    same_output(cold, warm)
+    hit_matches_cold(*stack, prompt(70, 700), stored=[640, 640], retrieved=[384, 640])
 
 
 def test_a_partial_hit_matches_a_cold_run(stack: tuple[ServerProcess, VllmProcess]) -> None:
-    server, vllm = stack
-    base = prompt(71, 600)
-    other = base[:512] + prompt(72, 200)
-    vllm.complete(base, ignore_eos=True)
-    server.wait_log("Stored 512 tokens")
-    since = len(server.log())
-    partial = vllm.complete(other, ignore_eos=True)
-    server.wait_log("Retrieved 512 tokens", since=since)
-    server.wait_log("Retrieved 256 tokens", since=since)
-    assert retrieved(server, since) == [256, 512]
-    assert server.http().post("/clear-cache").status_code == 200
-    since = len(server.log())
-    cold = vllm.complete(other, ignore_eos=True)
-    server.wait_log("Stored 640 tokens", since=since)
-    assert "Retrieved" not in server.log()[since:]
-    same_output(partial, cold)
+    partial_hit_matches_cold(*stack, seed=71, stored=(512, 640), retrieved=[256, 512])
 
 
 def test_a_group_whose_chunks_are_gone_makes_vllm_recompute(
@@ -113,24 +90,4 @@ def test_a_group_whose_chunks_are_gone_makes_vllm_recompute(
 
 
 def test_a_restarted_server_caches_again(stack: tuple[ServerProcess, VllmProcess]) -> None:
-    from .test_vllm_resilience import wait_for
-
-    server, vllm = stack
-    tokens = prompt(73, 640)
-    cold = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Stored 640 tokens")
-    server.stop()
-    restarted = start_server(
-        "--l1-size-gb", "1", "--port", str(server.port), "--http-port", str(server.http_port)
-    )
-    try:
-        wait_for(vllm, "caching resumed")
-        restarted.wait_log("Registered KV cache for GPU ID")
-        again = vllm.complete(tokens, ignore_eos=True)  # the new server was empty
-        restarted.wait_log("Stored 640 tokens")
-        warm = vllm.complete(tokens, ignore_eos=True)
-        restarted.wait_log("Retrieved 640 tokens")
-        same_output(cold, again)
-        same_output(cold, warm)
-    finally:
-        restarted.stop()
+    restarted_server_caches_again(*stack, prompt(73, 640), stored=640)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from ..conftest import ServerProcess, start_redis, start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .test_vllm_e2e import prompt, same_output
-from .test_vllm_resilience import wait_for
+from .scenarios import prompt, same_output, wait_for
 
 
 def wait_l2(server: ServerProcess, objects: int) -> None:

@@ -17,7 +17,12 @@ import pytest
 
 from ..conftest import ServerProcess, start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .test_vllm_e2e import prompt, same_output
+from .scenarios import (
+    hit_matches_cold,
+    partial_hit_matches_cold,
+    prompt,
+    restarted_server_caches_again,
+)
 
 MLA_ARGS = ("--attention-backend", "CPU_MLA")
 
@@ -44,54 +49,12 @@ def test_registers_the_latent_as_kv_shared_by_every_rank(
 def test_a_hit_gives_the_same_tokens_and_logprobs(
     stack: tuple[ServerProcess, VllmProcess],
 ) -> None:
-    server, vllm = stack
-    tokens = prompt(60, 700)
-    since = len(server.log())
-    cold = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Stored 688 tokens", since=since)  # 2 chunks and 11 blocks
-    warm = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Retrieved 688 tokens", since=since)
-    same_output(cold, warm)
+    hit_matches_cold(*stack, prompt(60, 700), stored=[688], retrieved=[688])  # 2 chunks, 11 blocks
 
 
 def test_a_partial_hit_matches_a_cold_run(stack: tuple[ServerProcess, VllmProcess]) -> None:
-    server, vllm = stack
-    base = prompt(61, 600)
-    other = base[:512] + prompt(62, 200)
-    vllm.complete(base, ignore_eos=True)
-    server.wait_log("Stored 592 tokens")
-    since = len(server.log())
-    partial = vllm.complete(other, ignore_eos=True)
-    server.wait_log("Retrieved 512 tokens", since=since)
-    assert server.http().post("/clear-cache").status_code == 200
-    since = len(server.log())
-    cold = vllm.complete(other, ignore_eos=True)
-    server.wait_log("Stored 704 tokens", since=since)
-    assert "Retrieved" not in server.log()[since:]
-    same_output(partial, cold)
+    partial_hit_matches_cold(*stack, seed=61, stored=(592, 704), retrieved=[512])
 
 
-def test_a_restarted_server_caches_again(
-    stack: tuple[ServerProcess, VllmProcess], mla_model: Path
-) -> None:
-    from .test_vllm_resilience import wait_for
-
-    server, vllm = stack
-    tokens = prompt(63, 640)
-    cold = vllm.complete(tokens, ignore_eos=True)
-    server.wait_log("Stored 640 tokens")
-    server.stop()
-    restarted = start_server(
-        "--l1-size-gb", "1", "--port", str(server.port), "--http-port", str(server.http_port)
-    )
-    try:
-        wait_for(vllm, "caching resumed")
-        restarted.wait_log("Registered KV cache for GPU ID")
-        again = vllm.complete(tokens, ignore_eos=True)  # the new server was empty
-        restarted.wait_log("Stored 640 tokens")
-        warm = vllm.complete(tokens, ignore_eos=True)
-        restarted.wait_log("Retrieved 640 tokens")
-        same_output(cold, again)
-        same_output(cold, warm)
-    finally:
-        restarted.stop()
+def test_a_restarted_server_caches_again(stack: tuple[ServerProcess, VllmProcess]) -> None:
+    restarted_server_caches_again(*stack, prompt(63, 640), stored=640)

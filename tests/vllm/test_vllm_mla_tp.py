@@ -23,7 +23,7 @@ import pytest
 
 from ..conftest import start_server
 from .conftest import kv_config, start_vllm
-from .test_vllm_e2e import prompt
+from .scenarios import prompt
 from .test_vllm_mla import MLA_ARGS
 from .test_vllm_tp import TP_ARGS, TP_ENV, count
 

@@ -21,7 +21,7 @@ import pytest
 
 from ..conftest import ServerProcess, start_server
 from .conftest import ROOT, VllmProcess, kv_config, start_vllm
-from .test_vllm_e2e import new_log, prompt, same_output
+from .scenarios import new_log, prompt, same_output
 
 BLOCKS = 40  # KV blocks vLLM gets: 40 x 128 = 5120 tokens
 

@@ -14,7 +14,7 @@ import pytest
 
 from ..conftest import start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .test_vllm_e2e import prompt, same_output
+from .scenarios import prompt, same_output
 
 
 @pytest.mark.parametrize("mode", [None, "engine_driven"], ids=["auto", "engine_driven"])

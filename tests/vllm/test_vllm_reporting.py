@@ -16,7 +16,7 @@ import zmq
 
 from ..conftest import start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .test_vllm_e2e import prompt
+from .scenarios import prompt
 
 BLOCK, CHUNK = 128, 256  # vLLM's CPU block size, the server's default chunk
 

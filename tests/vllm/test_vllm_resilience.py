@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,7 @@ import pytest
 
 from ..conftest import start_server
 from .conftest import VllmProcess, build_model, kv_config, start_vllm
-from .test_vllm_e2e import prompt, same_output
-
-
-def wait_for(vllm: VllmProcess, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in vllm.log():
-        assert time.monotonic() < deadline, f"{text!r} not in the vLLM log"
-        time.sleep(0.2)
+from .scenarios import prompt, same_output, wait_for
 
 
 def test_vllm_fails_clearly_when_no_server(tiny_model: Path) -> None:
