@@ -24,6 +24,30 @@ from lmcache.cluster_processes import RedisCluster
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import RedisProcess, RedisUnavailable
 
+from .shm_leaks import ShmWatch
+
+_SHM = ShmWatch()
+_SHM_LEAKS: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SHM.start()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run that left shared memory behind (`tests/shm_leaks.py` says what counts)."""
+    _SHM_LEAKS[:] = _SHM.leaks()
+    if _SHM_LEAKS and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SHM_LEAKS:
+        terminalreporter.section("left behind in shared memory", sep="=", red=True)
+        for line in _SHM_LEAKS:
+            terminalreporter.line(f"  {line}", red=True)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _logs_in_pytest_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.bench.report import Row, Target, summary
+from lmcache.bench.report import (
+    Row,
+    Target,
+    expected_at_size,
+    format_table,
+    size_projection,
+    summary,
+)
 from lmcache.bench.shapes import PRESETS, parse_shape
 
 
@@ -92,3 +99,26 @@ def test_the_end_to_end_benchmark_script_loads() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "--workloads" in done.stdout
+
+
+def test_a_miss_the_quick_size_explains_is_marked_and_only_that_one() -> None:
+    target = Target("ratio", ">=", 0.85)
+    # 0.80 at 1024 tokens: a fixed 0.25 of the ceiling's time per call is 0.94 at 4096
+    small_gap = Row("s", "store: a", 4.0, "GB/s", "copy", 5.0, target, tokens=1024)
+    # 0.50 at 1024 tokens: the same reasoning gives 0.80 at 4096, still a miss
+    big_gap = Row("s", "store: b", 2.5, "GB/s", "copy", 5.0, target, tokens=1024)
+    full_size = Row("s", "store: c", 4.0, "GB/s", "copy", 5.0, target, tokens=4096)
+    no_size = Row("s", "evict", 4.0, "GB/s", "empty", 5.0, target)
+    value = Row("s", "redis", 0.5, "GB/s", "SET", 0.3, Target("value", ">=", 1.0), tokens=1024)
+    rows = [small_gap, big_gap, full_size, no_size, value]
+    assert size_projection(small_gap, 4096) == pytest.approx(4 / 4.25)
+    assert size_projection(big_gap, 4096) == pytest.approx(0.8)
+    assert [expected_at_size(r, 4096) != "" for r in rows] == [True, False, False, False, False]
+    assert "gives 0.94 at 4096" in expected_at_size(small_gap, 4096)
+    table = format_table(rows, 4096)
+    assert table.count("expected at 1024 tokens per call") == 1
+    text = summary(rows, 4096)
+    assert "0 of 5 met; 1 of the misses expected at 1024 tokens per call" in text
+    assert "MISS s / store: a: 0.8 (want ratio >= 0.85) (expected at this size)" in text
+    assert "MISS s / store: b: 0.5 (want ratio >= 0.85)\n" in text
+    assert "expected" not in summary([full_size, big_gap], 4096)

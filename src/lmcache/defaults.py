@@ -12,6 +12,10 @@ from __future__ import annotations
 SERVER_PORT = 5555
 """The ZMQ port the server binds (``--port``) and the port clients try by default."""
 
+L1_SIZE_GB = 4.0
+"""GiB of the server's L1 pool (``--l1-size-gb``); the vLLM connector names it when no
+server answers, so the two must not disagree."""
+
 RPC_TIMEOUT_S = 5.0
 """Seconds a client waits for a reply before it counts the server as down."""
 

@@ -18,6 +18,7 @@ from lmcache.defaults import (
     EVICTION_INTERVAL_S,
     EVICTION_RATIO,
     HASH_MEMO_MB,
+    L1_SIZE_GB,
     L2_BREAKER_S,
     L2_PREFETCH_WORKERS,
     L2_QUEUE_SIZE,
@@ -61,7 +62,7 @@ class ServerSettings(BaseSettings):
         description="seconds an HTTP connection may take to send its request line and headers",
     )
     l1_size_gb: float = Field(
-        4.0, gt=0, allow_inf_nan=False, description="L1 shared-memory pool size in GiB"
+        L1_SIZE_GB, gt=0, allow_inf_nan=False, description="L1 shared-memory pool size in GiB"
     )
     l1_init_size_gb: float | None = Field(
         None,

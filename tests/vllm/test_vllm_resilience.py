@@ -15,16 +15,25 @@ from .scenarios import prompt, same_output, wait_for
 
 
 def test_vllm_fails_clearly_when_no_server(tiny_model: Path) -> None:
+    """The operator reads the reason once, not once per vLLM process that re-raises it."""
+    from lmcache.defaults import L1_SIZE_GB
     from lmcache.processes import free_port
 
-    v = start_vllm(tiny_model, kv_config(free_port()), wait=False)
+    port = free_port()
+    v = start_vllm(tiny_model, kv_config(port), wait=False)
     try:
         assert v.proc.wait(timeout=240) != 0
     finally:
         v.stop()
     log = v.log()
-    assert "Cannot reach the LMCache server at tcp://localhost:" in log
-    assert "start it with `lmcache server`" in log and "lmcache.mp.port" in log
+    said = f"Cannot reach the LMCache server at tcp://localhost:{port} (connection refused)"
+    assert log.count("Cannot reach the LMCache server") == 1, log[-5000:]
+    assert said in log
+    assert log.lower().count("is it running") <= 1
+    line = log[log.index(said) :].splitlines()[0]
+    assert "`lmcache server`" in line and "lmcache.mp.port" in line
+    assert f"a {L1_SIZE_GB:g} GiB L1 by default" in line and "--l1-size-gb" in line
+    assert "LMCacheStartError: the LMCache connector could not start" in log
 
 
 def test_server_restart_under_a_running_engine(

@@ -17,6 +17,7 @@ from .copy_phases import measure_eviction, measure_scenario
 from .harness import CpuAccount
 from .l2 import measure_l2
 from .lookups import measure_lookups
+from .options import DEFAULT_TOKENS
 from .report import Row, document, format_table, summary
 from .shapes import ModelShape
 from .transfers import Mode, Scenario
@@ -106,11 +107,11 @@ def _report(
     args: argparse.Namespace, shape: ModelShape, rows: list[Row], *, usage: dict[str, float],
     raw: dict[str, Any], exit_codes: dict[int, int],
 ) -> int:  # fmt: skip
-    print(format_table(rows))
+    print(format_table(rows, DEFAULT_TOKENS))
     print(f"\nother processes used {usage['others_share']:.0%} of the CPUs during the run "
           f"({usage['others_cpu_s']:.0f} CPU-s in {usage['wall_s']:.0f} s); steal "
           f"{usage['steal_s']:.1f} s")  # fmt: skip
-    print(summary(rows))
+    print(summary(rows, DEFAULT_TOKENS))
     bad = {c: code for c, code in exit_codes.items() if code != 0}
     if bad:
         print(f"server(s) did not exit cleanly on SIGTERM: {bad}", file=sys.stderr)

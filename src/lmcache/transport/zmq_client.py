@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import stat
 import threading
 import time
@@ -68,6 +69,34 @@ def local_endpoint_usable(endpoint: str) -> bool:
     except OSError:
         return False
     return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()
+
+
+def refuses_connections(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether nothing listens at ``endpoint``: the kernel refuses a plain connect at once.
+
+    ZMQ itself never says so (it retries in the background until a reply times out), so
+    a client that wants to fail fast on an absent server asks the kernel first. Any other
+    outcome (accepted, a timeout, an unknown host) is "not refused": the real call decides.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    try:
+        if scheme == "ipc":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(rest)
+        elif scheme == "tcp":
+            host, _, port = rest.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if host == "*" or not port.isdigit():
+                return False
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        else:
+            return False
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,48 @@ import threading
 from collections.abc import Callable
 
 from lmcache.client import LMCacheClient
-from lmcache.defaults import SERVER_PORT
-from lmcache.errors import LMCacheError, ProtocolMismatchError
+from lmcache.defaults import L1_SIZE_GB, SERVER_PORT
+from lmcache.errors import LMCacheError, ProtocolMismatchError, ServerUnavailableError
 from lmcache.integration.vllm.config import ConnectorConfig
 from lmcache.protocol.messages import Pong
+from lmcache.transport.zmq_client import refuses_connections
 
 logger = logging.getLogger("lmcache.integration")
 
-START_HINT = (
-    "start it with `lmcache server` (add `--port N` and set lmcache.mp.port if "
-    f"{SERVER_PORT} is taken)"
-)
+
+class ServerLinkError(ConnectionError):
+    """The link could not start: no server answers, or an incompatible one does. Its str
+    is the whole story (where, why, what to do); `report_once` logs it for vLLM."""
+
+
+class LMCacheStartError(RuntimeError):
+    """What the connector raises to vLLM instead of a `ServerLinkError`: vLLM repeats an
+    exception's str in every process it passes through (worker, engine core, API server),
+    so this one's str is short and the real message is logged once before it."""
+
+
+_reported = threading.Event()
+
+
+def unreachable(endpoint: str, reason: str) -> ServerLinkError:
+    """Where we tried, why it failed, and the two ways out (start a server, or aim at it)."""
+    return ServerLinkError(
+        f"Cannot reach the LMCache server at {endpoint} ({reason}). Start it first with "
+        f"`lmcache server` (port {SERVER_PORT}, a {L1_SIZE_GB:g} GiB L1 by default; --port "
+        "and --l1-size-gb change them), or set lmcache.mp.host / lmcache.mp.port in "
+        "kv_connector_extra_config to where it runs."
+    )
+
+
+def report_once(exc: ServerLinkError, rank: int) -> LMCacheStartError:
+    """Log ``exc`` once per process and only from rank 0 (every TP rank fails alike), and
+    return the short exception to raise ``from None`` in its place."""
+    if rank == 0 and not _reported.is_set():
+        _reported.set()
+        logger.error("%s", exc)
+    return LMCacheStartError(
+        "the LMCache connector could not start (the LMCache ERROR above says why)"
+    )
 
 
 class ServerLink:
@@ -46,16 +77,22 @@ class ServerLink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
+            if refuses_connections(self.endpoint):  # fail now, not after rpc_timeout
+                raise unreachable(self.endpoint, "connection refused")
             self.pong = self._probe.ping(instance_id)
+        except ServerLinkError:
+            self.close()
+            raise
         except ProtocolMismatchError as exc:  # it answered: "cannot reach" would mislead
             self.close()
-            raise ConnectionError(f"Incompatible LMCache server: {exc}") from None
+            raise ServerLinkError(f"Incompatible LMCache server: {exc}") from None
+        except ServerUnavailableError:
+            self.close()
+            why = f"no reply within {config.rpc_timeout:g}s"
+            raise unreachable(self.endpoint, why) from None
         except LMCacheError as exc:
             self.close()
-            raise ConnectionError(
-                f"Cannot reach the LMCache server at {self.endpoint}: {exc}. Is it running? "
-                + START_HINT
-            ) from None
+            raise unreachable(self.endpoint, str(exc)) from None
 
     @property
     def endpoint(self) -> str:

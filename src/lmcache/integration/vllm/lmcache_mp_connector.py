@@ -40,7 +40,7 @@ from lmcache.integration.vllm.kv_groups import (
     kv_groups,
     primary_group,
 )
-from lmcache.integration.vllm.link import ServerLink
+from lmcache.integration.vllm.link import ServerLink, ServerLinkError, report_once
 from lmcache.integration.vllm.metadata import Metadata, ParallelStrategy
 from lmcache.integration.vllm.reporting import (
     LMCacheConnectorStats,
@@ -74,8 +74,9 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         role: KVConnectorRole,
         kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
-        """One per process: SCHEDULER talks lookups and plans, WORKER moves blocks. Never
-        raises for a server that is down: the link starts degraded and reconnects."""
+        """One per process: SCHEDULER talks lookups and plans, WORKER moves blocks. A server
+        that does not answer at start stops vLLM with one clear message (`_link`); one that
+        goes away later only degrades the link, which reconnects."""
         super().__init__(vllm_config, role, kv_cache_config)
         ensure_logging()
         transfer = vllm_config.kv_transfer_config
@@ -96,7 +97,7 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self._worker: WorkerSide | GroupedWorkers | None = None
         if role == KVConnectorRole.SCHEDULER:
             _prefer_recompute(transfer)
-            link = ServerLink(config)
+            link = _link(config, rank=0)
             self._scheduler = SchedulerSide(
                 link, identity, can_load=can_load, can_store=can_store,
                 async_store=config.async_store, events=events, primary=primary,
@@ -108,14 +109,15 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 link.endpoint, link.chunk_size,
             )  # fmt: skip
         else:
+            parallel = _parallel(vllm_config)
 
             def worker(group: KVGroup | None) -> WorkerSide:
                 window = group is not None and group.sliding_window is not None
                 main = group is None or group.index == primary
                 return WorkerSide(
-                    ServerLink(config),
+                    _link(config, parallel.rank),
                     base if group is None else group_identity(base, group, count),
-                    _parallel(vllm_config), config.transfer_mode,
+                    parallel, config.transfer_mode,
                     can_load=can_load, can_store=can_store,
                     async_store=config.async_store and not window,  # see worker_groups.py
                     copy_threads=config.copy_threads,
@@ -299,6 +301,16 @@ def _layerwise(setting: str) -> bool:
         cpus, threads,
     )  # fmt: skip
     return layered
+
+
+def _link(config: ConnectorConfig, rank: int) -> ServerLink:
+    """The link to the server, or the exception that stops vLLM: the message is logged
+    once (rank 0) and the raised one is short, unchained, so vLLM's re-raising in each of
+    its processes does not repeat it."""
+    try:
+        return ServerLink(config)
+    except ServerLinkError as exc:
+        raise report_once(exc, rank) from None
 
 
 def _parallel(vllm_config: VllmConfig) -> ParallelStrategy:
