@@ -6,7 +6,7 @@ One module for both, so that the benchmark drives the server exactly as the test
 
     ServerProcess.start(*flags) ─> `python -m lmcache.cli server --port P --http-port H ...`
                                    ready when the log says "LMCache cache server is running..."
-    RedisProcess.start()        ─> `redis-server --port P --save "" --appendonly no`
+    RedisProcess.start()        ─> `redis-server --port P --save "" --appendonly no [args]`
                                    ready when it answers PING
 
 A Redis Cluster of such processes is `lmcache.cluster_processes.RedisCluster`.
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,21 +125,29 @@ class RedisUnavailable(RuntimeError):
 
 @dataclass
 class RedisProcess:
-    """A throwaway redis-server on loopback (no persistence)."""
+    """A throwaway redis-server on loopback (no persistence), with Redis' own defaults
+    otherwise: the tests and the bench's growing-Redis rows measure a stock server."""
 
     proc: subprocess.Popen[bytes]
     port: int
 
     @classmethod
-    def start(cls, port: int | None = None, timeout: float = 10.0) -> RedisProcess:
+    def start(
+        cls, port: int | None = None, timeout: float = 10.0, args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> RedisProcess:  # fmt: skip
+        """``args``: more ``--name value`` settings (after ours, so they win); ``env`` on top
+        of ours, e.g. ``MALLOC_CONF`` for redis-server's jemalloc (what
+        ``benchmarks/redis_write_behind.py`` compares)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisUnavailable("redis-server is not installed (apt-get install redis-server)")
         port = port or free_port()
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         redis = cls(proc, port)
         deadline = time.monotonic() + timeout
