@@ -1,22 +1,27 @@
-"""What limits Redis write-behind on this machine: the adapter's puts into a real, growing
-redis-server under several client and server settings, side by side (issue 12 item 7).
+"""What limits Redis write-behind (and prefetch) on this machine: the adapter's puts into a
+real, growing redis-server, and the reads of what was just put, under several client and
+server settings, side by side (issue 12 item 7).
 
     PYTHONPATH=src python benchmarks/redis_write_behind.py [--variants base thp ...]
         [--rounds 2] [--reps 2] [--objects 16] [--object-mib 40]
 
 Each run starts a fresh redis-server (`lmcache.processes.RedisProcess`, as the tests and
-`lmcache bench` do), puts one object to warm up, then times ``--reps`` stores of
-``--objects`` fresh objects (40 MiB = one Qwen3-14B 256-token chunk) through `RedisL2.put`
-from one anonymous buffer (as the writer sends from L1). Redis grows by every store, as
-in the bench's write-behind row. Variants run in ABBA order (``--rounds``), medians last.
+`lmcache bench` do), puts one object to warm up, then ``--reps`` times: puts ``--objects``
+fresh objects (40 MiB = one Qwen3-14B 256-token chunk) through `RedisL2.put` from one
+anonymous buffer (as the writer sends from L1), and reads them back with
+`RedisL2.get_into` into a shared mapping (as prefetch fills L1). Redis grows by every
+store, as in the bench's write-behind row. Variants run in ABBA order (``--rounds``),
+medians last.
 
-Per store: GB/s; redis-server's CPU-seconds per GB and minor page faults per GB (from
-/proc/<pid>/stat); this process' CPU-seconds per GB (the client: checksum + the kernel's
-copy into the socket). Per round, the ceiling that explains the rest: numpy writing a
-fresh anonymous mapping (first touch: fault + clear of every page) vs writing it again.
+Per put and per read: GB/s; redis-server's CPU-seconds and minor page faults per GB
+(from /proc/<pid>/stat); for puts also this process' CPU-seconds per GB (the client:
+checksum + the kernel's copy into the socket). Per round, the ceiling that explains the
+rest: numpy writing a fresh anonymous mapping (first touch: fault + clear of every page)
+vs writing it again.
 
 Variants (everything not named is the `base` setting):
-    base       redis-server defaults, TCP loopback, parts of 4 MiB, one connection
+    base       redis-server and jemalloc defaults, TCP loopback, parts of 4 MiB, one
+               connection
     thp        --disable-thp no + MALLOC_CONF=thp:always (Debian's redis-server links the
                system jemalloc, which reads MALLOC_CONF): 2 MiB pages, ~500x fewer faults
     unix       a unix-domain socket instead of TCP loopback
@@ -24,6 +29,9 @@ Variants (everything not named is the `base` setting):
     part4m64   parts of 4 MiB - 64 B: each fits jemalloc's 4 MiB size class in Redis
     part16     parts of 16 MiB (fewer, larger values)
     sndbuf     SO_SNDBUF 8 MiB on the client's socket
+    nodecay    MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1: jemalloc keeps the pages
+               it frees (GET reply buffers) for reuse instead of handing them back; what
+               we recommend and `RedisProcess` (so `lmcache bench`) uses (`REDIS_ENV`)
     full       maxmemory = what the warm-up left, allkeys-lru: every part evicts an old
                one, so redis-server reuses memory instead of touching fresh pages
 """
@@ -47,7 +55,7 @@ import numpy as np
 import redis
 from redis.connection import UnixDomainSocketConnection
 
-from lmcache.processes import RedisProcess
+from lmcache.processes import REDIS_ENV, RedisProcess
 from lmcache.storage.l2.redis import RedisL2
 from lmcache.storage.l2.redis_conn import _PACKER
 
@@ -55,10 +63,13 @@ MiB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+STOCK = {"MALLOC_CONF": "", "JE_MALLOC_CONF": ""}  # jemalloc's defaults, not REDIS_ENV's
+
+
 @dataclass(frozen=True)
 class Variant:
     args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=lambda: STOCK)
     part: int = 4 * MiB
     writers: int = 1
     unix: bool = False
@@ -68,12 +79,13 @@ class Variant:
 
 VARIANTS = {
     "base": Variant(),
-    "thp": Variant(args=("--disable-thp", "no"), env={"MALLOC_CONF": "thp:always"}),
+    "thp": Variant(args=("--disable-thp", "no"), env={**STOCK, "MALLOC_CONF": "thp:always"}),
     "unix": Variant(unix=True),
     "writers2": Variant(writers=2),
     "part4m64": Variant(part=4 * MiB - 64),
     "part16": Variant(part=16 * MiB),
     "sndbuf": Variant(sndbuf=8 * MiB),
+    "nodecay": Variant(env=REDIS_ENV),
     "full": Variant(full=True),
 }
 
@@ -119,70 +131,95 @@ def adapters(v: Variant, server: RedisProcess, sock_path: str) -> list[RedisL2]:
     return out
 
 
-def run(name: str, src: memoryview, objects: int, obj: int, reps: int) -> list[dict[str, float]]:
+@dataclass(frozen=True)
+class Load:
+    """What every run puts: ``objects`` objects of ``obj`` bytes from ``src`` (anonymous
+    memory, like the L1 the writer sends from), read back into ``out`` (shared, like L1)."""
+
+    src: memoryview
+    out: memoryview
+    objects: int
+    obj: int
+    reps: int
+
+    def part(self, buf: memoryview, i: int) -> memoryview:
+        return buf[i * self.obj : (i + 1) * self.obj]
+
+
+def put_all(v: Variant, ads: list[RedisL2], load: Load, keys: list[bytes]) -> None:
+    """``keys[i]`` <- object i, spread over ``v.writers`` threads (one adapter each)."""
+    errors: list[BaseException] = []
+
+    def work(w: int) -> None:
+        try:
+            for i in range(w, len(keys), v.writers):
+                ads[w].put(keys[i], load.part(load.src, i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(v.writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def one_rep(v: Variant, ads: list[RedisL2], load: Load, pid: int) -> dict[str, float]:
+    """Put ``load.objects`` fresh objects, then (not in a full Redis, which may have evicted
+    some) read them back; GB/s and redis-server's CPU and faults per GB of each."""
+    keys = [os.urandom(48) for _ in range(load.objects)]
+    gb = load.objects * load.obj / 1e9
+    f0, c0 = proc_stat(pid)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    put_all(v, ads, load, keys)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    f1, c1 = proc_stat(pid)
+    row = {"gbs": gb / dt, "srv": (c1 - c0) / gb, "cli": cpu / gb, "flt": (f1 - f0) / gb}
+    if not v.full:
+        t0 = time.perf_counter()
+        for i, key in enumerate(keys):
+            if not ads[0].get_into(key, load.part(load.out, i)):
+                raise RuntimeError(f"object {i} missing right after its put")
+        dt = time.perf_counter() - t0
+        f2, c2 = proc_stat(pid)
+        row |= {"get": gb / dt, "get_srv": (c2 - c1) / gb, "get_flt": (f2 - f1) / gb}
+    return row
+
+
+def run(name: str, load: Load) -> list[dict[str, float]]:
     v = VARIANTS[name]
     tmp = tempfile.mkdtemp(prefix="lmcache-rwb-")
     sock_path = os.path.join(tmp, "redis.sock")
     args = (*v.args, "--unixsocket", sock_path, "--unixsocketperm", "700") if v.unix else v.args
     server = RedisProcess.start(args=args, env=v.env)
-    pid, results = server.proc.pid, []
     try:
         ads = adapters(v, server, sock_path)
         # warm-up: connects, first allocations; for `full`, a whole store to evict later
-        for i in range(objects if v.full else 1):
-            ads[0].put(os.urandom(48), src[i * obj : (i + 1) * obj])
+        put_all(v, ads, load, [os.urandom(48) for _ in range(load.objects if v.full else 1)])
         admin = redis.Redis.from_url(server.url)
         if v.full:
-            used = int(admin.info("memory")["used_memory"])
             admin.config_set("maxmemory-policy", "allkeys-lru")
-            admin.config_set("maxmemory", str(used))
-        for a in ads:
-            if v.sndbuf:
-                pool = a._connect().connection_pool
-                conn = pool.get_connection()
-                conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, v.sndbuf)
-                pool.release(conn)
-        for _ in range(reps):
-            keys = [os.urandom(48) for _ in range(objects)]
-
-            errors: list[BaseException] = []
-
-            def work(
-                w: int, keys: list[bytes] = keys, errors: list[BaseException] = errors
-            ) -> None:
-                try:
-                    for i in range(w, objects, v.writers):
-                        ads[w].put(keys[i], src[i * obj : (i + 1) * obj])
-                except BaseException as exc:
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=work, args=(w,)) for w in range(v.writers)]
-            f0, c0 = proc_stat(pid)
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            f1, c1 = proc_stat(pid)
-            if errors:
-                raise errors[0]
-            gb = objects * obj / 1e9
-            results.append(
-                {"gbs": gb / dt, "srv": (c1 - c0) / gb, "cli": cpu / gb, "flt": (f1 - f0) / gb}
-            )
+            admin.config_set("maxmemory", str(admin.info("memory")["used_memory"]))
+        for a in ads if v.sndbuf else []:
+            pool = a._connect().connection_pool
+            conn = pool.get_connection()
+            conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, v.sndbuf)
+            pool.release(conn)
+        rows = [one_rep(v, ads, load, server.proc.pid) for _ in range(load.reps)]
         mem = admin.info("memory")
         if not v.full:  # (a full Redis has evicted an unknown share of what was put)
-            stored = (reps * objects + 1) * obj
-            results[-1]["used_per_stored"] = mem["used_memory"] / stored
-            results[-1]["rss_per_stored"] = mem["used_memory_rss"] / stored
+            stored = (load.reps * load.objects + 1) * load.obj
+            rows[-1]["used_per_stored"] = mem["used_memory"] / stored
+            rows[-1]["rss_per_stored"] = mem["used_memory_rss"] / stored
         admin.close()
         for a in ads:
             a.close()
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    return results
+    return rows
 
 
 def main() -> None:
@@ -198,6 +235,9 @@ def main() -> None:
     arr = np.frombuffer(buf, dtype=np.uint8)
     arr[:] = np.random.default_rng(1).integers(0, 256, size=arr.size, dtype=np.uint8)
     src = memoryview(buf)
+    out_buf = mmap.mmap(-1, opts.objects * obj, flags=mmap.MAP_SHARED)  # like L1's shm
+    np.frombuffer(out_buf, dtype=np.uint8)[:] = 0
+    load = Load(src, memoryview(out_buf), opts.objects, obj, opts.reps)
     print(f"redis-server: {os.popen('redis-server --version').read().strip()}")
     thp = Path("/sys/kernel/mm/transparent_hugepage")
     print(f"THP: {(thp / 'enabled').read_text().strip()}, "
@@ -209,24 +249,27 @@ def main() -> None:
         print(f"round {r}: fresh memory first write {touch[-1][0]:.2f} GB/s, "
               f"rewrite {touch[-1][1]:.2f} GB/s")  # fmt: skip
         for name in opts.variants if r % 2 == 0 else opts.variants[::-1]:
-            out = run(name, src, opts.objects, obj, opts.reps)
-            res[name] += out
-            runs = "  ".join(
-                f"{x['gbs']:.2f} GB/s (srv {x['srv']:.2f}, cli {x['cli']:.2f} s/GB, "
-                f"{x['flt'] / 1e3:.0f}k faults/GB)" for x in out
-            )  # fmt: skip
-            print(f"  {name:9s} {runs}  load {os.getloadavg()[0]:.1f}", flush=True)
-    print(
-        "\nmedians    GB/s   redis-server s/GB  client s/GB  faults/GB  used_memory, rss / stored"
-    )
+            rows = run(name, load)
+            res[name] += rows
+            for x in rows:
+                get = (
+                    f" | get {x['get']:.2f} GB/s (srv {x['get_srv']:.2f} s/GB, "
+                    f"{x['get_flt'] / 1e3:.0f}k faults/GB)" if "get" in x else ""
+                )  # fmt: skip
+                print(f"  {name:9s} put {x['gbs']:.2f} GB/s (srv {x['srv']:.2f}, "
+                      f"cli {x['cli']:.2f} s/GB, {x['flt'] / 1e3:.0f}k faults/GB){get}  "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print("\nmedians   put GB/s  srv s/GB  cli s/GB  faults/GB | get GB/s  srv s/GB  faults/GB"
+          " | used_memory, rss / stored")  # fmt: skip
     for name, xs in res.items():
 
         def med(k: str, xs: list[dict[str, float]] = xs) -> float:
             return statistics.median([x[k] for x in xs if k in x] or [float("nan")])
 
-        used, rss = med("used_per_stored"), med("rss_per_stored")
-        print(f"{name:9s} {med('gbs'):6.3f}   {med('srv'):10.2f}      {med('cli'):9.2f}"
-              f"   {med('flt') / 1e3:7.0f}k   {used:8.3f} {rss:6.3f}")  # fmt: skip
+        print(f"{name:9s} {med('gbs'):8.3f} {med('srv'):9.2f} {med('cli'):9.2f} "
+              f"{med('flt') / 1e3:9.0f}k | {med('get'):8.3f} {med('get_srv'):9.2f} "
+              f"{med('get_flt') / 1e3:9.0f}k | {med('used_per_stored'):6.3f} "
+              f"{med('rss_per_stored'):6.3f}")  # fmt: skip
     print(f"fresh memory first write {statistics.median(t[0] for t in touch):.2f} GB/s, "
           f"rewrite {statistics.median(t[1] for t in touch):.2f} GB/s (numpy, 1 GiB)")  # fmt: skip
 
