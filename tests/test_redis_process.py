@@ -49,3 +49,30 @@ def test_settings_and_environment_reach_redis_server() -> None:
     finally:
         plain.stop()
         tuned.stop()
+
+
+def test_the_write_behind_benchmark_runs_every_variant() -> None:
+    """``benchmarks/redis_write_behind.py`` end to end on tiny objects: every variant starts
+    its redis-server, puts, reads back (each object checked present) and reports a median."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("redis-server") is None:
+        start_redis()  # skips, or fails under LMCACHE_REQUIRE_REDIS=1
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "redis_write_behind.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--reps", "1", "--objects", "2",
+         "--object-mib", "5"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    medians = done.stdout.split("\nmedians", 1)[1].splitlines()[1:]
+    rows = {ln.split()[0]: ln.split() for ln in medians if ln and not ln.startswith("fresh")}
+    assert set(rows) == {
+        "base", "thp", "unix", "writers2", "part4m64", "part16", "sndbuf", "nodecay", "full",
+    }  # fmt: skip
+    for name, cells in rows.items():
+        assert float(cells[1]) > 0, name  # put GB/s
+        assert (cells[6] == "nan") == (name == "full"), name  # get GB/s: not in a full Redis
