@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
@@ -131,11 +132,12 @@ def unique_tokens(n: int, seed: int | None = None) -> np.ndarray:
     return rng.integers(0, 50_000, size=n, dtype=np.uint32)
 
 
-def start_redis(port: int | None = None) -> RedisProcess:
-    """A real redis-server on loopback (no persistence); the test skips without one, unless
-    LMCACHE_REQUIRE_REDIS=1 (CI), where that is an error."""
+def start_redis(port: int | None = None, **settings: Any) -> RedisProcess:
+    """A real redis-server on loopback (no persistence; ``settings``: `RedisProcess.start`'s
+    ``args`` / ``env``); the test skips without one, unless LMCACHE_REQUIRE_REDIS=1 (CI),
+    where that is an error."""
     try:
-        return RedisProcess.start(port)
+        return RedisProcess.start(port, **settings)
     except RedisUnavailable:
         if os.environ.get("LMCACHE_REQUIRE_REDIS") == "1":
             raise

@@ -6,8 +6,9 @@ One module for both, so that the benchmark drives the server exactly as the test
 
     ServerProcess.start(*flags) ─> `python -m lmcache.cli server --port P --http-port H ...`
                                    ready when the log says "LMCache cache server is running..."
-    RedisProcess.start()        ─> `redis-server --port P --save "" --appendonly no`
-                                   ready when it answers PING
+    RedisProcess.start()        ─> `redis-server --port P --save "" --appendonly no [args]`
+                                   with REDIS_ENV (jemalloc keeps freed pages); ready when
+                                   it answers PING
 
 A Redis Cluster of such processes is `lmcache.cluster_processes.RedisCluster`.
 """
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,27 +120,49 @@ class ServerProcess:
             return self.proc.wait()
 
 
+REDIS_MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+"""The jemalloc setting the README recommends for a redis-server that serves as L2: keep the
+pages it frees for reuse. Redis copies every GET reply of a multi-MiB part into a fresh
+buffer and frees it; with jemalloc's default decay those pages go back to the kernel and the
+next reply faults them in again (a first touch of fresh memory: 0.6 s/GB and more on the
+2-vCPU VM).
+Kept, redis-server's CPU per GB read halves (`benchmarks/results/redis_write_behind.txt`);
+the price is that its RSS does not shrink after deletes (``MEMORY PURGE`` releases it)."""
+
+REDIS_ENV = {"MALLOC_CONF": REDIS_MALLOC_CONF, "JE_MALLOC_CONF": REDIS_MALLOC_CONF}
+"""Both names: Debian's redis-server links the system jemalloc (reads ``MALLOC_CONF``), one
+built from Redis' sources its bundled copy, prefixed ``je_`` (reads ``JE_MALLOC_CONF``)."""
+
+
 class RedisUnavailable(RuntimeError):
     """There is no redis-server binary on this machine."""
 
 
 @dataclass
 class RedisProcess:
-    """A throwaway redis-server on loopback (no persistence)."""
+    """A throwaway redis-server on loopback (no persistence), started with `REDIS_ENV`, the
+    jemalloc setting we recommend; Redis' own defaults otherwise (no ``maxmemory``)."""
 
     proc: subprocess.Popen[bytes]
     port: int
 
     @classmethod
-    def start(cls, port: int | None = None, timeout: float = 10.0) -> RedisProcess:
+    def start(
+        cls, port: int | None = None, timeout: float = 10.0, args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> RedisProcess:  # fmt: skip
+        """``args``: more ``--name value`` settings (after ours, so they win); ``env`` on top
+        of ours and `REDIS_ENV` (``{"MALLOC_CONF": ""}``: jemalloc's defaults), as
+        ``benchmarks/redis_write_behind.py`` compares them."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisUnavailable("redis-server is not installed (apt-get install redis-server)")
         port = port or free_port()
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **REDIS_ENV, **(env or {})},
         )  # fmt: skip
         redis = cls(proc, port)
         deadline = time.monotonic() + timeout
