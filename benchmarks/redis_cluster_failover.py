@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
-from lmcache.bench.cluster_load import Host, Load, failover_scenario
+from _cluster import cluster_hosts
+
+from lmcache.bench.cluster_load import Load, failover_scenario
 from lmcache.cluster_processes import RedisCluster
-from lmcache.processes import ServerProcess
 
 
 def main() -> None:
@@ -45,32 +45,21 @@ def main() -> None:
     print(f"cluster: 3 masters + 3 replicas up in {up:.1f}s, cluster-node-timeout "
           f"{a.node_timeout_ms} ms, maxmemory {a.maxmemory_mb} MiB per node (allkeys-lru); "
           f"{os.cpu_count()} CPUs")  # fmt: skip
-    adapter = f'{{"type": "redis", "url": "{cluster.seeds_url}", "cluster": true}}'
-    dirs = [tempfile.TemporaryDirectory(prefix=f"lmcache-host{i}-") for i in range(a.servers)]
-    servers: list[ServerProcess] = []
-    hosts: list[Host] = []
+    args = ("--l2-breaker-s", str(a.breaker_s))
     try:
-        for i, d in enumerate(dirs):
-            servers.append(ServerProcess.start(
-                "--l1-size-gb", "1", "--l2-adapter", adapter, "--l2-breaker-s", str(a.breaker_s),
-                env={"LMCACHE_SHM_DIR": d.name},
-            ))  # fmt: skip
-            hosts.append(Host.attach(servers[-1], 100 + i, d.name, block_bytes=block_bytes))
-        print(f"{a.servers} servers (one shm dir each), chunk {a.chunk_kib} KiB, 3 chunks per "
-              f"prompt; timeout_s 2 (default), --l2-breaker-s {a.breaker_s:g}\n")  # fmt: skip
-        outcome = failover_scenario(
-            cluster, Load(hosts).start(), steady_s=a.steady_s, resume_s=a.resume_s,
-            reshard_slots=a.reshard_slots,
-        )  # fmt: skip
-        print(outcome.report())
+        with cluster_hosts(
+            cluster, a.servers, *args, first_iid=100, block_bytes=block_bytes, prefix="lmcache-host"
+        ) as hosts:
+            print(f"{a.servers} servers (one shm dir each), chunk {a.chunk_kib} KiB, "
+                  f"3 chunks per prompt; timeout_s 2 (default), "
+                  f"--l2-breaker-s {a.breaker_s:g}\n")  # fmt: skip
+            outcome = failover_scenario(
+                cluster, Load(hosts).start(), steady_s=a.steady_s, resume_s=a.resume_s,
+                reshard_slots=a.reshard_slots,
+            )  # fmt: skip
+            print(outcome.report())
     finally:
-        for h in hosts:
-            h.close()
-        for s in servers:
-            s.stop()
         cluster.stop()
-        for d in dirs:
-            d.cleanup()
 
 
 if __name__ == "__main__":

@@ -25,17 +25,16 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import tempfile
 import threading
 import time
 from typing import Any
 
 import numpy as np
 import redis.cluster
+from _cluster import cluster_hosts
 
-from lmcache.bench.cluster_load import BLOCK, CHUNK, MODEL, Host, l2_status
+from lmcache.bench.cluster_load import BLOCK, CHUNK, MODEL, l2_status
 from lmcache.cluster_processes import RedisCluster
-from lmcache.processes import ServerProcess
 
 
 def redis_py(url: str, n: int, size: int, seed: int, *, out: Any, go: Any) -> None:
@@ -82,17 +81,11 @@ def run(cluster: RedisCluster, n: int, a: argparse.Namespace) -> str:
         cluster.command(port, "FLUSHALL")
     block_bytes = a.chunk_kib * 1024 // (CHUNK // BLOCK) // 4
     chunk = block_bytes * 4 * (CHUNK // BLOCK)
-    adapter = f'{{"type": "redis", "url": "{cluster.seeds_url}", "cluster": true}}'
-    dirs = [tempfile.TemporaryDirectory(prefix=f"lmcache-tp{i}-") for i in range(n)]
-    servers: list[ServerProcess] = []
-    hosts: list[Host] = []
-    try:
-        for i, d in enumerate(dirs):
-            servers.append(ServerProcess.start(
-                "--l1-size-gb", "1", "--l2-adapter", adapter, "--l2-writers", str(a.writers),
-                env={"LMCACHE_SHM_DIR": d.name},
-            ))  # fmt: skip
-            hosts.append(Host.attach(servers[-1], 200 + i, d.name, block_bytes=block_bytes))
+    args = ("--l2-writers", str(a.writers))
+    with cluster_hosts(
+        cluster, n, *args, first_iid=200, block_bytes=block_bytes, prefix="lmcache-tp"
+    ) as hosts:
+        servers = [h.server for h in hosts]
         rng = np.random.default_rng(n)
         prompts = [
             [rng.integers(0, 50_000, size=3 * CHUNK, dtype=np.uint32) for _ in range(a.prompts)]
@@ -132,13 +125,6 @@ def run(cluster: RedisCluster, n: int, a: argparse.Namespace) -> str:
         took = time.perf_counter() - t0
         loaded = sum(int(l2_status(s)["prefetched_objects"]) for s in servers) - before
         read = loaded * chunk / 1e9 / took
-    finally:
-        for h in hosts:
-            h.close()
-        for s in servers:
-            s.stop()
-        for d in dirs:
-            d.cleanup()
     for port in cluster.masters():
         cluster.command(port, "FLUSHALL")
     c_write, c_read = ceiling(cluster.url, n, want // n, chunk)

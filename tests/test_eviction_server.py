@@ -4,17 +4,16 @@ background, observed in /status."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
 from lmcache.http.app import create_app
 
 from .conftest import CHUNK, engine, register, start_server, unique_tokens
+from .http_probe import IdleServer, ask
 
 __all__ = ["engine"]
 MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
@@ -86,23 +85,8 @@ def test_quota_routes_and_salt_isolation(engine: Any) -> None:
         srv.stop()
 
 
-class _Fake:
-    ready = True
-
-    def health(self) -> list[str]:
-        return []
-
-    def degraded(self) -> list[str]:
-        return []
-
-    def clear(self) -> int:
-        return 0
-
-    def clear_l2(self) -> int:
-        return 0
-
-    def status(self) -> dict[str, Any]:
-        return {}
+class _Fake(IdleServer):
+    """An idle server with an empty quota table."""
 
     def list(self) -> dict[str, Any]:
         return {"quotas": []}
@@ -117,16 +101,6 @@ class _Fake:
         return {}
 
 
-def _ask(app: Any, peer: str, method: str, path: str, **kw: Any) -> int:
-    transport = httpx.ASGITransport(app=app, client=(peer, 4242))
-
-    async def run() -> int:
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-            return (await http.request(method, path, **kw)).status_code
-
-    return asyncio.run(run())
-
-
 @pytest.mark.parametrize(
     ("method", "path", "kw"),
     [("GET", "/quota", {}), ("GET", "/quota/a", {}), ("PUT", "/quota/a", {"json": {"limit_gb": 1}}),
@@ -135,11 +109,11 @@ def _ask(app: Any, peer: str, method: str, path: str, **kw: Any) -> int:
 def test_quota_routes_are_admin_even_to_read(method: str, path: str, kw: dict[str, Any]) -> None:
     fake = _Fake()
     app = create_app(fake, metrics=CollectorRegistry(), admin_token=TOKEN, quotas=lambda: fake)
-    assert _ask(app, "10.0.0.7", method, path, **kw) == 401
+    assert ask(app, "10.0.0.7", (method, path, kw)) == [401]
     bearer = {**kw, "headers": {"Authorization": f"Bearer {TOKEN}"}}
-    assert _ask(app, "10.0.0.7", method, path, **bearer) == 200
-    assert _ask(app, "127.0.0.1", method, path, **kw) == 200
-    assert _ask(app, "10.0.0.7", "GET", "/status") == 200  # other reads stay open
+    assert ask(app, "10.0.0.7", (method, path, bearer)) == [200]
+    assert ask(app, "127.0.0.1", (method, path, kw)) == [200]
+    assert ask(app, "10.0.0.7", ("GET", "/status", {})) == [200]  # other reads stay open
 
 
 def test_watermark_evicts_in_the_background(engine: Any) -> None:

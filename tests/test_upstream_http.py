@@ -4,11 +4,9 @@ L2 adapter shapes."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -19,6 +17,7 @@ from lmcache.storage.l2 import make_adapter
 from lmcache.storage.l2.upstream import from_upstream
 
 from .conftest import CHUNK, ServerProcess, engine, fill_random, register, start_server
+from .http_probe import IdleServer, ask
 
 __all__ = ["engine"]
 TOKEN = "an-admin-token-that-is-long-enough-0123456789"
@@ -105,26 +104,11 @@ def test_loglevel(srv: ServerProcess) -> None:
                          ).status_code == 400  # fmt: skip
 
 
-class _Fake:
-    ready = True
+class _Fake(IdleServer):
+    """An idle server whose upstream admin routes do nothing (clears are noted)."""
 
     def __init__(self) -> None:
         self.cleared: list[tuple[str, bool]] = []
-
-    def health(self) -> list[str]:
-        return []
-
-    def degraded(self) -> list[str]:
-        return []
-
-    def clear(self) -> int:
-        return 0
-
-    def clear_l2(self) -> int:
-        return 0
-
-    def status(self) -> dict[str, Any]:
-        return {}
 
     def clear_tiers(self, tier: str, force: bool) -> dict[str, int]:
         self.cleared.append((tier, force))
@@ -143,17 +127,6 @@ class _Fake:
         return {}
 
 
-def _ask(app: Any, peer: str, *requests: tuple[str, str, dict[str, Any]]) -> list[int]:
-    """Status codes of ``requests`` sent to ``app`` from address ``peer``."""
-    transport = httpx.ASGITransport(app=app, client=(peer, 4242))
-
-    async def run() -> list[int]:
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-            return [(await http.request(m, p, **kw)).status_code for m, p, kw in requests]
-
-    return asyncio.run(run())
-
-
 @pytest.mark.parametrize(
     ("method", "path", "kwargs"),
     [
@@ -168,19 +141,19 @@ def test_mutating_routes_need_loopback_or_the_token(
     fake = _Fake()
     app = create_app(fake, metrics=CollectorRegistry(), admin_token=TOKEN, admin=fake)
     bearer = {**kwargs, "headers": {"Authorization": f"Bearer {TOKEN}"}}
-    assert _ask(app, "10.0.0.7", (method, path, kwargs), (method, path, bearer),
+    assert ask(app, "10.0.0.7", (method, path, kwargs), (method, path, bearer),
                 ("GET", "/config", {})) == [401, 200, 200]  # fmt: skip
-    assert _ask(app, "127.0.0.1", (method, path, kwargs)) == [200]
+    assert ask(app, "127.0.0.1", (method, path, kwargs)) == [200]
     app = create_app(fake, metrics=CollectorRegistry(), admin=fake)
-    assert _ask(app, "10.0.0.7", (method, path, kwargs)) == [403]
+    assert ask(app, "10.0.0.7", (method, path, kwargs)) == [403]
 
 
 def test_disabled_metrics_answer_404() -> None:
     fake = _Fake()
     app = create_app(fake, metrics=CollectorRegistry(), serve_metrics=False)
-    assert _ask(app, "127.0.0.1", ("GET", "/metrics", {})) == [404]
+    assert ask(app, "127.0.0.1", ("GET", "/metrics", {})) == [404]
     app = create_app(fake, metrics=CollectorRegistry())
-    assert _ask(app, "127.0.0.1", ("GET", "/metrics", {})) == [200]
+    assert ask(app, "127.0.0.1", ("GET", "/metrics", {})) == [200]
 
 
 # ----- upstream's L2 adapter shapes ---------------------------------------------------------

@@ -25,18 +25,10 @@ from lmcache.protocol.messages import (
     encode_tokens,
 )
 
-from .conftest import (
-    BLOCK,
-    CHUNK,
-    ServerProcess,
-    fill_random,
-    register,
-    start_server,
-    unique_tokens,
-)
-from .test_fuzz import Wire, fuzz, ints
+from ..conftest import CHUNK, ServerProcess, start_server, unique_tokens
+from .values import fuzz, ints
+from .wire import ENGINE_ID, Wire
 
-ENGINE = 5151
 _ids = itertools.count(1)
 HOSTILE = st.one_of(
     ints(), st.none(), st.booleans(), st.floats(), st.text(max_size=8), st.binary(max_size=8)
@@ -44,27 +36,22 @@ HOSTILE = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def logged_server() -> Iterator[ServerProcess]:
+def fuzz_server() -> Iterator[ServerProcess]:
+    """This module's server keeps a KV event log of 16 records (the conftest's `wire` and
+    `kv` fixtures then talk to and register with this one)."""
     s = start_server("--kv-event-log-size", "16")
-    kv = ShmKVCache(num_layers=4, num_blocks=64, block_size=BLOCK, block_bytes=2048, planes=2)
-    fill_random(kv, 3)
-    client = s.client()
-    register(client, kv, ENGINE)
-    for _ in range(12):  # records to page through; the ring (16) wraps
-        client.store(
-            "seed", ENGINE, unique_tokens(2 * CHUNK), start=0, end=2 * CHUNK, block_ids=range(32)
-        )
     yield s
-    client.unregister(ENGINE)
-    kv.close()
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def wire(logged_server: ServerProcess) -> Iterator[Wire]:
-    w = Wire(logged_server.port)
-    yield w
-    w.close()
+@pytest.fixture(scope="module", autouse=True)
+def records(fuzz_server: ServerProcess, kv: ShmKVCache) -> None:
+    """Records to page through: 12 stores of 2 chunks each, so the ring (16) wraps."""
+    client = fuzz_server.client()
+    for _ in range(12):
+        client.store(
+            "seed", ENGINE_ID, unique_tokens(2 * CHUNK), start=0, end=2 * CHUNK, block_ids=range(32)
+        )
 
 
 def _exchange(wire: Wire, msg: dict[str, Any]) -> tuple[Any, Any]:
@@ -97,7 +84,7 @@ def test_polls_with_hostile_cursors_and_limits(wire: Wire, after: Any, limit: An
 @given(want_keys=HOSTILE, salt=st.sampled_from(["", "t"]))
 def test_stores_with_hostile_want_keys(wire: Wire, want_keys: Any, salt: str) -> None:
     msg = {
-        "id": next(_ids), "op": "store", "request_id": "f", "instance_id": ENGINE,
+        "id": next(_ids), "op": "store", "request_id": "f", "instance_id": ENGINE_ID,
         "tokens": encode_tokens(unique_tokens(CHUNK)), "start": 0, "end": CHUNK,
         "block_ids": list(range(16)), "cache_salt": salt, "want_keys": want_keys,
     }  # fmt: skip
@@ -109,9 +96,9 @@ def test_stores_with_hostile_want_keys(wire: Wire, want_keys: Any, salt: str) ->
     assert len(reply.keys) == (1 if want_keys is True else 0)
 
 
-def test_the_server_is_healthy_after_the_fuzzing(logged_server: ServerProcess, wire: Wire) -> None:
-    status = logged_server.status()
+def test_the_server_is_healthy_after_the_fuzzing(fuzz_server: ServerProcess, wire: Wire) -> None:
+    status = fuzz_server.status()
     assert status["healthy"] and status["kv_events"]["records"] <= 16
     reply = wire.call(msgspec.msgpack.encode({"id": 1, "op": "poll_kv_events"}))
     assert isinstance(reply, KVEvents) and reply.records
-    assert "Traceback" not in logged_server.log()
+    assert "Traceback" not in fuzz_server.log()
