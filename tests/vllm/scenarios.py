@@ -13,6 +13,7 @@ so they are parameters; the scenario and its assertions are not.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 
@@ -41,6 +42,12 @@ def same_output(a: Completion, b: Completion, tolerance: float = 1e-4) -> None:
 
 def new_log(server: ServerProcess, since: int) -> str:
     return server.log()[since:]
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples in a Prometheus text page, over its labels (0 if absent)."""
+    found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return sum(float(v) for v in found)
 
 
 def wait_for(vllm: VllmProcess, text: str, timeout: float = 30) -> None:

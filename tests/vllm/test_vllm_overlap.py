@@ -10,7 +10,6 @@ reuses blocks never cache wrong bytes. The connector is ours with every store he
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import pytest
 
 from ..conftest import ServerProcess, start_server
 from .conftest import ROOT, VllmProcess, kv_config, start_vllm
-from .scenarios import new_log, prompt, same_output
+from .scenarios import metric, new_log, prompt, same_output
 
 BLOCKS = 40  # KV blocks vLLM gets: 40 x 128 = 5120 tokens
 
@@ -44,12 +43,6 @@ def small(tiny_model: Path) -> Iterator[tuple[ServerProcess, VllmProcess]]:
     yield server, vllm
     vllm.stop()
     server.stop()
-
-
-def metric(text: str, name: str) -> float:
-    """The sum of a metric's samples in a Prometheus text page (0 if absent)."""
-    found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
-    return sum(float(v) for v in found)
 
 
 def server_metric(server: ServerProcess, name: str) -> float:

@@ -4,7 +4,6 @@ connector stats in vLLM's log and on its /metrics."""
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -16,15 +15,13 @@ import zmq
 
 from ..conftest import start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .scenarios import prompt
+from .scenarios import metric, prompt
 
 BLOCK, CHUNK = 128, 256  # vLLM's CPU block size, the server's default chunk
 
 
-def metric(vllm: VllmProcess, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{vllm.port}/metrics", timeout=10).text
-    values = [float(m) for m in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)]
-    return sum(values)
+def vllm_metric(vllm: VllmProcess, name: str) -> float:
+    return metric(httpx.get(f"http://127.0.0.1:{vllm.port}/metrics", timeout=10).text, name)
 
 
 def published(sub: zmq.Socket[bytes], kind: str, first: float = 10, quiet: float = 1) -> list[Any]:
@@ -104,15 +101,15 @@ def check_stored(events: list[Any], tokens: list[int]) -> list[Any]:
 def check_stats(vllm: VllmProcess, whole: int) -> None:
     """vLLM's /metrics carry our counters, and its periodic log line shows them."""
     deadline = time.monotonic() + 20
-    while metric(vllm, "vllm:lmcache_load_tokens_total") == 0:
+    while vllm_metric(vllm, "vllm:lmcache_load_tokens_total") == 0:
         assert time.monotonic() < deadline, "vllm:lmcache_load_tokens_total never moved"
         time.sleep(0.5)
-    assert metric(vllm, "vllm:lmcache_store_tokens_total") >= whole
-    assert metric(vllm, "vllm:lmcache_store_bytes_total") > 0
-    assert metric(vllm, "vllm:lmcache_lookup_tokens_total") >= 2 * whole
-    assert metric(vllm, "vllm:lmcache_hit_tokens_total") >= whole
-    assert metric(vllm, "vllm:lmcache_load_bytes_total") > 0
-    assert metric(vllm, "vllm:lmcache_failed_loads_total") == 0
+    assert vllm_metric(vllm, "vllm:lmcache_store_tokens_total") >= whole
+    assert vllm_metric(vllm, "vllm:lmcache_store_bytes_total") > 0
+    assert vllm_metric(vllm, "vllm:lmcache_lookup_tokens_total") >= 2 * whole
+    assert vllm_metric(vllm, "vllm:lmcache_hit_tokens_total") >= whole
+    assert vllm_metric(vllm, "vllm:lmcache_load_bytes_total") > 0
+    assert vllm_metric(vllm, "vllm:lmcache_failed_loads_total") == 0
     deadline = time.monotonic() + 15
     while "KV Transfer metrics: lookup_tokens=" not in vllm.log():
         assert time.monotonic() < deadline, "no 'KV Transfer metrics' line in vLLM's log"
