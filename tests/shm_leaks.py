@@ -68,7 +68,12 @@ class ShmWatch:
 
     def _sample(self) -> None:
         while not self._stop.wait(_SAMPLE_S):
-            self._note_children()
+            try:
+                self._note_children()
+            except Exception:  # a test may patch open() or os meanwhile
+                # A missed sample only makes the check more lenient (a pid it does not
+                # know is never reported); it must never fail the test that ran meanwhile.
+                continue
 
     def _note_children(self) -> None:
         try:
