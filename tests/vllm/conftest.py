@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,11 +46,21 @@ VLLM_ENV = {
 
 
 def build_model(name: str, *args: str) -> Path:
+    """The tiny model ``name``, built once per checkout. Parallel test workers (xdist) may
+    ask at the same time: one builds into a temporary folder under a lock and renames it,
+    so nobody ever loads a half-written model."""
     path = CACHE / name
-    if not (path / "model.safetensors").exists():
-        path.mkdir(parents=True, exist_ok=True)
-        script = Path(__file__).with_name("tiny_model.py")
-        subprocess.run([sys.executable, str(script), str(path), *args], check=True)
+    if (path / "model.safetensors").exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").exists():
+            partial = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
+            script = Path(__file__).with_name("tiny_model.py")
+            subprocess.run([sys.executable, str(script), str(partial), *args], check=True)
+            shutil.rmtree(path, ignore_errors=True)  # a folder an older run left half-built
+            partial.rename(path)
     return path
 
 
