@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -396,3 +397,29 @@ def test_an_engine_killed_with_sigkill_is_forgotten(
     # Its KV segment (its whole KV cache) does not stay behind in /dev/shm.
     server.wait_log(f"removed its segments {segment}", timeout=10)
     assert not os.path.exists(shm_path(segment))
+
+
+def test_an_engine_forgotten_while_silent_leaves_no_segment_when_it_dies() -> None:
+    """Frozen past --engine-timeout-s, the engine is unregistered while its process still
+    holds its KV segment; SIGKILLed later (and not yet waited for: a zombie), its segment is
+    removed all the same. The chaos test found one left behind that way."""
+    server = start_server("--engine-timeout-s", "1")
+    tokens = np.arange(CHUNK, dtype=np.uint32)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(DYING_ENGINE), str(server.port), "778",
+         tokens.tobytes().hex()],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        segment = proc.stdout.readline().split()[0]
+        proc.send_signal(signal.SIGSTOP)
+        server.wait_log("Unregistered GPU ID 778: silent for 1 s", timeout=15)
+        assert os.path.exists(shm_path(segment))  # its frozen process still holds it
+        proc.send_signal(signal.SIGKILL)  # not waited for until the end: a zombie meanwhile
+        server.wait_log(f"Removed the segments {segment} of process {proc.pid}", timeout=15)
+        assert not os.path.exists(shm_path(segment))
+    finally:
+        proc.kill()
+        proc.wait()
+        assert server.stop() == 0

@@ -59,6 +59,10 @@ from lmcache.storage.shm_names import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
 from lmcache.transport.zmq_server import Deferred, Outcome
 
+# Engines unregistered while silent whose segments are removed once their process is gone.
+MAX_FORGOTTEN_PIDS = 1024
+MAX_FORGOTTEN_NAMES = 256
+
 logger = logging.getLogger("lmcache.server")
 
 # Prepared transfers longer than this many chunks run on the worker pool: measured, a
@@ -126,6 +130,8 @@ class RequestHandler:
         self.prepared = PreparedTransfers(store, sessions, metrics, self.chunk_size, lock_ttl)
         self.tiers = tiers
         self.copies = Copies(store, keys, registry, sessions, metrics)
+        # pid -> segment names of engines unregistered for silence (see `reap`)
+        self._forgotten_segments: dict[int, list[str]] = {}
         loop, pool = Runs.LOOP, Runs.POOL
         self.routes: dict[type[Request], Route] = {
             Ping: Route(lambda req, call: self._ping(req, call.peer), loop),
@@ -243,8 +249,9 @@ class RequestHandler:
         connected) or that were silent for ``idle_s`` seconds (0: never): their
         registrations, mappings, prepared transfers and lookup locks. Returns log lines."""
         lines = []
-        dead = {p for p in {e.pid for e in self.registry.engines() if e.pid} | self.sessions.pids()
-                if not pid_alive(p)}  # fmt: skip
+        pids = {e.pid for e in self.registry.engines() if e.pid}
+        pids |= self.sessions.pids() | set(self._forgotten_segments)
+        dead = {p for p in pids if not pid_alive(p)}
         for engine in self.registry.engines():
             dead_now = engine.pid in dead
             if dead_now:
@@ -258,18 +265,36 @@ class RequestHandler:
             dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
             # A dead engine's KV segments stay in /dev/shm (they hold its whole KV cache)
             # unless we remove them: only those nobody holds any more (see storage/shm_names.py).
-            names = engine.segment_names() if dead_now else []
-            removed = [n for n in names if unlink_if_stale(n)]
+            # A silent one still holds them: they are removed once its process is gone.
+            names = engine.segment_names()
+            removed = [n for n in names if unlink_if_stale(n)] if dead_now else []
+            if names and not dead_now and engine.pid:
+                self._forget_later(engine.pid, names)
             lines.append(
                 f"Unregistered GPU ID {engine.instance_id}: {why}; released {dropped} "
                 "prepared transfers and unmapped its memory"
                 + (f"; removed its segments {', '.join(removed)}" if removed else "")
             )
+        for pid in dead & set(self._forgotten_segments):
+            removed = [n for n in self._forgotten_segments.pop(pid) if unlink_if_stale(n)]
+            if removed:
+                lines.append(
+                    f"Removed the segments {', '.join(removed)} of process {pid} (an engine "
+                    "forgotten while silent, gone now)"
+                )
         if dead:
             ended = self.sessions.end_pids(dead)
             if ended:
                 lines.append(f"Released the lookup locks of {ended} requests of dead processes")
         return lines
+
+    def _forget_later(self, pid: int, names: list[str]) -> None:
+        """Remember the segments of an engine unregistered while alive (bounded: the oldest
+        entry goes first), to remove them when its process is gone."""
+        self._forgotten_segments.pop(pid, None)
+        while len(self._forgotten_segments) >= MAX_FORGOTTEN_PIDS:
+            del self._forgotten_segments[next(iter(self._forgotten_segments))]
+        self._forgotten_segments[pid] = names[:MAX_FORGOTTEN_NAMES]
 
     # ----- lookups ----------------------------------------------------------------------
 

@@ -145,14 +145,23 @@ class Engine:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` (of this PID namespace) exists."""
+    """Whether process ``pid`` (of this PID namespace) exists and is not a zombie: a killed
+    process its parent has not waited for yet has closed its files and sockets already, and
+    will never speak again."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True  # no procfs here: the signal test is all we have
+    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
 
 
 def check_identity(model_name: str, world_size: int, dtype: str, cache_salt: str = "") -> None:
