@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,12 +28,36 @@ from lmcache.processes import RedisProcess, RedisUnavailable
 
 from .shm_leaks import ShmWatch
 
+TESTS = Path(__file__).parent
+
 _SHM = ShmWatch()
 _SHM_LEAKS: list[str] = []
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _SHM.start()
+
+
+# Modules of a minute or more each (vLLM starts, an image build, the chaos run, a bench run),
+# longest first. They run before the rest, so that the parallel workers of `scripts/test`
+# (pytest-xdist, one module per worker at a time) finish on short modules, not on a long one.
+LONG_FIRST = (
+    "vllm/test_vllm_resilience.py",
+    "vllm/test_vllm_l2.py",
+    "test_containers.py",
+    "vllm/",
+    "test_chaos.py",
+    "test_bench.py",
+    "test_redis_cluster.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        rel = item.path.relative_to(TESTS).as_posix()
+        return next((i for i, p in enumerate(LONG_FIRST) if rel.startswith(p)), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the order inside each module stays
 
 
 @pytest.hookimpl(trylast=True)

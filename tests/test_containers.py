@@ -1,17 +1,18 @@
-"""The container images under deploy/docker/, checked without a Docker engine (CI has none):
+"""The container images under deploy/docker/:
 
-- the server image's install step: `install-server.sh` (the one script Dockerfile.server RUNs)
-  installs the package from a copy of the build context (what `.dockerignore` lets through)
-  into a new venv, and the installed `lmcache server`, started with the Dockerfile's own CMD
-  arguments on free ports, answers /healthcheck and stores and retrieves a real engine's
-  blocks through shared memory (about 30 s on 2 quiet cores: a venv and pip);
+- the server image's install step, without Docker: `install-server.sh` (the one script
+  Dockerfile.server RUNs) installs the package from a copy of the build context (what
+  `.dockerignore` lets through) into a new venv, and the installed `lmcache server`, started
+  with the Dockerfile's own CMD arguments on free ports, answers /healthcheck and stores and
+  retrieves a real engine's blocks through shared memory (about 30 s on 2 quiet cores);
 - static checks: compose.yaml parses, every `lmcache server` command in the Dockerfiles and the
   compose file is accepted by the real argument parser and settings, the kv-transfer-config
   is valid JSON naming our connector and the server's port, and each Dockerfile RUNs exactly
-  its install script.
-
-With a Docker engine (LMCACHE_DOCKER_TESTS=1; slow: an image build takes minutes), the server
-image is built and run as the README says and a host engine uses it through /dev/shm.
+  its install script;
+- with LMCACHE_DOCKER_TESTS=1 (CI sets it): the base image (debootstrap) and the server image
+  are built with a real Docker engine (the user's, or a private one this session starts:
+  `tests/docker_engine.py`), run as the README says, and an engine on the host stores and
+  retrieves through /dev/shm; about 3 minutes with the base image, seconds without.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lmcache.processes import free_port
 from lmcache.settings import ServerSettings
 
 from .conftest import CHUNK, ServerProcess, fill_random, lookup_hit, register
+from .docker_engine import DockerEngine, docker_engine
 
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "deploy" / "docker"
@@ -283,32 +285,43 @@ def test_the_readme_shows_the_commands_that_were_verified() -> None:
 # ----- with a Docker engine (opt-in) -------------------------------------------------------------
 
 
-def docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=True
-    )
+@pytest.fixture(scope="module")
+def engine() -> Iterator[DockerEngine]:
+    """The user's Docker engine, or a private one (`tests/docker_engine.py`). Asked for with
+    LMCACHE_DOCKER_TESTS=1 (CI sets it), a missing engine is a failure, not a skip."""
+    if os.environ.get("LMCACHE_DOCKER_TESTS") != "1":
+        pytest.skip("builds and runs images: LMCACHE_DOCKER_TESTS=1 (root or a Docker engine)")
+    with docker_engine() as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
-def server_image() -> Iterator[str]:
+def server_image(engine: DockerEngine) -> str:
     """lmcache/standalone:cpu built here (and the base image, when missing)."""
-    if os.environ.get("LMCACHE_DOCKER_TESTS") != "1":
-        pytest.skip("builds and runs images: LMCACHE_DOCKER_TESTS=1 with a Docker engine")
-    base = ["docker", "image", "inspect", "lmcache-base:bookworm"]
-    if subprocess.run(base, check=False, capture_output=True).returncode != 0:
-        subprocess.run([str(DOCKER / "make-base-image.sh")], check=True, timeout=1800)
+    try:
+        engine.run("image", "inspect", "lmcache-base:bookworm")
+    except subprocess.CalledProcessError:
+        subprocess.run(
+            [str(DOCKER / "make-base-image.sh")],
+            check=True,
+            timeout=1200,
+            env={**os.environ, **engine.env},
+        )
     tag = "lmcache/standalone:cpu"
-    docker("build", "--network", "host", "-f", str(SERVER_DOCKERFILE), "-t", tag, str(ROOT),
-           timeout=1800)  # fmt: skip
-    yield tag
+    engine.run("build", "--network", "host", "-f", str(SERVER_DOCKERFILE), "-t", tag, str(ROOT),
+               timeout=1200)  # fmt: skip
+    return tag
 
 
-def test_server_image_serves_a_host_engine_through_dev_shm(server_image: str) -> None:
+def test_server_image_serves_a_host_engine_through_dev_shm(
+    engine: DockerEngine, server_image: str
+) -> None:
     port, http_port = free_port(), free_port()
     name = f"lmcache-test-{os.getpid()}"
     cmd = with_flag(exec_form(SERVER_DOCKERFILE, "CMD"), "--port", str(port))
     cmd = [*with_flag(cmd, "--l1-size-gb", "1"), "--http-port", str(http_port)]
-    docker("run", "-d", "--name", name, "--network", "host", "--ipc", "host", server_image, *cmd)
+    host = ("--network", "host", "--ipc", "host")
+    engine.run("run", "-d", "--name", name, *host, server_image, *cmd)
     kv = ShmKVCache(num_layers=4, num_blocks=64, block_size=16, block_bytes=2048, planes=2)
     client = None
     try:
@@ -320,7 +333,7 @@ def test_server_image_serves_a_host_engine_through_dev_shm(server_image: str) ->
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, docker("logs", name).stdout
+            assert time.monotonic() < deadline, engine.run("logs", name).stdout
             time.sleep(0.5)
         assert r.json() == {"status": "healthy"}
         client = LMCacheClient.connect("localhost", port, timeout=10)
@@ -333,7 +346,7 @@ def test_server_image_serves_a_host_engine_through_dev_shm(server_image: str) ->
         assert lookup_hit(client, "r", tokens, **MODEL) == CHUNK
         client.retrieve("r", 1, tokens, start=0, end=CHUNK, block_ids=range(16))
         assert np.array_equal(kv.blocks[:, :, :16], stored)
-        started = docker("logs", name)
+        started = engine.run("logs", name)
         pool = next(
             w for w in (started.stdout + started.stderr).split() if "lmcache_l1_pool_" in w
         ).rstrip(":,")
@@ -342,10 +355,10 @@ def test_server_image_serves_a_host_engine_through_dev_shm(server_image: str) ->
         if client is not None:
             client.close()
         kv.close()
-        docker("stop", "-t", "60", name, timeout=90)
-        code = docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()
-        ended = docker("logs", name)
+        engine.run("stop", "-t", "60", name, timeout=90)
+        code = engine.run("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()
+        ended = engine.run("logs", name)
         logs = ended.stdout + ended.stderr
-        docker("rm", name)
+        engine.run("rm", name)
     assert code == "0", logs
     assert not Path(pool).exists(), shlex.join(cmd)  # unlinked at a graceful stop
