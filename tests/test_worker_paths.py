@@ -11,6 +11,7 @@ another host (bytes in the messages, the automatic fallback).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from lmcache.integration.vllm.transfer_paths import (
 )
 from lmcache.integration.vllm.worker import WorkerSide
 from lmcache.protocol.messages import WorkerCopy
+from lmcache.storage.shm_names import shm_path
 
 from .conftest import BLOCK, CHUNK, ServerProcess, fill_random, start_server, unique_tokens
 
@@ -337,6 +339,30 @@ def test_no_shared_memory_falls_back_to_bytes_and_logs_once(
     warnings = [m for m in messages.lines if "shares no memory with this worker" in m]
     assert len(warnings) == 1
     assert not [m for m in messages.lines if "inline" in m]
+
+
+def test_shutdown_removes_the_segment_name_before_anything_can_stall_it(
+    server: ServerProcess, engine: ShmKVCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM SIGKILLs a worker whose shutdown outlasts its grace period (5 s, then SIGTERM
+    and 4 s), e.g. stores waiting on a server that is gone: the KV segment's name goes
+    first, so an interrupted shutdown leaves no KV cache behind in /dev/shm."""
+    worker = make_worker(server, "engine_driven", engine)
+    path = shm_path(engine.segment.name)
+    assert os.path.exists(path)
+    named_at_interrupt = []
+    close_link = worker.link.close
+
+    def interrupted() -> None:  # vLLM's SIGTERM handler raises SystemExit mid-shutdown
+        named_at_interrupt.append(os.path.exists(path))
+        raise SystemExit
+
+    monkeypatch.setattr(worker.link, "close", interrupted)
+    with pytest.raises(SystemExit):
+        worker.shutdown()
+    close_link()
+    assert named_at_interrupt == [False]
+    assert engine.blocks.size  # vLLM's own mapping stays valid
 
 
 def test_re_registration_keeps_the_mapped_pool(server: ServerProcess, engine: ShmKVCache) -> None:

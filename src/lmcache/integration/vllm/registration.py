@@ -157,12 +157,17 @@ class Registration:
         )  # fmt: skip
         return path
 
+    def unlink_segments(self) -> None:
+        """Remove our KV segments' names (idempotent). The mappings stay valid, for vLLM and
+        for a server that has them mapped, until the processes exit; only a later
+        registration needs the names, and there is none once vLLM shuts down."""
+        for segment in self._segments:
+            segment.unlink()
+
     def close(self) -> None:
-        """After the link: close the path, free the copier, unlink our KV segments (their
-        mapping stays valid for vLLM until the process exits)."""
+        """After the link: close the path, free the copier, unlink our KV segments."""
         if self.path is not None:
             self.path.close()
         if self._copier is not None:
             self._copier.release()
-        for segment in self._segments:
-            segment.unlink()
+        self.unlink_segments()

@@ -322,6 +322,10 @@ class WorkerSide:
         return self._stores.done() if self._stores is not None else set()
 
     def shutdown(self) -> None:
+        # Names first: the steps below may wait on a server that is gone (its RPC timeout),
+        # and vLLM SIGKILLs a worker that takes longer than its grace period; a segment left
+        # named would hold this worker's whole KV cache in /dev/shm after it.
+        self._reg.unlink_segments()
         if self._layered is not None:
             self._layered.close()
         if self._stores is not None:
