@@ -38,26 +38,29 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _SHM.start()
 
 
-# Modules of a minute or more each (vLLM starts, an image build, the chaos run, a bench run),
-# longest first. They run before the rest, so that the parallel workers of `scripts/test`
-# (pytest-xdist, one module per worker at a time) finish on short modules, not on a long one.
-LONG_FIRST = (
-    "vllm/test_vllm_resilience.py",
-    "vllm/test_vllm_l2.py",
-    "test_containers.py",
-    "vllm/",
-    "test_chaos.py",
-    "test_bench.py",
-    "test_redis_cluster.py",
-)
+# How `scripts/test` spreads the tests over parallel workers (pytest-xdist, --dist loadgroup):
+# a group runs whole on one worker, one group at a time per worker, so a module's fixtures
+# (a Redis cluster, the chaos run) are made once. Every vLLM test is in one group: two vLLMs
+# at once on a 2-core machine run no faster than one after the other, and starve the
+# servers under test (a lookup missed its 5 s reply under that load). Groups of a minute or
+# more go first, longest first, so the workers finish on short modules, not on a long one.
+LONG_FIRST = ("vllm/", "test_containers.py", "test_chaos.py", "test_bench.py",
+              "test_redis_cluster.py")  # fmt: skip
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def where(item: pytest.Item) -> str:
+        return item.path.relative_to(TESTS).as_posix()
+
     def rank(item: pytest.Item) -> int:
-        rel = item.path.relative_to(TESTS).as_posix()
+        rel = where(item)
         return next((i for i, p in enumerate(LONG_FIRST) if rel.startswith(p)), len(LONG_FIRST))
 
     items.sort(key=rank)  # stable: the order inside each module stays
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            rel = where(item)
+            item.add_marker(pytest.mark.xdist_group("vllm" if rel.startswith("vllm/") else rel))
 
 
 @pytest.hookimpl(trylast=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,30 @@ class VllmProcess:
                 self.proc.wait()
 
 
+_STARTED: list[VllmProcess] = []  # every vLLM this worker started, for failure reports
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed vLLM test shows what each vLLM still running said about LMCache (connector
+    lines, warnings and errors): the server's log alone cannot tell a lookup that never
+    came from one that timed out in the connector."""
+    report = yield
+    if not report.failed:
+        return report
+    for v in _STARTED:
+        if v.proc.poll() is not None:
+            continue
+        lines = [
+            line for line in v.log().splitlines()
+            if re.search(r"lmcache|LMCache|ERROR|WARNING|Traceback", line)
+        ]  # fmt: skip
+        report.sections.append((f"vLLM on port {v.port} (LMCache lines)", "\n".join(lines[-60:])))
+    return report
+
+
 def start_vllm(
     model: Path,
     kv_config: dict[str, object],
@@ -150,6 +175,7 @@ def start_vllm(
             cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV, **(env or {})}
         )
     v = VllmProcess(proc, port, model, log)
+    _STARTED.append(v)
     if wait:
         deadline = time.monotonic() + 240
         while True:
