@@ -47,10 +47,17 @@ def main() -> None:
     bufs = [pool.array[i * chunk_bytes : (i + 1) * chunk_bytes] for i in range(chunks)]
     nbytes = chunks * chunk_bytes
     src, dst = np.ones(nbytes, np.uint8), np.full(nbytes, 2, np.uint8)
+
+    def gather(c: BlockCopier) -> Callable[[], None]:
+        return lambda: c.gather_range(ids, enumerate(bufs))
+
+    def scatter(c: BlockCopier) -> Callable[[], None]:
+        return lambda: c.scatter_range(ids, bufs)
+
     jobs: dict[str, Callable[[], None]] = {"np.copyto": lambda: np.copyto(dst, src)}
     for t, c in copiers.items():
-        jobs[f"gather  t={t}"] = lambda c=c: c.gather_range(ids, enumerate(bufs))
-        jobs[f"scatter t={t}"] = lambda c=c: c.scatter_range(ids, bufs)
+        jobs[f"gather  t={t}"] = gather(c)
+        jobs[f"scatter t={t}"] = scatter(c)
     times: dict[str, list[float]] = {k: [] for k in jobs}
     for rep in range(a.reps + 1):
         for k, fn in jobs.items():

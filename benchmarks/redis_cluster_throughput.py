@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -133,8 +134,8 @@ def run(cluster: RedisCluster, n: int, a: argparse.Namespace) -> str:
             f"{c_read:.3f}); {loaded}/{want} chunks prefetched")  # fmt: skip
 
 
-def each(n: int, fn: object) -> None:
-    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]  # type: ignore[arg-type]
+def each(n: int, fn: Callable[[int], object]) -> None:
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:

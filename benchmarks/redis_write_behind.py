@@ -58,6 +58,7 @@ from redis.connection import UnixDomainSocketConnection
 from lmcache.processes import REDIS_ENV, RedisProcess
 from lmcache.storage.l2.redis import RedisL2
 from lmcache.storage.l2.redis_conn import _PACKER
+from lmcache.types import ObjectKey
 
 MiB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
@@ -94,7 +95,8 @@ class PackingUnixConnection(UnixDomainSocketConnection):
     """The adapter's packer (memoryviews sent without a copy) over a unix socket."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(command_packer=_PACKER, **kwargs)
+        # redis-py leaves this __init__ unannotated (`untyped_calls_exclude` misses super())
+        super().__init__(command_packer=_PACKER, **kwargs)  # type: ignore[no-untyped-call]
 
 
 def proc_stat(pid: int) -> tuple[int, float]:
@@ -146,7 +148,7 @@ class Load:
         return buf[i * self.obj : (i + 1) * self.obj]
 
 
-def put_all(v: Variant, ads: list[RedisL2], load: Load, keys: list[bytes]) -> None:
+def put_all(v: Variant, ads: list[RedisL2], load: Load, keys: list[ObjectKey]) -> None:
     """``keys[i]`` <- object i, spread over ``v.writers`` threads (one adapter each)."""
     errors: list[BaseException] = []
 
@@ -169,7 +171,7 @@ def put_all(v: Variant, ads: list[RedisL2], load: Load, keys: list[bytes]) -> No
 def one_rep(v: Variant, ads: list[RedisL2], load: Load, pid: int) -> dict[str, float]:
     """Put ``load.objects`` fresh objects, then (not in a full Redis, which may have evicted
     some) read them back; GB/s and redis-server's CPU and faults per GB of each."""
-    keys = [os.urandom(48) for _ in range(load.objects)]
+    keys = [ObjectKey(os.urandom(48)) for _ in range(load.objects)]
     gb = load.objects * load.obj / 1e9
     f0, c0 = proc_stat(pid)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -197,14 +199,18 @@ def run(name: str, load: Load) -> list[dict[str, float]]:
     try:
         ads = adapters(v, server, sock_path)
         # warm-up: connects, first allocations; for `full`, a whole store to evict later
-        put_all(v, ads, load, [os.urandom(48) for _ in range(load.objects if v.full else 1)])
+        warm = [ObjectKey(os.urandom(48)) for _ in range(load.objects if v.full else 1)]
+        put_all(v, ads, load, warm)
         admin = redis.Redis.from_url(server.url)
         if v.full:
             admin.config_set("maxmemory-policy", "allkeys-lru")
             admin.config_set("maxmemory", str(admin.info("memory")["used_memory"]))
         for a in ads if v.sndbuf else []:
-            pool = a._connect().connection_pool
+            client = a._connect()
+            assert isinstance(client, redis.Redis)  # one server here, never a cluster
+            pool = client.connection_pool
             conn = pool.get_connection()
+            assert conn._sock is not None  # get_connection connects
             conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, v.sndbuf)
             pool.release(conn)
         rows = [one_rep(v, ads, load, server.proc.pid) for _ in range(load.reps)]

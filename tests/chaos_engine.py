@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lmcache.client import LMCacheClient
+from lmcache.client import LMCacheClient, ModelFields
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import ServerError, ServerUnavailableError, UnknownEngineError
 from lmcache.protocol.messages import KVLayout, LayerPlacement, WorkerCopy
@@ -31,7 +31,7 @@ T = TypeVar("T")
 CHUNK, BLOCK, LAYERS, BLOCK_BYTES = 256, 16, 8, 2048  # chunk: the server's default
 BPC, PLANE, NUM_BLOCKS = CHUNK // BLOCK, BLOCK_BYTES // 2, 256  # a prompt: <= 7 chunks
 CHUNK_SHAPE, CHUNK_BYTES = (LAYERS, 2, BPC, PLANE), LAYERS * BPC * BLOCK_BYTES  # 256 KiB
-MODEL: dict[str, Any] = {"model_name": "chaos", "world_size": 1, "dtype": "bfloat16"}
+MODEL: ModelFields = {"model_name": "chaos", "world_size": 1, "dtype": "bfloat16"}
 MODES = ("engine_driven", "lmcache_driven", "bytes")
 OPS = ("lookup", "store", "retrieve")
 OUTCOMES = ("ok", "no_space", "miss", "transfer_failed", "unknown_engine", "bad_request",

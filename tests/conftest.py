@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import httpx
 import numpy as np
@@ -21,7 +21,7 @@ import numpy.random
 import pytest
 
 from lmcache import processes
-from lmcache.client import LMCacheClient
+from lmcache.client import LMCacheClient, ModelFields, Tokens
 from lmcache.cluster_processes import RedisCluster
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import RedisProcess, RedisUnavailable
@@ -127,6 +127,17 @@ def server() -> Iterator[ServerProcess]:
 CHUNK = 256
 BLOCK = 16
 
+MODEL: ModelFields = {"model_name": "m", "world_size": 1, "dtype": "bfloat16"}
+"""The model most tests register and look up with: ``client.lookup(rid, tokens, **MODEL)``."""
+
+
+class LookupFields(ModelFields, total=False):
+    """`lookup_hit`'s keywords: the model, and the optional ones of `LMCacheClient.lookup`."""
+
+    kv_spec: str
+    cache_salt: str
+    block_size: int
+
 
 @pytest.fixture
 def engine() -> Iterator[ShmKVCache]:
@@ -187,10 +198,14 @@ def start_redis_cluster(
 
 
 def lookup_hit(
-    client: LMCacheClient, request_id: str, tokens: object, timeout: float = 10, **model: object
+    client: LMCacheClient,
+    request_id: str,
+    tokens: Tokens,
+    timeout: float = 10,
+    **model: Unpack[LookupFields],
 ) -> int:
     """Lookup, then poll while the server is still loading from L2."""
-    hit = client.lookup(request_id, tokens, **model)  # type: ignore[arg-type]
+    hit = client.lookup(request_id, tokens, **model)
     deadline = time.monotonic() + timeout
     while hit is None:
         assert time.monotonic() < deadline, "lookup stayed pending"

@@ -176,6 +176,7 @@ class Backend:
             assert isinstance(a, RedisL2) and self.redis is not None
             name = self.part_name(k, offset // a.part_size)
             old = self.redis.getrange(name, offset % a.part_size, offset % a.part_size)
+            assert isinstance(old, bytes)  # a client without decode_responses
             self.redis.setrange(name, offset % a.part_size, bytes([old[0] ^ 0xFF]))
 
     def tear(self, a: L2Adapter, k: ObjectKey) -> None:

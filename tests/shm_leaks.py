@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from lmcache.storage.shm import shm_dir
+from lmcache.storage.shm_names import shm_dir
 from lmcache.transport.zmq_client import refuses_connections
 
 _PID = re.compile(r"^lmcache_(?:kv_(\d+)_\d+|.*?_(\d+))$")

@@ -45,7 +45,8 @@ def test_a_store_announces_its_blocks_chained_to_the_block_before() -> None:
     assert e is not None
     assert e.block_hashes == tuple(HASHES[2:5]) and e.parent == HASHES[1]
     assert e.token_ids == tuple(range(2 * BS, 5 * BS))
-    assert event(0, 2) is not None and event(0, 2).parent is None  # type: ignore[union-attr]
+    first = event(0, 2)
+    assert first is not None and first.parent is None
 
 
 def test_no_event_when_vllms_hashes_do_not_cover_the_range() -> None:
@@ -312,9 +313,9 @@ def test_vllm_stats_and_prometheus_counters() -> None:
 
     registry = prom.CollectorRegistry()
 
-    class Counter(prom.Counter):  # type: ignore[misc]
+    class Counter(prom.Counter):
         def __init__(self, *args: Any, **kw: Any) -> None:
-            super().__init__(*args, registry=registry, **kw)
+            super().__init__(*args, **{**kw, "registry": registry})
 
     config = SimpleNamespace(kv_transfer_config=None)
     metrics = LMCachePromMetrics(

@@ -41,7 +41,7 @@ from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import free_port
 from lmcache.settings import ServerSettings
 
-from .conftest import CHUNK, ServerProcess, fill_random, lookup_hit, register
+from .conftest import CHUNK, MODEL, ServerProcess, fill_random, lookup_hit, register
 from .docker_engine import DockerEngine, docker_engine
 
 ROOT = Path(__file__).parents[1]
@@ -49,7 +49,6 @@ DOCKER = ROOT / "deploy" / "docker"
 SERVER_DOCKERFILE = DOCKER / "Dockerfile.server"
 VLLM_DOCKERFILE = DOCKER / "Dockerfile.vllm"
 COMPOSE = DOCKER / "compose.yaml"
-MODEL: dict[str, Any] = dict(model_name="m", world_size=1, dtype="bfloat16")
 
 
 # ----- reading the Dockerfiles ----------------------------------------------------------------

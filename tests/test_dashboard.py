@@ -22,6 +22,7 @@ from lmcache.http.dashboard import load_static
 
 from .conftest import (
     CHUNK,
+    MODEL,
     ServerProcess,
     engine,
     fill_random,
@@ -36,7 +37,6 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 
 
 def _browser_missing() -> str | None:

@@ -26,7 +26,7 @@ import yaml
 
 from lmcache.engine.shm_kv import ShmKVCache
 
-from .conftest import CHUNK, engine, fill_random, lookup_hit, register, start_server
+from .conftest import CHUNK, MODEL, engine, fill_random, lookup_hit, register, start_server
 
 __all__ = ["engine"]
 ROOT = Path(__file__).parents[1]
@@ -36,7 +36,6 @@ RULE_TESTS = DEPLOY / "prometheus" / "lmcache-alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "lmcache-dashboard.json"
 K8S = DEPLOY / "kubernetes" / "lmcache.yaml"
 UNIT = DEPLOY / "systemd" / "lmcache.service"
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 NOT_OURS = {"up"}  # Prometheus' own series
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
+from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import CacheMissError
 
-from .conftest import CHUNK, ServerProcess, register, start_server, unique_tokens
+from .conftest import CHUNK, MODEL, ServerProcess, register, start_server, unique_tokens
 
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 CHUNK_BYTES = 4 * 16 * 2048  # the `engine` fixture: 4 layers x 16 blocks x 2 KiB
 L1_FOR_4_CHUNKS = str(4 * CHUNK_BYTES / (1 << 30))
 
@@ -32,12 +33,14 @@ def small_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     s.stop()
 
 
-def _store(client, engine: ShmKVCache, seqs: dict[str, object], name: str, iid: int) -> None:  # type: ignore[no-untyped-def]
+def _store(
+    client: LMCacheClient, engine: ShmKVCache, seqs: dict[str, np.ndarray], name: str, iid: int
+) -> None:
     reply = client.store(f"store-{name}", iid, seqs[name], start=0, end=CHUNK, block_ids=range(16))
     assert reply.stored_tokens == CHUNK, reply
 
 
-def _hit(client, seqs: dict[str, object], name: str) -> bool:  # type: ignore[no-untyped-def]
+def _hit(client: LMCacheClient, seqs: dict[str, np.ndarray], name: str) -> bool:
     rid = f"probe-{name}-{time.monotonic_ns()}"
     hit = client.lookup(rid, seqs[name], **MODEL) == CHUNK
     client.end_session(rid)

@@ -172,6 +172,7 @@ def test_the_policys_first_victim_stays_while_pinned(name: str) -> None:
     lease = l1.acquire_all([key(first)], owner="reader")
     assert lease is not None
     second = _first_unpinned_victim(l1, {first})
+    assert second is not None
     slot = l1.reserve_write(key(9), PAGE)
     assert isinstance(slot, WriteSlot)
     assert l1.contains(key(first)), "a pinned chunk was evicted"

@@ -12,11 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from lmcache.http.app import create_app
 
-from .conftest import CHUNK, engine, register, start_server, unique_tokens
+from .conftest import CHUNK, MODEL, engine, register, start_server, unique_tokens
 from .http_probe import IdleServer, ask
 
 __all__ = ["engine"]
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 CHUNK_BYTES = 4 * 16 * 2048  # the `engine` fixture: 4 layers x 16 blocks x 2 KiB
 GiB = 1 << 30
 TOKEN = "an-admin-token-that-is-long-enough-0123456789"

@@ -43,11 +43,10 @@ from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l2.memory import MemoryL2
 from lmcache.transport.zmq_server import Deferred
 
-from .conftest import unique_tokens
+from .conftest import MODEL, unique_tokens
 
 C, BS, BB = 8, 2, 16  # tokens per chunk, tokens per block, bytes per block (one layer)
 BPC = C // BS
-MODEL: dict[str, Any] = dict(model_name="m", world_size=1, dtype="bfloat16")
 
 
 def as_bytes(tokens: np.ndarray) -> bytes:

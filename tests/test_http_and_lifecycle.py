@@ -17,9 +17,7 @@ from lmcache.processes import free_port
 from lmcache.server.runtime import ServerRuntime
 from lmcache.settings import ServerSettings
 
-from .conftest import CHUNK, ServerProcess, register, start_server, unique_tokens
-
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+from .conftest import CHUNK, MODEL, ServerProcess, register, start_server, unique_tokens
 
 
 def test_healthcheck(server: ServerProcess) -> None:

@@ -95,8 +95,8 @@ def test_the_scheduler_plans_loads_and_stores_per_group() -> None:
         scheduled_cached_reqs=SimpleNamespace(
             req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
     ))  # fmt: skip
-    got = sorted((x.group, x.start, x.end, x.block_ids) for x in meta.stores)
-    assert got == [(0, 768, 1024, [15, 16]), (1, 0, 1024, full)]
+    stored = sorted((x.group, x.start, x.end, x.block_ids) for x in meta.stores)
+    assert stored == [(0, 768, 1024, [15, 16]), (1, 0, 1024, full)]
 
 
 def test_a_hybrid_model_with_state_groups_is_refused() -> None:

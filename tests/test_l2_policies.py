@@ -35,10 +35,9 @@ from lmcache.storage.l2.policies import (
     StorePolicy,
 )
 from lmcache.transport.zmq_server import Deferred
+from lmcache.types import ObjectKey
 
-from .conftest import unique_tokens
-
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+from .conftest import MODEL, unique_tokens
 
 
 def tiers(n: int) -> list[L2Adapter]:
@@ -107,9 +106,9 @@ class SlowL2(MemoryL2):
         super().__init__(name=name)
         self.delay = delay
 
-    def get_into(self, key: object, out: memoryview) -> bool:
+    def get_into(self, key: ObjectKey, out: memoryview) -> bool:
         time.sleep(self.delay)
-        return super().get_into(key, out)  # type: ignore[arg-type]
+        return super().get_into(key, out)
 
 
 def test_the_tiered_store_reads_from_the_tier_the_policy_ranks_first() -> None:
@@ -132,7 +131,7 @@ def test_the_tiered_store_reads_from_the_tier_the_policy_ranks_first() -> None:
             layers=[LayerPlacement(0, 0)],
         )  # fmt: skip
         assert h.dispatch(RegisterKV(id=1, instance_id=1, layout=layout, memory=WorkerCopy(),
-                                     rank=0, **MODEL)) == Ok(id=1)  # type: ignore[arg-type]  # fmt: skip
+                                     rank=0, **MODEL)) == Ok(id=1)  # fmt: skip
         tokens = unique_tokens(2 * c).astype("<u4").tobytes()
         req = StoreBytes(id=2, request_id="s", instance_id=1, tokens=tokens, start=0, end=2 * c)
         work = h.dispatch(req, [memoryview(bytes([7]) * 64)] * 2)
@@ -142,15 +141,18 @@ def test_the_tiered_store_reads_from_the_tier_the_policy_ranks_first() -> None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
 
+        tiers = core.tiers
+
         def hits() -> list[int]:
-            return [a["hits"] for a in core.tiers.status()]  # type: ignore[union-attr]
+            return [a["hits"] for a in tiers.status()]
 
         for round_, expected in enumerate([[2, 0], [2, 2], [2, 4], [2, 6]]):
             core.store.clear()
             rid = f"r{round_}"
             lookup = Lookup(id=3, request_id=rid, tokens=tokens, **MODEL)
             assert h.dispatch(lookup) == LookupReply(id=3, hit_tokens=None)  # prefetching
-            while (reply := h.dispatch(QueryLookup(id=4, request_id=rid))).hit_tokens is None:
+            pending = LookupReply(id=4, hit_tokens=None)
+            while (reply := h.dispatch(QueryLookup(id=4, request_id=rid))) == pending:
                 assert time.monotonic() < deadline + 20
                 time.sleep(0.005)
             assert reply == LookupReply(id=4, hit_tokens=2 * c)

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import redis
 
+from lmcache.processes import RedisProcess
 from lmcache.storage.l2 import redis_conn
 from lmcache.storage.l2.redis import RedisL2
 from lmcache.storage.l2.redis_conn import PackingConnection, raw_socket
 from lmcache.storage.l2.resp import RespError, read_bulk_into
 from lmcache.types import ObjectKey
 
-from .conftest import RedisProcess, start_redis
+from .conftest import start_redis
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:

@@ -28,12 +28,15 @@ from lmcache.server.build import build
 from lmcache.server.metrics import Metrics
 from lmcache.server.registry import EngineRegistry
 from lmcache.settings import ServerSettings
+from lmcache.storage.chunk_store import ChunkLayout
+from lmcache.storage.l1_objects import Lease
 from lmcache.storage.l2.memory import MemoryL2
 from lmcache.transport.zmq_server import Deferred
 from lmcache.types import ObjectKey
 
 from .conftest import (
     CHUNK,
+    MODEL,
     ServerProcess,
     fill_random,
     lookup_hit,
@@ -42,8 +45,6 @@ from .conftest import (
     start_server,
     unique_tokens,
 )
-
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 
 
 def fs_adapter(path: Path) -> str:
@@ -218,7 +219,7 @@ def test_a_prefetch_that_finishes_at_once_counts_each_chunk_once(
             layers=[LayerPlacement(0, 0)],
         )  # fmt: skip
         assert h.dispatch(RegisterKV(id=1, instance_id=1, layout=layout, memory=WorkerCopy(),
-                                     rank=0, **MODEL)) == Ok(id=1)  # type: ignore[arg-type]  # fmt: skip
+                                     rank=0, **MODEL)) == Ok(id=1)  # fmt: skip
         tokens = unique_tokens(4 * c).astype("<u4").tobytes()
 
         def store(rid: int, chunks: int) -> None:
@@ -235,13 +236,17 @@ def test_a_prefetch_that_finishes_at_once_counts_each_chunk_once(
         core.store.clear()
         store(3, 1)  # L1 holds chunk 0 only; chunks 1-3 are in L2
 
-        def at_once(*args: object) -> Future[list[list[ObjectKey]]]:
+        tiers = core.tiers
+
+        def at_once(
+            lease: Lease, groups: list[list[ObjectKey]], layouts: list[ChunkLayout], salt: str = ""
+        ) -> Future[list[list[ObjectKey]]]:
             done: Future[list[list[ObjectKey]]] = Future()
-            done.set_result(core.tiers._find_and_load(*args))  # type: ignore[union-attr,arg-type]
+            done.set_result(tiers._find_and_load(lease, groups, layouts, salt))
             return done
 
-        monkeypatch.setattr(core.tiers, "prefetch", at_once)
-        lookup = Lookup(id=4, request_id="r", tokens=tokens, **MODEL)  # type: ignore[arg-type]
+        monkeypatch.setattr(tiers, "prefetch", at_once)
+        lookup = Lookup(id=4, request_id="r", tokens=tokens, **MODEL)
         assert h.dispatch(lookup) == LookupReply(id=4, hit_tokens=None)
         assert h.dispatch(QueryLookup(id=5, request_id="r")) == LookupReply(id=5, hit_tokens=4 * c)
     finally:

@@ -19,7 +19,7 @@ from lmcache.storage.eviction import make_policy
 from lmcache.storage.l1 import L1Cache
 from lmcache.storage.l2.base import L2Error
 from lmcache.storage.l2.memory import MemoryL2
-from lmcache.storage.l2.policies import WriteFirst
+from lmcache.storage.l2.policies import StorePolicy, WriteFirst
 from lmcache.types import ObjectKey
 
 NBYTES = 4096
@@ -49,14 +49,18 @@ class CountingL2(MemoryL2):
 
 
 def make_tiers(
-    adapters: list[CountingL2], writers: int, queue_size: int = 1024, **kw: object
+    adapters: list[CountingL2],
+    writers: int,
+    queue_size: int = 1024,
+    store_policy: StorePolicy | None = None,
 ) -> tuple[TieredStore, ChunkStore]:
     write_behind = WriteBehind(queue_size)
     store = ChunkStore(
         L1Cache(np.zeros(256 * NBYTES, dtype=np.uint8), make_policy("LRU")),
         on_stored=write_behind.offer,
     )
-    return TieredStore(store, adapters, write_behind, writers=writers, **kw), store  # type: ignore[arg-type]
+    tiers = TieredStore(store, adapters, write_behind, writers=writers, store_policy=store_policy)
+    return tiers, store
 
 
 def store_chunks(store: ChunkStore, n: int) -> list[ObjectKey]:

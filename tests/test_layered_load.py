@@ -23,7 +23,15 @@ from lmcache.integration.vllm.metadata import LoadSpec, Metadata, ParallelStrate
 from lmcache.integration.vllm.transfer_paths import StagedLoad
 from lmcache.integration.vllm.worker import WorkerSide
 
-from .conftest import BLOCK, CHUNK, ServerProcess, fill_random, lookup_hit, unique_tokens
+from .conftest import (
+    BLOCK,
+    CHUNK,
+    LookupFields,
+    ServerProcess,
+    fill_random,
+    lookup_hit,
+    unique_tokens,
+)
 from .test_worker_paths import IDENTITY
 
 BPC = CHUNK // BLOCK
@@ -142,8 +150,10 @@ def test_a_copy_that_fails_reports_its_blocks_and_drops_its_stores(
     errors = forward(worker, Metadata(loads=[spec], stores=[store]))
     assert errors == set(spec.block_ids[2:])
     assert worker.wait_for_stores(30)
-    model = {"model_name": IDENTITY.model_name, "world_size": 1, "dtype": IDENTITY.dtype,
-             "kv_spec": IDENTITY.kv_spec, "block_size": BLOCK}  # fmt: skip
+    model: LookupFields = {
+        "model_name": IDENTITY.model_name, "world_size": 1, "dtype": IDENTITY.dtype,
+        "kv_spec": IDENTITY.kv_spec, "block_size": BLOCK,
+    }  # fmt: skip
     client = server.client()
     assert lookup_hit(client, "probe-1", tokens, **model) == 0  # dropped: computed over bad KV
     monkeypatch.undo()
@@ -169,13 +179,15 @@ def test_the_forward_runs_while_later_layers_are_still_copying() -> None:
             finished.append(ok)
 
     layered: LayeredLoads[str] = LayeredLoads(["a", "b", "c"], lambda job, exc: None)
-    layered.wait("a"), layered.wait("b"), layered.wait("c")
+    for layer in "abc":
+        layered.wait(layer)
     assert layered.end_step() == [] and layered.ready
     layered.begin([("job", HeldCopier())])  # type: ignore[list-item]
     layered.wait("a")
     assert copied == [0] and not finished
     release.set()
-    layered.wait("b"), layered.wait("c")
+    layered.wait("b")
+    layered.wait("c")
     assert layered.end_step() == []
     assert copied == [0, 1, 2] and finished == [True]
     layered.close()

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.server.l1_pool import PoolMemory
 from lmcache.storage.allocator import PageAllocator
 from lmcache.storage.eviction import make_policy
@@ -42,7 +43,7 @@ class FakeGrowth:
     """Backs up to ``limit`` bytes, as /dev/shm would before it is full."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.asked = limit, []
+        self.limit, self.asked = limit, list[int]()
 
     def __call__(self, want: int) -> int:
         self.asked.append(want)
@@ -99,7 +100,7 @@ def test_pool_memory_is_eager_when_it_fits_and_lazy_when_asked(
             pool.segment.unlink()
 
 
-def test_the_quick_start_pool_size_starts_on_a_host_with_less_shm(engine: object) -> None:
+def test_the_quick_start_pool_size_starts_on_a_host_with_less_shm(engine: ShmKVCache) -> None:
     """``--l1-size-gb`` beyond /dev/shm's free space: a warning, not a refusal; the pool
     grows as an engine stores, and what was stored comes back byte for byte."""
     too_big = free_shm_bytes() / (1 << 30) + 50
@@ -113,23 +114,23 @@ def test_the_quick_start_pool_size_starts_on_a_host_with_less_shm(engine: object
         l1 = server.status()["l1"]
         assert l1["committed_bytes"] == 256 << 10 < l1["capacity_bytes"]
         client = server.client()
-        register(client, engine, 21)  # type: ignore[arg-type]
-        fill_random(engine, 3)  # type: ignore[arg-type]
+        register(client, engine, 21)
+        fill_random(engine, 3)
         tokens = unique_tokens(4 * 256)
         reply = client.store("s", 21, tokens, start=0, end=4 * 256, block_ids=range(64))
         assert reply.stored_tokens == 4 * 256
         grown = server.status()["l1"]
         assert grown["committed_bytes"] > 256 << 10 and grown["evictions"] == 0
         assert "L1 pool grew to" in server.log()
-        before = engine.blocks.copy()  # type: ignore[attr-defined]
-        engine.blocks[:] = 0  # type: ignore[attr-defined]
+        before = engine.blocks.copy()
+        engine.blocks[:] = 0
         client.retrieve("r", 21, tokens, start=0, end=4 * 256, block_ids=range(64))
-        np.testing.assert_array_equal(engine.blocks, before)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(engine.blocks, before)
     finally:
         server.stop()
 
 
-def test_a_worker_maps_a_lazy_pool_without_filling_it(engine: object) -> None:
+def test_a_worker_maps_a_lazy_pool_without_filling_it(engine: ShmKVCache) -> None:
     """lmcache_driven: the worker maps the whole pool, but only reserved pages get memory,
     and its copies into the pool (which grows meanwhile) round-trip byte for byte."""
     from lmcache.integration.vllm.transfer_paths import PoolPath
@@ -137,18 +138,18 @@ def test_a_worker_maps_a_lazy_pool_without_filling_it(engine: object) -> None:
     from .test_worker_paths import BPC, load_spec, make_worker, store_spec
 
     server = start_server("--l1-size-gb", "1", "--l1-init-size-gb", str(64 / (1 << 20)))
-    worker = make_worker(server, "lmcache_driven", engine)  # type: ignore[arg-type]
+    worker = make_worker(server, "lmcache_driven", engine)
     try:
         path = worker.path
         assert isinstance(path, PoolPath)
         assert allocated(path.pool) < 8 << 20  # 1 GiB mapped, not given memory
-        fill_random(engine, 9)  # type: ignore[arg-type]
+        fill_random(engine, 9)
         tokens = unique_tokens(2 * 256).tolist()
         src, dst = list(range(2 * BPC)), list(range(2 * BPC, 4 * BPC))
-        original = engine.blocks[:, :, src].copy()  # type: ignore[attr-defined]
+        original = engine.blocks[:, :, src].copy()
         path.store(store_spec(tokens, src))
         path.load(load_spec(tokens, dst))
-        np.testing.assert_array_equal(engine.blocks[:, :, dst], original)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(engine.blocks[:, :, dst], original)
         assert server.status()["l1"]["committed_bytes"] > 64 << 10
     finally:
         worker.shutdown()

@@ -10,9 +10,7 @@ from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.errors import BadRequestError, CacheMissError, ForbiddenError, UnknownEngineError
 from lmcache.protocol.messages import ShmMemory, WorkerCopy
 
-from .conftest import BLOCK, CHUNK, ServerProcess, fill_random, register, unique_tokens
-
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
+from .conftest import BLOCK, CHUNK, MODEL, ServerProcess, fill_random, register, unique_tokens
 
 
 def test_store_lookup_retrieve_is_byte_exact(server: ServerProcess, engine: ShmKVCache) -> None:
@@ -96,7 +94,7 @@ def test_namespaces_isolate_salt_model_and_dtype(server: ServerProcess, engine: 
         == 0
     )
     assert client.lookup("s5", tokens, model_name="m", dtype="float32", cache_salt="tenant-a") == 0
-    assert client.lookup("s6", tokens, **{**MODEL, "world_size": 2}, cache_salt="tenant-a") == 0
+    assert client.lookup("s6", tokens, **(MODEL | {"world_size": 2}), cache_salt="tenant-a") == 0
     for i in range(1, 7):
         client.end_session(f"s{i}")
 
@@ -213,7 +211,6 @@ def test_a_copy_that_starts_after_the_engine_stopped_waiting_is_refused(
     engine's wait) touches nothing: the engine may have reused those blocks meanwhile."""
     import time
 
-    from lmcache import client as client_module
     from lmcache.errors import TransferError
 
     client = server.client()
@@ -221,7 +218,8 @@ def test_a_copy_that_starts_after_the_engine_stopped_waiting_is_refused(
     fill_random(engine, 8)
     tokens = unique_tokens(CHUNK)
     real_monotonic = time.monotonic
-    monkeypatch.setattr(client_module.time, "monotonic", lambda: real_monotonic() - 3600)
+    # the client's clock (`lmcache.client` reads `time.monotonic`), an hour behind
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() - 3600)
     with pytest.raises(TransferError, match="after the engine stopped waiting"):
         client.store("late", 108, tokens, start=0, end=CHUNK, block_ids=range(16))
     with pytest.raises(TransferError, match="nothing was copied"):

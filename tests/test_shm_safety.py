@@ -25,10 +25,7 @@ from lmcache.processes import free_port
 from lmcache.storage.shm import SEAL_BYTES, SegmentExistsError, ShmSegment
 from lmcache.storage.shm_names import segment_is_live, unlink_stale_segments
 
-from .conftest import BLOCK, ServerProcess, fill_random, register, unique_tokens
-
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
-
+from .conftest import BLOCK, MODEL, ServerProcess, fill_random, register, unique_tokens
 
 # ----- liveness: the creator's lock, not the pid in the name --------------------------------
 

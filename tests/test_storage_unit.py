@@ -9,8 +9,10 @@ import pytest
 
 from lmcache.storage.allocator import PageAllocator
 from lmcache.storage.eviction import make_policy
+from lmcache.storage.eviction.heap import HeapPolicy
 from lmcache.storage.keys import ChunkHasher, Namespace, object_key
 from lmcache.storage.l1 import L1Cache, WriteSlot
+from lmcache.storage.l1_objects import Lease
 from lmcache.types import ObjectKey
 
 PAGE = 4096
@@ -145,7 +147,7 @@ def test_lazy_eviction_picks_the_policys_minimum(policy: str) -> None:
     smallest current priority, exactly as an eager heap would."""
     rng = np.random.default_rng(7)
     l1 = make_l1(8, policy)
-    leases: list[object] = []
+    leases: list[Lease] = []
     next_key = 0
     for _ in range(3000):
         live = list(l1._index)
@@ -154,12 +156,13 @@ def test_lazy_eviction_picks_the_policys_minimum(policy: str) -> None:
             picks = [live[i] for i in rng.choice(len(live), size=min(2, len(live)))]
             leases.append(l1.acquire_prefix([[k] for k in picks], owner="hold"))
         elif op == 1 and leases:
-            l1.release(leases.pop(int(rng.integers(0, len(leases)))))  # type: ignore[arg-type]
+            l1.release(leases.pop(int(rng.integers(0, len(leases)))))
         elif op == 2 and live:
             l1.touch([live[int(rng.integers(0, len(live)))]])
         else:
             candidates = [o for o in l1._index.values() if o.pins == 0]
-            priority = l1.policy.priority  # type: ignore[attr-defined]
+            assert isinstance(l1.policy, HeapPolicy)  # LRU, LFU and FIFO: a priority function
+            priority = l1.policy.priority
             expected = (
                 min(candidates, key=lambda o: priority(o.stats)).key
                 if len(live) == 8 and candidates

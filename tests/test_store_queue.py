@@ -27,7 +27,11 @@ def test_stores_run_in_order_off_the_caller_thread() -> None:
 
 def test_finished_requests_are_reported_once_their_stores_are_done() -> None:
     gate = threading.Event()
-    q = StoreQueue(lambda s: gate.wait(10))
+
+    def run(s: StoreSpec) -> None:
+        gate.wait(10)
+
+    q = StoreQueue(run)
     q.submit([spec("a"), spec("a", 1)])
     q.finish(["a", "b"])  # b stored nothing (or its stores ended long ago)
     assert q.done() == {"b"}
@@ -59,8 +63,13 @@ def test_a_failing_store_is_logged_and_the_thread_goes_on(
 
 
 def test_wait_times_out_and_close_runs_what_is_queued() -> None:
-    gate, ran = threading.Event(), []
-    q = StoreQueue(lambda s: (gate.wait(10), ran.append(s.request_id)))
+    gate, ran = threading.Event(), list[str]()
+
+    def run(s: StoreSpec) -> None:
+        gate.wait(10)
+        ran.append(s.request_id)
+
+    q = StoreQueue(run)
     q.submit([spec("a"), spec("b")])
     start = time.monotonic()
     assert q.wait(0.05) is False and time.monotonic() - start < 5

@@ -43,9 +43,8 @@ from lmcache.transport.peers import Peer
 from lmcache.transport.zmq_client import ZmqTransport
 from lmcache.transport.zmq_server import Deferred, Frames, Outcome, ZmqServer
 
-from .conftest import CHUNK, ServerProcess, register, unique_tokens
+from .conftest import CHUNK, MODEL, ServerProcess, register, unique_tokens
 
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 SLOW = 999  # Ping(instance_id=SLOW) answers late, from the pool
 
 
@@ -184,7 +183,7 @@ def small_handler() -> RequestHandler:
 def test_lookups_are_answered_on_the_loop_and_copies_deferred() -> None:
     handler = small_handler()
     tokens = unique_tokens(2 * CHUNK).astype("<u4").tobytes()
-    lookup = Lookup(id=1, request_id="r", tokens=tokens, **MODEL)  # type: ignore[arg-type]
+    lookup = Lookup(id=1, request_id="r", tokens=tokens, **MODEL)
     assert handler.dispatch(lookup) == LookupReply(id=1, hit_tokens=0)
     assert handler.dispatch(EndSession(id=2, request_id="r")) == Ok(id=2)
     store = Store(id=3, request_id="r", instance_id=1, tokens=tokens, start=0, end=CHUNK,
@@ -211,7 +210,7 @@ def test_concurrent_lookups_pin_until_their_session_ends(
         try:
             for i in range(60):
                 rid = f"conc-{t}"
-                assert client.lookup(rid, tokens, **MODEL) == 2 * CHUNK  # type: ignore[arg-type]
+                assert client.lookup(rid, tokens, **MODEL) == 2 * CHUNK
                 if i % 3 == 0:
                     client.end_session(rid)
         except BaseException as exc:

@@ -43,9 +43,16 @@ from lmcache.storage.shm_names import shm_path
 from lmcache.transport.peers import local_socket_path
 from lmcache.transport.zmq_client import CurveClientKeys
 
-from .conftest import CHUNK, ServerProcess, fill_random, register, start_server, unique_tokens
+from .conftest import (
+    CHUNK,
+    MODEL,
+    ServerProcess,
+    fill_random,
+    register,
+    start_server,
+    unique_tokens,
+)
 
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 OTHER_UID = 65534  # nobody
 VICTIM = 4242
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import free_port
 from lmcache.upstream_flags import UpstreamFlagError, translate
 
@@ -66,7 +67,7 @@ def test_upstream_flags_take_effect(upstream_server: ServerProcess) -> None:
 
 
 def test_commands_against_a_running_server(
-    upstream_server: ServerProcess, engine: object, tmp_path: Path
+    upstream_server: ServerProcess, engine: ShmKVCache, tmp_path: Path
 ) -> None:
     s = upstream_server
     zmq = ["--port", str(s.port)]
@@ -79,8 +80,8 @@ def test_commands_against_a_running_server(
     assert "node-a" in described.stdout
 
     client = s.client()
-    register(client, engine, 301)  # type: ignore[arg-type]
-    fill_random(engine, 1)  # type: ignore[arg-type]
+    register(client, engine, 301)
+    fill_random(engine, 1)
     tokens = np.arange(3 * CHUNK, dtype=np.uint32) + 7
     client.store("up-store", 301, tokens, start=0, end=2 * CHUNK, block_ids=range(32))
     ids = ",".join(map(str, tokens.tolist()))

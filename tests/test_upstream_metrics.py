@@ -27,11 +27,19 @@ from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.server.metrics import Metrics
 from lmcache.server.metrics_upstream import NOT_EXPOSED
 
-from .conftest import CHUNK, ServerProcess, engine, fill_random, lookup_hit, register, start_server
+from .conftest import (
+    CHUNK,
+    MODEL,
+    ServerProcess,
+    engine,
+    fill_random,
+    lookup_hit,
+    register,
+    start_server,
+)
 
 __all__ = ["engine"]
 DASHBOARD_NAMES = Path(__file__).parent / "data" / "upstream_dashboard_metrics.txt"
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 HIT = 3 * CHUNK
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

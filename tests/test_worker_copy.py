@@ -14,9 +14,8 @@ from lmcache.errors import BadRequestError, CacheMissError, TransferError
 from lmcache.protocol.messages import WorkerCopy
 from lmcache.storage.shm import ShmSegment
 
-from .conftest import CHUNK, ServerProcess, fill_random, start_server, unique_tokens
+from .conftest import CHUNK, MODEL, ServerProcess, fill_random, start_server, unique_tokens
 
-MODEL = dict(model_name="m", world_size=1, dtype="bfloat16")
 BPC = CHUNK // 16
 
 

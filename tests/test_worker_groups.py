@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -54,8 +55,10 @@ def rig(
     grouped.shutdown()
 
 
-def specs(tokens: list[int], ids: dict[int, list[int]], load: bool = False) -> list[object]:
-    kind = LoadSpec if load else StoreSpec
+Spec = TypeVar("Spec", LoadSpec, StoreSpec)
+
+
+def specs(kind: type[Spec], tokens: list[int], ids: dict[int, list[int]]) -> list[Spec]:
     return [
         kind(request_id="r", tokens=tokens, start=0, end=len(tokens), block_ids=b, group=g)
         for g, b in ids.items()
@@ -78,13 +81,13 @@ def test_each_group_stores_and_loads_its_own_blocks(
     src = {0: list(range(1, 1 + BPC)), 1: list(range(17, 17 + BPC))}
     dst = {0: list(range(33, 33 + BPC)), 1: list(range(49, 49 + BPC))}
     original = {g: kv[ids].clone() for g, ids in src.items()}
-    grouped.save(Metadata(stores=specs(tokens, src)))  # type: ignore[arg-type]
+    grouped.save(Metadata(stores=specs(StoreSpec, tokens, src)))
     grouped.save(Metadata(finished_stores=["r"]))
     for w in grouped.workers:
         assert w.wait_for_stores(30)
     assert grouped.finished_stores() == {"r"}  # once every storing group is done
     kv[33:] = 0
-    grouped.start_load(Metadata(loads=specs(tokens, dst, load=True)))  # type: ignore[arg-type]
+    grouped.start_load(Metadata(loads=specs(LoadSpec, tokens, dst)))
     assert grouped.finished_loads() == ({"r"}, set())  # vLLM's finished receive
     assert grouped.finished_loads() == (set(), set())
     grouped.save(Metadata())
@@ -99,8 +102,8 @@ def test_a_failed_load_in_one_group_fails_the_request_and_every_group_store(
     grouped, _ = rig
     tokens = unique_tokens(CHUNK).tolist()
     never = unique_tokens(CHUNK).tolist()
-    grouped.start_load(Metadata(loads=specs(never, {1: list(range(1, 1 + BPC))}, load=True)))  # type: ignore[arg-type]
-    grouped.save(Metadata(stores=specs(tokens, {0: list(range(17, 17 + BPC))})))  # type: ignore[arg-type]
+    grouped.start_load(Metadata(loads=specs(LoadSpec, never, {1: list(range(1, 1 + BPC))})))
+    grouped.save(Metadata(stores=specs(StoreSpec, tokens, {0: list(range(17, 17 + BPC))})))
     # a failed receive, never block ids: vLLM stops on those with several KV cache groups
     assert grouped.finished_loads() == ({"r"}, {"r"})
     assert grouped.load_errors() == set()

@@ -29,12 +29,13 @@ from lmcache.integration.vllm.link import ServerLink
 from lmcache.integration.vllm.metadata import LoadSpec, Metadata, ParallelStrategy, StoreSpec
 from lmcache.integration.vllm.transfer_paths import (
     BytesPath,
+    Held,
     PoolPath,
     SharedKVPath,
     TransferPath,
 )
 from lmcache.integration.vllm.worker import WorkerSide
-from lmcache.protocol.messages import WorkerCopy
+from lmcache.protocol.messages import KVMemory, WorkerCopy
 from lmcache.storage.shm_names import shm_path
 
 from .conftest import BLOCK, CHUNK, ServerProcess, fill_random, start_server, unique_tokens
@@ -80,7 +81,7 @@ class Rig:
         return self.kv.blocks[:, :, ids].copy()
 
 
-PATHS = {
+PATHS: dict[str, tuple[TransferMode, bool, type[TransferPath]]] = {
     "shared": ("engine_driven", False, SharedKVPath),
     "pool": ("lmcache_driven", False, PoolPath),
     "bytes": ("lmcache_driven", True, BytesPath),
@@ -95,7 +96,7 @@ def rig(
     engine: ShmKVCache,
 ) -> Iterator[Rig]:
     mode, far, _ = PATHS[request.param]
-    worker = make_worker(far_server if far else server, mode, engine)  # type: ignore[arg-type]
+    worker = make_worker(far_server if far else server, mode, engine)
     fill_random(engine, 7)
     yield Rig(worker, engine)
     worker.shutdown()
@@ -233,9 +234,9 @@ class TestStoresOffTheStep:
         gate = threading.Event()
         path_store = rig.path.store
 
-        def held_store(spec: StoreSpec) -> None:
+        def held_store(spec: StoreSpec, *, want_keys: bool = False) -> Held:
             gate.wait(30)
-            path_store(spec)
+            return path_store(spec, want_keys=want_keys)
 
         rig.path.store = held_store  # type: ignore[method-assign]
         rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))  # returns at once
@@ -253,10 +254,11 @@ class TestStoresOffTheStep:
         gate, finished = threading.Event(), threading.Event()
         path_store = rig.path.store
 
-        def held_store(spec: StoreSpec) -> None:
+        def held_store(spec: StoreSpec, *, want_keys: bool = False) -> Held:
             gate.wait(30)
-            path_store(spec)
+            held = path_store(spec, want_keys=want_keys)
             finished.set()
+            return held
 
         rig.path.store = held_store  # type: ignore[method-assign]
         rig.worker.save(Metadata(stores=[store_spec(tokens, src)]))
@@ -286,7 +288,8 @@ def test_the_paths_agree_byte_for_byte(server: ServerProcess, engine: ShmKVCache
     """A chunk stored through any path loads through any other (one engine per memory kind)."""
     fill_random(engine, 11)
     client = server.client()
-    for iid, memory in [(701, engine.memory), (702, WorkerCopy())]:
+    memories: list[tuple[int, KVMemory]] = [(701, engine.memory), (702, WorkerCopy())]
+    for iid, memory in memories:
         client.register(
             iid, model_name="agree", world_size=1, rank=0, dtype="bfloat16",
             layout=engine.layout, memory=memory,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 
@@ -78,6 +78,15 @@ from lmcache.transport.zmq_client import (
 
 R = TypeVar("R", bound=Reply)
 Tokens = Sequence[int] | np.ndarray | bytes
+
+
+class ModelFields(TypedDict):
+    """The model identity that `register` and `lookup` both take as keywords: a caller
+    (a benchmark, a test) writes it once and passes ``**fields`` to either, typed."""
+
+    model_name: str
+    world_size: int
+    dtype: str
 
 
 def _token_bytes(tokens: Tokens) -> bytes:

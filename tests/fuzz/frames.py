@@ -28,9 +28,9 @@ from lmcache.protocol.messages import (
     StoreBytes,
 )
 
-from ..conftest import BLOCK, CHUNK
+from ..conftest import BLOCK, CHUNK, MODEL
 from .values import ints
-from .wire import ENGINE_ID, MODEL
+from .wire import ENGINE_ID
 
 _SAMPLE_REQUESTS: list[Any] = [
     Ping(id=1, instance_id=ENGINE_ID),

@@ -39,7 +39,7 @@ from lmcache.protocol.messages import (
     encode_tokens,
 )
 
-from ..conftest import CHUNK, ServerProcess, fill_random, unique_tokens
+from ..conftest import CHUNK, MODEL, ServerProcess, fill_random, unique_tokens
 from .calls import FUZZED_KINDS, requests
 from .checks import check_reply, exchange, harmless, note_sessions
 from .corpus import Corpus
@@ -50,7 +50,6 @@ from .wire import (
     BPC,
     ENGINE_ID,
     LARGE_REPRS_OK,
-    MODEL,
     REAL_CHUNK_BYTES,
     UINT64_MAX,
     Blob,

@@ -45,7 +45,7 @@ from lmcache.protocol.messages import (
 )
 from lmcache.storage.shm_names import shm_path
 
-from ..conftest import CHUNK, ServerProcess, unique_tokens
+from ..conftest import CHUNK, MODEL, ServerProcess, unique_tokens
 from .corpus import chunk_bytes_of
 from .values import other_layouts
 from .wire import (
@@ -59,7 +59,6 @@ from .wire import (
     L1_BYTES,
     LARGE_REPRS_OK,
     MISS,
-    MODEL,
     SIZE_MAX,
     TOKENS_MAX,
     UINT64_MAX,
@@ -176,7 +175,7 @@ def _bounded(cache: ShmKVCache, field: str, value: int) -> Any:
         "skip_tokens": lambda v: Retrieve(id=1, block_ids=list(range(BPC)), skip_tokens=v, **rng),
         "free_start": lambda v: FreeLookup(id=1, request_id="b", start=v),
         "world_size": lambda v: Lookup(
-            id=1, request_id="b", tokens=tokens, **{**MODEL, "world_size": v}
+            id=1, request_id="b", tokens=tokens, **(MODEL | {"world_size": v})
         ),
         "ping_instance_id": lambda v: Ping(id=1, instance_id=v),
         "transfer_id": lambda v: Commit(id=1, instance_id=ENGINE_ID, transfer_id=v),

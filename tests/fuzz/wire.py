@@ -21,7 +21,6 @@ from lmcache.transport.peers import local_socket_path
 from ..conftest import BLOCK, CHUNK
 
 ENGINE_ID = 4242  # the one real engine; the fuzzers never register or unregister it
-MODEL: dict[str, Any] = {"model_name": "m", "world_size": 1, "dtype": "bfloat16"}
 LOCK_TTL_S = 600  # leases must be gone because they were released, not because they expired
 REPLY_TIMEOUT_S = 5.0
 INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1  # what msgpack can carry

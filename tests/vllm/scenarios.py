@@ -24,7 +24,8 @@ from .conftest import Completion, VllmProcess
 
 
 def prompt(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(10, 2000, size=n).tolist()
+    tokens: list[int] = np.random.default_rng(seed).integers(10, 2000, size=n).tolist()
+    return tokens
 
 
 def same_output(a: Completion, b: Completion, tolerance: float = 1e-4) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector
 from lmcache.integration.vllm.metadata import StoreSpec
+from lmcache.integration.vllm.worker import WorkerSide
 
 DELAY_S = float(os.environ.get("LMCACHE_TEST_STORE_DELAY_S", "0.3"))
 
@@ -22,7 +23,9 @@ DELAY_S = float(os.environ.get("LMCACHE_TEST_STORE_DELAY_S", "0.3"))
 class SlowStoreConnector(LMCacheMPConnector):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        queue = self._worker._stores if self._worker is not None else None
+        worker = self._worker
+        assert worker is None or isinstance(worker, WorkerSide), "one KV cache group expected"
+        queue = worker._stores if worker is not None else None
         if queue is not None:
             store = queue._run
 

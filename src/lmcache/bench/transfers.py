@@ -16,11 +16,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Literal
 
 import numpy as np
 
-from lmcache.client import LMCacheClient
+from lmcache.client import LMCacheClient, ModelFields
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.engine.transfer import BlockCopier
 from lmcache.protocol.messages import Prepared, WorkerCopy
@@ -43,12 +43,6 @@ class Scenario:
     def label(self) -> str:
         engines = "1 engine" if self.engines == 1 else f"{self.engines} engines"
         return f"block {self.block_tokens}, chunk {self.chunk_tokens}, {self.mode}, {engines}"
-
-
-class ModelFields(TypedDict):
-    model_name: str
-    world_size: int
-    dtype: str
 
 
 def model_fields(shape: ModelShape) -> ModelFields:

@@ -38,7 +38,7 @@ def cluster_options(target: RedisTarget) -> dict[str, Any]:
     """Keyword arguments for ``RedisCluster.from_url(target.url, ...)`` beyond the
     connection options a single server takes too."""
     return {
-        "startup_nodes": [ClusterNode(host, port) for host, port in target.seeds],  # type: ignore[no-untyped-call]
+        "startup_nodes": [ClusterNode(host, port) for host, port in target.seeds],
         "reinitialize_steps": 1,
     }
 

@@ -89,8 +89,8 @@ def read_parts_into(client: redis.Redis, base: str, header: Header, out: memoryv
             in_step = True
             return None
         names = [f"{base}{i}" for i in range(header.parts)]
-        packed = conn.pack_commands([("GET", n) for n in names])  # type: ignore[no-untyped-call]
-        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        packed = conn.pack_commands([("GET", n) for n in names])
+        conn.send_packed_command(packed)
         h, good = hasher(), True
         for i in range(header.parts):
             view = out[i * part : (i + 1) * part]
@@ -102,7 +102,7 @@ def read_parts_into(client: redis.Redis, base: str, header: Header, out: memoryv
         return good and h.intdigest() == header.checksum
     finally:
         if not in_step:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # a half-read reply must not be read as the next one
+            conn.disconnect()  # a half-read reply must not be read as the next one
         pool.release(conn)
 
 
