@@ -38,8 +38,6 @@ class L1Pages:
         self._grow = grow
         self._salt_bytes: dict[str, int] = {}  # pages held per salt (freed: gone)
         self.doomed_pending = 0
-        # Remote writes cleared or expired mid-flight: freed at their commit or abort.
-        self._doomed_writes: dict[int, Obj] = {}
 
     @property
     def capacity_bytes(self) -> int:
@@ -100,13 +98,10 @@ class L1Pages:
         `free_if_doomed` when the last pin goes (or its writer commits or aborts)."""
         obj.doomed = True
         self.doomed_pending += 1
-        if obj.write_deadline is not None:
-            self._doomed_writes[id(obj)] = obj
 
     def free_if_doomed(self, obj: Obj) -> None:
         if obj.doomed and obj.pins == 0 and not obj.freed:
             self.doomed_pending -= 1
-            self._doomed_writes.pop(id(obj), None)
             self.free(obj)
 
     def free(self, obj: Obj) -> None:
