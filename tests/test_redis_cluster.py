@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -146,6 +147,11 @@ def test_objects_spread_over_every_master(cluster: RedisCluster) -> None:
     assert sum(sizes) == 2 * 300 and all(150 < n < 250 for n in sizes), sizes  # meta + part
     assert a.clear() == 300
     a.close()
+    # Every node runs with the jemalloc setting our single servers use (`REDIS_ENV`).
+    for port in cluster.masters():
+        stats = cluster.command(port, "MEMORY", "MALLOC-STATS")
+        if "opt.dirty_decay_ms" in stats:  # a jemalloc build
+            assert re.search(r"opt\.dirty_decay_ms: -1\b", stats), stats[:2000]
 
 
 def test_credentials_on_a_cluster_never_show() -> None:

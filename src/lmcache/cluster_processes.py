@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmcache.processes import RedisUnavailable, free_port
+from lmcache.processes import REDIS_ENV, RedisUnavailable, free_port
 
 
 def _answers(port: int) -> bool:
@@ -138,6 +138,7 @@ class RedisCluster:
              "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru",
              "--logfile", str(node.workdir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **REDIS_ENV},  # as our single servers: jemalloc keeps freed pages
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not _answers(node.port):
