@@ -47,7 +47,8 @@ from lmcache.server.access import AccessPolicy
 from lmcache.server.copies import Copies
 from lmcache.server.kv_event_log import KVEventLog, disabled
 from lmcache.server.metrics import Metrics
-from lmcache.server.registry import EngineRegistry, check_identity, pid_alive
+from lmcache.server.reaper import EngineReaper
+from lmcache.server.registry import EngineRegistry, check_identity
 from lmcache.server.sessions import Session, Sessions, Tail
 from lmcache.server.tiers import TieredStore
 from lmcache.server.worker_copy import PreparedTransfers
@@ -55,13 +56,8 @@ from lmcache.storage.chunk_store import ChunkLayout, ChunkStore
 from lmcache.storage.keys import TOKEN_BYTES, shares_kv
 from lmcache.storage.keyspace import KeySpace
 from lmcache.storage.l1 import Lease
-from lmcache.storage.shm_names import unlink_if_stale
 from lmcache.transport.peers import IN_PROCESS, Peer, Trust
 from lmcache.transport.zmq_server import Deferred, Outcome
-
-# Engines unregistered while silent whose segments are removed once their process is gone.
-MAX_FORGOTTEN_PIDS = 1024
-MAX_FORGOTTEN_NAMES = 256
 
 logger = logging.getLogger("lmcache.server")
 
@@ -130,8 +126,7 @@ class RequestHandler:
         self.prepared = PreparedTransfers(store, sessions, metrics, self.chunk_size, lock_ttl)
         self.tiers = tiers
         self.copies = Copies(store, keys, registry, sessions, metrics)
-        # pid -> segment names of engines unregistered for silence (see `reap`)
-        self._forgotten_segments: dict[int, list[str]] = {}
+        self.reaper = EngineReaper(registry, sessions, self.prepared)
         loop, pool = Runs.LOOP, Runs.POOL
         self.routes: dict[type[Request], Route] = {
             Ping: Route(lambda req, call: self._ping(req, call.peer), loop),
@@ -245,56 +240,8 @@ class RequestHandler:
     # ----- dead and silent engines -------------------------------------------------------
 
     def reap(self, idle_s: float) -> list[str]:
-        """Forget engines whose process is gone (the kernel told us its pid when it
-        connected) or that were silent for ``idle_s`` seconds (0: never): their
-        registrations, mappings, prepared transfers and lookup locks. Returns log lines."""
-        lines = []
-        pids = {e.pid for e in self.registry.engines() if e.pid}
-        pids |= self.sessions.pids() | set(self._forgotten_segments)
-        dead = {p for p in pids if not pid_alive(p)}
-        for engine in self.registry.engines():
-            dead_now = engine.pid in dead
-            if dead_now:
-                why = f"its process {engine.pid} is gone"
-            elif idle_s and time.monotonic() - engine.last_seen > idle_s:
-                why = f"silent for {idle_s:g} s (--engine-timeout-s)"
-            else:
-                continue
-            if not self.registry.unregister(engine.instance_id, engine):
-                continue
-            dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
-            # A dead engine's KV segments stay in /dev/shm (they hold its whole KV cache)
-            # unless we remove them: only those nobody holds any more (see storage/shm_names.py).
-            # A silent one still holds them: they are removed once its process is gone.
-            names = engine.segment_names()
-            removed = [n for n in names if unlink_if_stale(n)] if dead_now else []
-            if names and not dead_now and engine.pid:
-                self._forget_later(engine.pid, names)
-            lines.append(
-                f"Unregistered GPU ID {engine.instance_id}: {why}; released {dropped} "
-                "prepared transfers and unmapped its memory"
-                + (f"; removed its segments {', '.join(removed)}" if removed else "")
-            )
-        for pid in dead & set(self._forgotten_segments):
-            removed = [n for n in self._forgotten_segments.pop(pid) if unlink_if_stale(n)]
-            if removed:
-                lines.append(
-                    f"Removed the segments {', '.join(removed)} of process {pid} (an engine "
-                    "forgotten while silent, gone now)"
-                )
-        if dead:
-            ended = self.sessions.end_pids(dead)
-            if ended:
-                lines.append(f"Released the lookup locks of {ended} requests of dead processes")
-        return lines
-
-    def _forget_later(self, pid: int, names: list[str]) -> None:
-        """Remember the segments of an engine unregistered while alive (bounded: the oldest
-        entry goes first), to remove them when its process is gone."""
-        self._forgotten_segments.pop(pid, None)
-        while len(self._forgotten_segments) >= MAX_FORGOTTEN_PIDS:
-            del self._forgotten_segments[next(iter(self._forgotten_segments))]
-        self._forgotten_segments[pid] = names[:MAX_FORGOTTEN_NAMES]
+        """See `EngineReaper.reap` (the server's runtime calls this every second)."""
+        return self.reaper.reap(idle_s)
 
     # ----- lookups ----------------------------------------------------------------------
 

@@ -145,9 +145,10 @@ class Engine:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` (of this PID namespace) exists and is not a zombie: a killed
-    process its parent has not waited for yet has closed its files and sockets already, and
-    will never speak again."""
+    """Whether process ``pid`` (of this PID namespace) exists and has not ended: a killed
+    process that its parent has not waited for yet (a zombie, no thread left) has closed its
+    files and sockets, and will never speak again. Its main thread alone being a zombie is
+    not enough: the other threads may still run (or still be closing its files)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -155,13 +156,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         pass
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
     except OSError:
         return True  # no procfs here: the signal test is all we have
-    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+    fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+    state = fields.get(b"State", b"").strip()[:1]
+    threads = fields.get(b"Threads", b"1").strip()
+    return not (state in (b"Z", b"X") and threads.isdigit() and int(threads) <= 1)
 
 
 def check_identity(model_name: str, world_size: int, dtype: str, cache_salt: str = "") -> None:

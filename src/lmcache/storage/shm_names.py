@@ -146,10 +146,10 @@ def segment_is_live(name: str) -> bool:
     return False
 
 
-def unlink_if_stale(name: str) -> bool:
+def unlink_if_stale(name: str) -> Sweep:
     """Unlink segment ``name`` if it is ours and no live process holds it (its creator
-    died without unlinking it); True if it was removed."""
-    return _sweep(shm_path(name)) == "removed"
+    died without unlinking it): "removed"; else why not ("live": still held)."""
+    return _sweep(shm_path(name))
 
 
 def unlink_stale_segments(prefix: str) -> list[str]:

@@ -1,0 +1,103 @@
+"""Dead and silent engines: what the server forgets, and the shared memory it removes.
+
+Every second the runtime asks `EngineReaper.reap`::
+
+    engine's pid gone (or a zombie)  ->  unregister, unmap, drop its prepared transfers,
+                                         end its lookup sessions, unlink its KV segments
+    engine silent for idle_s         ->  unregister, unmap; its segments are remembered
+                                         (pid -> names) and unlinked once the pid is gone
+
+A segment is unlinked only when nobody holds its lock (`storage/shm_names.py`); one still
+held (a killed process's last threads may still be closing its files) is tried again at
+the next reap. Both tables are bounded.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lmcache.server.registry import EngineRegistry, pid_alive
+from lmcache.server.sessions import Sessions
+from lmcache.server.worker_copy import PreparedTransfers
+from lmcache.storage.shm_names import unlink_if_stale
+
+# Processes whose segments wait for their end (the oldest entry goes first when full).
+MAX_FORGOTTEN_PIDS = 1024
+MAX_FORGOTTEN_NAMES = 256
+
+
+class EngineReaper:
+    def __init__(
+        self, registry: EngineRegistry, sessions: Sessions, prepared: PreparedTransfers
+    ) -> None:
+        self.registry = registry
+        self.sessions = sessions
+        self.prepared = prepared
+        self._forgotten_segments: dict[int, list[str]] = {}  # pid -> segment names
+
+    def reap(self, idle_s: float) -> list[str]:
+        """Forget engines whose process is gone (the kernel told us its pid when it
+        connected) or that were silent for ``idle_s`` seconds (0: never): their
+        registrations, mappings, prepared transfers and lookup locks. Returns log lines."""
+        lines = []
+        pids = {e.pid for e in self.registry.engines() if e.pid}
+        pids |= self.sessions.pids() | set(self._forgotten_segments)
+        dead = {p for p in pids if not pid_alive(p)}
+        for engine in self.registry.engines():
+            dead_now = engine.pid in dead
+            if dead_now:
+                why = f"its process {engine.pid} is gone"
+            elif idle_s and time.monotonic() - engine.last_seen > idle_s:
+                why = f"silent for {idle_s:g} s (--engine-timeout-s)"
+            else:
+                continue
+            if not self.registry.unregister(engine.instance_id, engine):
+                continue
+            dropped = self.prepared.drop_engine(engine.instance_id) if dead_now else 0
+            # A dead engine's KV segments stay in /dev/shm (they hold its whole KV cache)
+            # unless we remove them: only those nobody holds any more (see storage/shm_names.py).
+            # A silent one still holds them: they are removed once its process is gone.
+            names = engine.segment_names()
+            removed = self._remove_segments(engine.pid, names) if dead_now else []
+            if names and not dead_now and engine.pid:
+                self._forget_later(engine.pid, names)
+            lines.append(
+                f"Unregistered GPU ID {engine.instance_id}: {why}; released {dropped} "
+                "prepared transfers and unmapped its memory"
+                + (f"; removed its segments {', '.join(removed)}" if removed else "")
+            )
+        for pid in dead & set(self._forgotten_segments):
+            removed = self._remove_segments(pid, self._forgotten_segments.pop(pid))
+            if removed:
+                lines.append(
+                    f"Removed the segments {', '.join(removed)} of process {pid} (an engine "
+                    "forgotten while silent, gone now)"
+                )
+        if dead:
+            ended = self.sessions.end_pids(dead)
+            if ended:
+                lines.append(f"Released the lookup locks of {ended} requests of dead processes")
+        return lines
+
+    def _remove_segments(self, pid: int | None, names: list[str]) -> list[str]:
+        """Unlink the segments of a dead process that nobody holds; those still held are
+        tried again at the next reap (a killed process's last threads may still be closing
+        its files). Returns the names removed."""
+        removed, held = [], []
+        for name in names:
+            outcome = unlink_if_stale(name)
+            if outcome == "removed":
+                removed.append(name)
+            elif outcome == "live":
+                held.append(name)
+        if held and pid:
+            self._forget_later(pid, held)
+        return removed
+
+    def _forget_later(self, pid: int, names: list[str]) -> None:
+        """Remember the segments of an engine unregistered while alive (bounded: the oldest
+        entry goes first), to remove them when its process is gone."""
+        self._forgotten_segments.pop(pid, None)
+        while len(self._forgotten_segments) >= MAX_FORGOTTEN_PIDS:
+            del self._forgotten_segments[next(iter(self._forgotten_segments))]
+        self._forgotten_segments[pid] = names[:MAX_FORGOTTEN_NAMES]
