@@ -40,9 +40,11 @@ from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import free_port
 from lmcache.settings import ServerSettings
+from lmcache.storage.shm_names import shm_path
 
 from .conftest import CHUNK, MODEL, ServerProcess, fill_random, lookup_hit, register
 from .docker_engine import DockerEngine, docker_engine
+from .test_trust import dying_engine
 
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "deploy" / "docker"
@@ -251,6 +253,7 @@ def test_the_vllm_image_serves_with_vllm() -> None:
 def test_compose_reproduces_the_seed_docker_quick_start() -> None:
     services = compose()["services"]
     assert set(services) == {"lmcache", "vllm"}
+    assert services["lmcache"]["pid"] == "host"  # a dead engine is forgotten at once
     for name, svc in services.items():
         assert svc["network_mode"] == "host" and svc["ipc"] == "host", name
         build = svc["build"]
@@ -312,6 +315,42 @@ def server_image(engine: DockerEngine) -> str:
     return tag
 
 
+def _wait_healthy(engine: DockerEngine, name: str, http_port: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{http_port}/healthcheck", timeout=2)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, engine.run("logs", name).stdout
+        time.sleep(0.5)
+    assert r.json() == {"status": "healthy"}
+
+
+def _a_dead_host_engine_is_forgotten_at_once(
+    engine: DockerEngine, name: str, port: int, tokens: np.ndarray
+) -> None:
+    """With --pid host the kernel tells the containerised server a host engine's pid, so
+    one that dies is forgotten at once and its KV segment removed (without it: after
+    --engine-timeout-s, 60 s)."""
+    dying = dying_engine(port, 779, tokens)
+    try:
+        assert dying.stdout is not None
+        segment = dying.stdout.readline().split()[0]
+        assert Path(shm_path(segment)).exists()
+    finally:
+        dying.kill()
+        dying.wait()
+    gone = f"Unregistered GPU ID 779: its process {dying.pid} is gone"
+    deadline = time.monotonic() + 20
+    while gone not in (now := engine.run("logs", name)).stdout + now.stderr:
+        assert time.monotonic() < deadline, now.stdout + now.stderr
+        time.sleep(0.5)
+    assert not Path(shm_path(segment)).exists()
+
+
 def test_server_image_serves_a_host_engine_through_dev_shm(
     engine: DockerEngine, server_image: str
 ) -> None:
@@ -319,22 +358,12 @@ def test_server_image_serves_a_host_engine_through_dev_shm(
     name = f"lmcache-test-{os.getpid()}"
     cmd = with_flag(exec_form(SERVER_DOCKERFILE, "CMD"), "--port", str(port))
     cmd = [*with_flag(cmd, "--l1-size-gb", "1"), "--http-port", str(http_port)]
-    host = ("--network", "host", "--ipc", "host")
+    host = ("--network", "host", "--ipc", "host", "--pid", "host")
     engine.run("run", "-d", "--name", name, *host, server_image, *cmd)
     kv = ShmKVCache(num_layers=4, num_blocks=64, block_size=16, block_bytes=2048, planes=2)
     client = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{http_port}/healthcheck", timeout=2)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, engine.run("logs", name).stdout
-            time.sleep(0.5)
-        assert r.json() == {"status": "healthy"}
+        _wait_healthy(engine, name, http_port)
         client = LMCacheClient.connect("localhost", port, timeout=10)
         register(client, kv, 1)
         fill_random(kv, 4)
@@ -350,6 +379,7 @@ def test_server_image_serves_a_host_engine_through_dev_shm(
             w for w in (started.stdout + started.stderr).split() if "lmcache_l1_pool_" in w
         ).rstrip(":,")
         assert Path(pool).exists()
+        _a_dead_host_engine_is_forgotten_at_once(engine, name, port, tokens)
     finally:
         if client is not None:
             client.close()

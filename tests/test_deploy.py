@@ -176,6 +176,7 @@ def test_daemonset_shares_shm_and_probes_healthcheck() -> None:
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pod["hostIPC"] is True
+    assert pod["hostPID"] is True  # dead engines forgotten at once (see test_containers.py)
     assert pod["securityContext"]["runAsUser"]  # engines must run as this uid
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

@@ -373,10 +373,10 @@ DYING_ENGINE = """
 """
 
 
-def _dying_engine(server: ServerProcess, iid: int, tokens: np.ndarray) -> subprocess.Popen[str]:
+def dying_engine(port: int, iid: int, tokens: np.ndarray) -> subprocess.Popen[str]:
     """DYING_ENGINE as GPU ID ``iid``; it prints its segment's name and its hit, then waits."""
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(DYING_ENGINE), str(server.port), str(iid),
+        [sys.executable, "-c", textwrap.dedent(DYING_ENGINE), str(port), str(iid),
          tokens.tobytes().hex()],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -386,7 +386,7 @@ def test_an_engine_killed_with_sigkill_is_forgotten(
     server: ServerProcess, victim: tuple[LMCacheClient, ShmKVCache, np.ndarray]
 ) -> None:
     client, kv, tokens = victim
-    proc = _dying_engine(server, 777, tokens)
+    proc = dying_engine(server.port, 777, tokens)
     try:
         assert proc.stdout is not None
         segment, hit = proc.stdout.readline().split()
@@ -416,7 +416,7 @@ def test_an_engine_forgotten_while_silent_leaves_no_segment_when_it_dies() -> No
     holds its KV segment; SIGKILLed later (and not yet waited for: a zombie), its segment is
     removed all the same. The chaos test found one left behind that way."""
     server = start_server("--engine-timeout-s", "1")
-    proc = _dying_engine(server, 778, np.arange(CHUNK, dtype=np.uint32))
+    proc = dying_engine(server.port, 778, np.arange(CHUNK, dtype=np.uint32))
     try:
         assert proc.stdout is not None
         segment = proc.stdout.readline().split()[0]
