@@ -38,16 +38,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _SHM.start()
 
 
-# How `scripts/test` spreads the tests over parallel workers (pytest-xdist, --dist loadgroup):
-# each module is a group and runs whole on one worker, so its fixtures (a vLLM start, a Redis
-# cluster, the chaos run) are made once. Modules of a minute or more go first, longest first,
-# so that the workers finish on short modules, not on a long one. (All vLLM modules on one
-# worker was tried: slower on 2 cores, 21 min against 15-19.)
+# How `scripts/test` spreads the tests over parallel workers (pytest-xdist, --dist loadfile):
+# each module runs whole on one worker, so its fixtures (a vLLM start, a Redis cluster, the
+# chaos run) are made once (--dist loadgroup set module fixtures up twice). Modules of a
+# minute or more go first, longest first, so that the workers finish on short modules, not
+# on a long one. (All vLLM modules on one worker was tried: slower on 2 cores.)
 LONG_FIRST = ("vllm/test_vllm_resilience.py", "vllm/test_vllm_l2.py", "test_containers.py",
               "vllm/", "test_chaos.py", "test_bench.py", "test_redis_cluster.py")  # fmt: skip
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def where(item: pytest.Item) -> str:
         return item.path.relative_to(TESTS).as_posix()
 
@@ -56,9 +56,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return next((i for i, p in enumerate(LONG_FIRST) if rel.startswith(p)), len(LONG_FIRST))
 
     items.sort(key=rank)  # stable: the order inside each module stays
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(where(item)))
 
 
 @pytest.hookimpl(trylast=True)
