@@ -70,8 +70,8 @@ class EngineReaper:
             removed = self._remove_segments(pid, self._forgotten_segments.pop(pid))
             if removed:
                 lines.append(
-                    f"Removed the segments {', '.join(removed)} of process {pid} (an engine "
-                    "forgotten while silent, gone now)"
+                    f"Removed the segments {', '.join(removed)} of process {pid} (gone now; "
+                    "its engine was forgotten earlier, or they were still held then)"
                 )
         if dead:
             ended = self.sessions.end_pids(dead)
@@ -95,8 +95,8 @@ class EngineReaper:
         return removed
 
     def _forget_later(self, pid: int, names: list[str]) -> None:
-        """Remember the segments of an engine unregistered while alive (bounded: the oldest
-        entry goes first), to remove them when its process is gone."""
+        """Remember segments to remove once process ``pid`` is gone (an engine unregistered
+        while alive, or a dead one's segments still held); bounded: the oldest entry goes."""
         self._forgotten_segments.pop(pid, None)
         while len(self._forgotten_segments) >= MAX_FORGOTTEN_PIDS:
             del self._forgotten_segments[next(iter(self._forgotten_segments))]
