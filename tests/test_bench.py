@@ -46,6 +46,13 @@ def test_targets_judge_ratio_or_value() -> None:
     assert "MISS s / lookup p50: 5 (want ratio <= 3)" in summary([fast, slow, rate])
 
 
+def test_json_ratio_keeps_four_significant_digits() -> None:
+    # CI once saw 0.0419 for 0.041947 (rounded to four decimals): small ratios lost precision.
+    small = Row("s", "lookups/s", 1.0, "/s", "raw", 23.8393, None).to_dict()
+    assert small["ratio"] == pytest.approx(1.0 / 23.8393, rel=1e-3)
+    assert Row("s", "store", 2.0, "GB/s", "memcpy", 3.0, None).to_dict()["ratio"] == 0.6667
+
+
 @pytest.mark.timeout(600)
 def test_bench_command_runs_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

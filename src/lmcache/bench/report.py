@@ -65,7 +65,8 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target"] = str(self.target) if self.target else None
-        d["ratio"] = None if self.ratio is None else round(self.ratio, 4)
+        # Four significant digits, not four decimals: a ratio of 0.04 keeps its precision.
+        d["ratio"] = None if self.ratio is None else float(f"{self.ratio:.4g}")
         d["met"] = self.met
         return d
 
