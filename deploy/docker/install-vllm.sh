@@ -21,5 +21,8 @@ source "$SRC/scripts/setup"   # defines install_vllm only when sourced
 "${PYTHON:-python3}" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 install_vllm "$VENV" "$SRC"
+# The image's PID 1 (see entrypoint.sh): vLLM's processes clean their shared memory up before
+# the container ends.
+install -m 0755 "$SRC/deploy/docker/entrypoint.sh" "$VENV/bin/lmcache-vllm-entrypoint"
 "$VENV/bin/lmcache" --version
 "$VENV/bin/python" -c 'import vllm.platforms as p; assert p.current_platform.is_cpu(), p.current_platform'
