@@ -279,12 +279,13 @@ def test_compose_quick_start_stores_then_retrieves(
         held = shm_held_by(engine, vllm_id)
         assert any(p.name.startswith("psm_") for p in held), held  # vLLM's message queues
     finally:
+        vllm_log = logs("vllm")[-3000:]
         ended = compose_run("down", "--timeout", "60", timeout=180)
     assert "Stopping" in ended or "Removing" in ended, ended
     assert not Path(pool).exists(), server_log[-3000:]  # the server stopped gracefully
     # vLLM's processes removed their shared memory from the host's /dev/shm before the
     # container ended (the image's PID 1, deploy/docker/entrypoint.sh, waits for them).
-    assert not [p for p in held if p.exists()], logs("vllm")[-3000:]
+    assert not [p for p in held if p.exists()], vllm_log
 
 
 def shm_held_by(engine: DockerEngine, container: str) -> set[Path]:

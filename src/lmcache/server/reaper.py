@@ -9,12 +9,14 @@ Every second the runtime asks `EngineReaper.reap`::
 
 A segment is unlinked only when nobody holds its lock (`storage/shm_names.py`); one still
 held (a killed process's last threads may still be closing its files) is tried again at
-the next reap. Both tables are bounded.
+the next reap, then less and less often (1, 2, 4 ... 64 s: a descriptor inherited by a
+living child may hold it for good). Both tables are bounded.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from lmcache.server.registry import EngineRegistry, pid_alive
 from lmcache.server.sessions import Sessions
@@ -24,6 +26,16 @@ from lmcache.storage.shm_names import unlink_if_stale
 # Processes whose segments wait for their end (the oldest entry goes first when full).
 MAX_FORGOTTEN_PIDS = 1024
 MAX_FORGOTTEN_NAMES = 256
+MAX_RETRY_INTERVAL_S = 64.0
+
+
+@dataclass
+class _Pending:
+    """Segments of process ``pid`` to remove once it is gone and nobody holds them."""
+
+    names: list[str]
+    next_try: float = 0.0  # time.monotonic(); 0: at the first reap that finds the pid gone
+    interval_s: float = 1.0
 
 
 class EngineReaper:
@@ -33,7 +45,7 @@ class EngineReaper:
         self.registry = registry
         self.sessions = sessions
         self.prepared = prepared
-        self._forgotten_segments: dict[int, list[str]] = {}  # pid -> segment names
+        self._forgotten_segments: dict[int, _Pending] = {}  # pid -> its segments
 
     def reap(self, idle_s: float) -> list[str]:
         """Forget engines whose process is gone (the kernel told us its pid when it
@@ -66,8 +78,13 @@ class EngineReaper:
                 "prepared transfers and unmapped its memory"
                 + (f"; removed its segments {', '.join(removed)}" if removed else "")
             )
+        now = time.monotonic()
         for pid in dead & set(self._forgotten_segments):
-            removed = self._remove_segments(pid, self._forgotten_segments.pop(pid))
+            pending = self._forgotten_segments[pid]
+            if now < pending.next_try:
+                continue
+            del self._forgotten_segments[pid]
+            removed = self._remove_segments(pid, pending.names, pending)
             if removed:
                 lines.append(
                     f"Removed the segments {', '.join(removed)} of process {pid} (gone now; "
@@ -79,10 +96,12 @@ class EngineReaper:
                 lines.append(f"Released the lookup locks of {ended} requests of dead processes")
         return lines
 
-    def _remove_segments(self, pid: int | None, names: list[str]) -> list[str]:
+    def _remove_segments(
+        self, pid: int | None, names: list[str], tried: _Pending | None = None
+    ) -> list[str]:
         """Unlink the segments of a dead process that nobody holds; those still held are
-        tried again at the next reap (a killed process's last threads may still be closing
-        its files). Returns the names removed."""
+        tried again later (a killed process's last threads may still be closing its files):
+        at the next reap, then backing off after each failed try. Returns the names removed."""
         removed, held = [], []
         for name in names:
             outcome = unlink_if_stale(name)
@@ -91,13 +110,18 @@ class EngineReaper:
             elif outcome == "live":
                 held.append(name)
         if held and pid:
-            self._forget_later(pid, held)
+            pending = self._forget_later(pid, held)
+            if tried is not None:  # held at a retry too: back off
+                pending.interval_s = min(tried.interval_s * 2, MAX_RETRY_INTERVAL_S)
+                pending.next_try = time.monotonic() + tried.interval_s
         return removed
 
-    def _forget_later(self, pid: int, names: list[str]) -> None:
+    def _forget_later(self, pid: int, names: list[str]) -> _Pending:
         """Remember segments to remove once process ``pid`` is gone (an engine unregistered
         while alive, or a dead one's segments still held); bounded: the oldest entry goes."""
         self._forgotten_segments.pop(pid, None)
         while len(self._forgotten_segments) >= MAX_FORGOTTEN_PIDS:
             del self._forgotten_segments[next(iter(self._forgotten_segments))]
-        self._forgotten_segments[pid] = names[:MAX_FORGOTTEN_NAMES]
+        pending = _Pending(names[:MAX_FORGOTTEN_NAMES])
+        self._forgotten_segments[pid] = pending
+        return pending
