@@ -16,7 +16,7 @@ import pytest
 
 from lmcache.server import reaper
 from lmcache.server.metrics import Metrics
-from lmcache.server.registry import EngineRegistry, pid_alive
+from lmcache.server.registry import EngineRegistry, pid_alive, pid_exiting
 from lmcache.server.sessions import Sessions
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.chunk_store import ChunkStore
@@ -50,6 +50,7 @@ def test_a_zombie_main_thread_with_a_live_thread_is_alive() -> None:
         _until(lambda: _status(proc.pid)["State"].startswith("Z"))
         assert _status(proc.pid)["Threads"] == "2"
         assert pid_alive(proc.pid)
+        assert pid_exiting(proc.pid)  # its main thread did
         proc.send_signal(signal.SIGKILL)
         # not waited for: a zombie with no thread left is gone for us
         _until(lambda: _status(proc.pid)["Threads"] == "1")
@@ -63,7 +64,7 @@ def test_a_zombie_main_thread_with_a_live_thread_is_alive() -> None:
 def test_stopped_and_running_processes_are_alive() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        assert pid_alive(proc.pid)
+        assert pid_alive(proc.pid) and not pid_exiting(proc.pid)
         proc.send_signal(signal.SIGSTOP)
         _until(lambda: _status(proc.pid)["State"].startswith("T"))
         assert pid_alive(proc.pid)  # frozen is not dead: it may be continued

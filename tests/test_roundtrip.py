@@ -217,9 +217,10 @@ def test_a_copy_that_starts_after_the_engine_stopped_waiting_is_refused(
     register(client, engine, 108)
     fill_random(engine, 8)
     tokens = unique_tokens(CHUNK)
-    real_monotonic = time.monotonic
-    # the client's clock (`lmcache.client` reads `time.monotonic`), an hour behind
-    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() - 3600)
+    # The client's clock (`lmcache.client` reads `time.monotonic`) at zero, so its start_by
+    # (now + half its wait) is long past on the server's clock, the same host's. (An hour
+    # behind went negative on a CI machine up for less than an hour: a malformed request.)
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)
     with pytest.raises(TransferError, match="after the engine stopped waiting"):
         client.store("late", 108, tokens, start=0, end=CHUNK, block_ids=range(16))
     with pytest.raises(TransferError, match="nothing was copied"):

@@ -373,13 +373,23 @@ DYING_ENGINE = """
 """
 
 
-def dying_engine(port: int, iid: int, tokens: np.ndarray) -> subprocess.Popen[str]:
+def dying_engine(
+    port: int, iid: int, tokens: np.ndarray, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """DYING_ENGINE as GPU ID ``iid``; it prints its segment's name and its hit, then waits."""
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(DYING_ENGINE), str(port), str(iid),
          tokens.tobytes().hex()],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
+
+
+@pytest.fixture
+def private_shm(tmp_path: Path) -> dict[str, str]:
+    """A shared-memory directory of the test's own (LMCACHE_SHM_DIR, for the server and its
+    engines): servers that other tests start meanwhile sweep the dead segments of /dev/shm
+    at start-up, and would remove the one a test waits for its own server to remove."""
+    return {"LMCACHE_SHM_DIR": str(tmp_path)}
 
 
 def test_an_engine_killed_with_sigkill_is_forgotten(
@@ -411,22 +421,51 @@ def test_an_engine_killed_with_sigkill_is_forgotten(
     assert not os.path.exists(shm_path(segment))
 
 
-def test_an_engine_forgotten_while_silent_leaves_no_segment_when_it_dies() -> None:
+def test_an_engine_forgotten_while_silent_leaves_no_segment_when_it_dies(
+    private_shm: dict[str, str],
+) -> None:
     """Frozen past --engine-timeout-s, the engine is unregistered while its process still
     holds its KV segment; SIGKILLed later (and not yet waited for: a zombie), its segment is
     removed all the same. The chaos test found one left behind that way."""
-    server = start_server("--engine-timeout-s", "1")
-    proc = dying_engine(server.port, 778, np.arange(CHUNK, dtype=np.uint32))
+    server = start_server("--engine-timeout-s", "1", env=private_shm)
+    proc = dying_engine(server.port, 778, np.arange(CHUNK, dtype=np.uint32), env=private_shm)
     try:
         assert proc.stdout is not None
         segment = proc.stdout.readline().split()[0]
+        path = Path(private_shm["LMCACHE_SHM_DIR"]) / segment.lstrip("/")
         proc.send_signal(signal.SIGSTOP)
         server.wait_log("Unregistered GPU ID 778: silent for 1 s", timeout=15)
-        assert os.path.exists(shm_path(segment))  # its frozen process still holds it
+        assert path.exists()  # its frozen process still holds it
         proc.send_signal(signal.SIGKILL)  # not waited for until the end: a zombie meanwhile
         server.wait_log(f"Removed the segments {segment} of process {proc.pid}", timeout=15)
-        assert not os.path.exists(shm_path(segment))
+        assert not path.exists()
     finally:
         proc.kill()
         proc.wait()
         assert server.stop() == 0
+
+
+def test_a_server_stopped_right_after_an_engine_died_removes_its_segment(
+    private_shm: dict[str, str],
+) -> None:
+    """vLLM's default shutdown SIGKILLs its workers, and the server is often stopped right
+    after (compose down, a test's teardown), before its once-a-second reap: the stopping
+    server removes the dead engine's segment itself, waiting for a process still exiting."""
+    server = start_server(env=private_shm)
+    proc = dying_engine(server.port, 780, np.arange(CHUNK, dtype=np.uint32), env=private_shm)
+    stopped = False
+    try:
+        assert proc.stdout is not None
+        segment = proc.stdout.readline().split()[0]
+        path = Path(private_shm["LMCACHE_SHM_DIR"]) / segment.lstrip("/")
+        assert path.exists()
+        proc.kill()  # not waited for: it may still be exiting when the server stops
+        assert server.stop() == 0
+        stopped = True
+        assert not path.exists(), server.log()[-2000:]
+        assert segment in server.log()  # removed by the server (its reap or its exit sweep)
+    finally:
+        proc.kill()
+        proc.wait()
+        if not stopped:
+            server.stop()

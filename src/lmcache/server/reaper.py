@@ -11,6 +11,10 @@ A segment is unlinked only when nobody holds its lock (`storage/shm_names.py`); 
 held (a killed process's last threads may still be closing its files) is tried again at
 the next reap, then less and less often (1, 2, 4 ... 64 s: a descriptor inherited by a
 living child may hold it for good). Both tables are bounded.
+
+At shutdown, `sweep_at_exit` removes the segments of engines whose process is gone or
+going: vLLM's default shutdown (--shutdown-timeout 0) SIGKILLs its workers, and a server
+stopped right after vLLM (compose down, a test's teardown) would otherwise never reap them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lmcache.server.registry import EngineRegistry, pid_alive
+from lmcache.server.registry import EngineRegistry, pid_alive, pid_exiting
 from lmcache.server.sessions import Sessions
 from lmcache.server.worker_copy import PreparedTransfers
 from lmcache.storage.shm_names import unlink_if_stale
@@ -27,6 +31,7 @@ from lmcache.storage.shm_names import unlink_if_stale
 MAX_FORGOTTEN_PIDS = 1024
 MAX_FORGOTTEN_NAMES = 256
 MAX_RETRY_INTERVAL_S = 64.0
+EXIT_SWEEP_S = 1.0  # how long a stopping server waits for engines that are still dying
 
 
 @dataclass
@@ -125,3 +130,35 @@ class EngineReaper:
         pending = _Pending(names[:MAX_FORGOTTEN_NAMES])
         self._forgotten_segments[pid] = pending
         return pending
+
+    def sweep_at_exit(self, wait_s: float = EXIT_SWEEP_S) -> list[str]:
+        """Remove the segments of registered and remembered engines whose process is gone;
+        one that is exiting (killed, still tearing its memory down before it closes its
+        files) is waited for up to ``wait_s``. A live engine keeps its memory, at once.
+        Returns log lines."""
+        pending: dict[int, set[str]] = {
+            p: set(f.names) for p, f in self._forgotten_segments.items()
+        }
+        for engine in self.registry.engines():
+            if engine.pid:
+                pending.setdefault(engine.pid, set()).update(engine.segment_names())
+        removed: list[str] = []
+        deadline = time.monotonic() + wait_s
+        while True:
+            for pid in [p for p in pending if pid_alive(p) and not pid_exiting(p)]:
+                del pending[pid]
+            for pid in [p for p in pending if not pid_alive(p)]:
+                for name in sorted(pending[pid]):
+                    outcome = unlink_if_stale(name)
+                    if outcome == "removed":
+                        removed.append(name)
+                    if outcome != "live":
+                        pending[pid].discard(name)
+                if not pending[pid]:
+                    del pending[pid]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not removed:
+            return []
+        return [f"Removed the segments {', '.join(removed)} of engines whose processes are gone"]

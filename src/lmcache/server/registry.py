@@ -144,6 +144,9 @@ class Engine:
         }
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: "getting shut down"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` (of this PID namespace) exists and has not ended: a killed
     process that its parent has not waited for yet (a zombie, no thread left) has closed its
@@ -164,6 +167,22 @@ def pid_alive(pid: int) -> bool:
     state = fields.get(b"State", b"").strip()[:1]
     threads = fields.get(b"Threads", b"1").strip()
     return not (state in (b"Z", b"X") and threads.isdigit() and int(threads) <= 1)
+
+
+def pid_exiting(pid: int) -> bool:
+    """Whether process ``pid`` has begun to exit (its main thread's PF_EXITING flag in
+    /proc/<pid>/stat): killed, it is still tearing its memory down and will close its files
+    (and so release its segments' locks) next."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) ": state is field 3
+    try:
+        return bool(int(fields[6]) & PF_EXITING)  # field 9: flags
+    except (IndexError, ValueError):
+        return False
 
 
 def check_identity(model_name: str, world_size: int, dtype: str, cache_salt: str = "") -> None:

@@ -224,6 +224,9 @@ class ServerRuntime(RuntimeViews):
             self._zmq.stop()  # waits for running copies: nothing touches the pool after this
         if self._maintenance.is_alive():
             self._maintenance.join(timeout=10)
+        if self._handler is not None:  # engines that died with (or just before) us
+            for line in self._handler.reaper.sweep_at_exit():
+                logger.warning("%s", line)
         if self.evictor is not None:
             self.evictor.stop()
         if self.tiers is not None:
