@@ -24,7 +24,10 @@ from .scenarios import (
 )
 
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-TP_ARGS = ("--tensor-parallel-size", "2")
+# --shutdown-timeout: vLLM's default (0) SIGKILLs the workers at once, and its two CPU
+# workers' own shared memory (vllm_dist_*-cpushm_*) then stays in /dev/shm; given time,
+# they remove it (our segments are removed by the server either way).
+TP_ARGS = ("--tensor-parallel-size", "2", "--shutdown-timeout", "10")
 
 
 @pytest.fixture(scope="module")
