@@ -77,6 +77,11 @@ def _chat_summary(runs: Sequence[Run]) -> dict[str, Any] | None:
         "p90_ms": _ms([q["ttft_s"] for q in requests], 90),
         "per_round_ms": [_ms([q["ttft_s"] for q in requests if q["round"] == n]) for n in rounds],
         "wall_s": float(np.median([r["chat"]["wall_s"] for r in runs if r.get("chat")])),
+        # (user, round) -> median over passes: the same request in every configuration
+        "per_request_ms": {
+            key: _ms([q["ttft_s"] for q in requests if f"{q['user']}:{q['round']}" == key])
+            for key in sorted({f"{q['user']}:{q['round']}" for q in requests})
+        },
     }
 
 

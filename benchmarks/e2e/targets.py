@@ -102,11 +102,24 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
             ("recompute", ("ttft", str(n), "cold_ms")),
             1.03,
         )
-    add(  # each round's history is in vLLM's own cache: the connector must cost nothing
-        "chat, all rounds: lmcache / vllm-prefix",
+    # Chat: each round's history is in vLLM's own cache, so the connector must cost nothing.
+    # Judged request by request (the same user and round in both configurations), since
+    # TTFTs cluster by round and a pooled median can fall into a gap between clusters
+    # (measured: pooled 1.03 while every round's own median was within 2%).
+    paired = _paired_chat(summary, "lmcache", "vllm-prefix")
+    if paired is not None:
+        rows.append(
+            {
+                "name": "chat, per request: lmcache / vllm-prefix", "value": paired[0],
+                "baseline": paired[1], "unit": "ms", "ratio": paired[2], "target": 1.02,
+                "higher_is_better": False, "pass": paired[2] <= 1.02,
+            }
+        )  # fmt: skip
+    add(
+        "chat, all rounds pooled: lmcache / vllm-prefix",
         ("lmcache", ("chat", "median_ms")),
         ("vllm-prefix", ("chat", "median_ms")),
-        1.02,
+        None,
     )
     cap = "capacity"
     add(
@@ -154,6 +167,21 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         higher_is_better=True,
     )
     return rows
+
+
+def _paired_chat(
+    summary: dict[str, Any], ours: str, base: str
+) -> tuple[float, float, float] | None:
+    """(ours, baseline, ratio): medians of the requests both ran, and the median of their
+    per-request ratios."""
+    a = (summary.get(ours) or {}).get("chat") or {}
+    b = (summary.get(base) or {}).get("chat") or {}
+    mine, theirs = a.get("per_request_ms") or {}, b.get("per_request_ms") or {}
+    keys = sorted(set(mine) & set(theirs))
+    if not keys:
+        return None
+    x, y = np.array([mine[k] for k in keys]), np.array([theirs[k] for k in keys])
+    return float(np.median(x)), float(np.median(y)), float(np.median(x / y))
 
 
 def print_more(summary: dict[str, Any]) -> None:
