@@ -337,6 +337,9 @@ def main() -> None:
         flush=True,
     )
     runs: list[dict[str, Any]] = []
+    # Results so far go to a file of their own, so that an interrupted run keeps them
+    # without overwriting the last complete run's JSON.
+    partial = args.json.with_name(args.json.stem + ".partial.json")
     try:
         for pass_no in range(args.passes):
             order = args.configs if pass_no % 2 == 0 else args.configs[::-1]
@@ -344,10 +347,13 @@ def main() -> None:
                 runs.append(
                     run_config(name, pass_no, venvs=venvs, model=model, work=work, sc=sc, args=args)
                 )
-                write_json(args.json, meta, runs, args, began)
+                write_json(partial, meta, runs, args, began)
     finally:
         print(f"\nLogs of every server and vLLM: {args.log_dir}")
+        if runs and len(runs) < args.passes * len(args.configs):
+            print(f"Results of the configurations that ran: {partial}")
     result = write_json(args.json, meta, runs, args, began)
+    partial.unlink(missing_ok=True)
     report.print_report(result["summary"], args.prompts, report.load_warnings(runs))
     targets.print_more(result["summary"])
     targets.print_targets(result["targets"])
@@ -363,7 +369,7 @@ def main() -> None:
 def write_json(
     path: Path, meta: dict[str, Any], runs: list[dict[str, Any]], args: Any, began: float
 ) -> dict[str, Any]:
-    """Everything so far, rewritten after every configuration (an interrupted run keeps it)."""
+    """Everything so far (the summary, the targets and every run) as JSON at ``path``."""
     summary = report.summarize(runs, args.configs)
     result = {
         "meta": {**meta, "seconds": time.monotonic() - began},
