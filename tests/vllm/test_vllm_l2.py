@@ -81,6 +81,10 @@ def test_second_server_shares_through_redis_and_survives_its_death(
             same_output(x, y)
         same_output(from_a, second.complete(tokens))
     finally:
+        # vLLMs first: their default shutdown SIGKILLs the workers, and only a server still
+        # running removes a dead worker's KV segment (stopped first, it left 1 GiB behind)
+        for v in vllm_factory:
+            v.stop()
         a.stop()
         b.stop()
         redis.stop()

@@ -88,6 +88,8 @@ def test_two_engines_share_one_server(tiny_model: Path, vllm_factory: list[VllmP
         ]
         assert len(registered) == 2
     finally:
+        for v in vllm_factory:  # vLLMs first: see test_vllm_l2 (a dead worker's segment)
+            v.stop()
         server.stop()
 
 
