@@ -107,13 +107,7 @@ class EngineReaper:
         """Unlink the segments of a dead process that nobody holds; those still held are
         tried again later (a killed process's last threads may still be closing its files):
         at the next reap, then backing off after each failed try. Returns the names removed."""
-        removed, held = [], []
-        for name in names:
-            outcome = unlink_if_stale(name)
-            if outcome == "removed":
-                removed.append(name)
-            elif outcome == "live":
-                held.append(name)
+        removed, held = _unlink_unheld(names)
         if held and pid:
             pending = self._forget_later(pid, held)
             if tried is not None:  # held at a retry too: back off
@@ -148,13 +142,11 @@ class EngineReaper:
             for pid in [p for p in pending if pid_alive(p) and not pid_exiting(p)]:
                 del pending[pid]
             for pid in [p for p in pending if not pid_alive(p)]:
-                for name in sorted(pending[pid]):
-                    outcome = unlink_if_stale(name)
-                    if outcome == "removed":
-                        removed.append(name)
-                    if outcome != "live":
-                        pending[pid].discard(name)
-                if not pending[pid]:
+                gone, held = _unlink_unheld(sorted(pending[pid]))
+                removed += gone
+                if held:
+                    pending[pid] = set(held)
+                else:
                     del pending[pid]
             if not pending or time.monotonic() >= deadline:
                 break
@@ -162,3 +154,15 @@ class EngineReaper:
         if not removed:
             return []
         return [f"Removed the segments {', '.join(removed)} of engines whose processes are gone"]
+
+
+def _unlink_unheld(names: list[str]) -> tuple[list[str], list[str]]:
+    """Unlink the segments nobody holds: (removed, still held); others (gone, not ours) drop."""
+    removed, held = [], []
+    for name in names:
+        outcome = unlink_if_stale(name)
+        if outcome == "removed":
+            removed.append(name)
+        elif outcome == "live":
+            held.append(name)
+    return removed, held
