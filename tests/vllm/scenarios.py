@@ -58,6 +58,17 @@ def wait_for(vllm: VllmProcess, text: str, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+def wait_resumed(vllm: VllmProcess, since: int, links: int, timeout: float = 30) -> None:
+    """Until ``links`` connector links (the scheduler's and each worker's) logged "caching
+    resumed" after the first ``since`` characters of the vLLM log. Each link finds the
+    restarted server on its own heartbeat; one that has not yet skips its part of a request
+    (a scheduler in degraded mode stores nothing), so a test must wait for all of them."""
+    deadline = time.monotonic() + timeout
+    while (n := vllm.log()[since:].count("caching resumed")) < links:
+        assert time.monotonic() < deadline, f"{n} of {links} links resumed"
+        time.sleep(0.2)
+
+
 def counts(server: ServerProcess, verb: str, since: int) -> list[int]:
     """Token counts of every "<verb> N tokens" line since `since`, sorted."""
     lines = server.log()[since:].splitlines()
@@ -119,19 +130,20 @@ def partial_hit_matches_cold(
 
 
 def restarted_server_caches_again(
-    server: ServerProcess, vllm: VllmProcess, tokens: list[int], stored: int
+    server: ServerProcess, vllm: VllmProcess, tokens: list[int], stored: int, workers: int = 1
 ) -> None:
     """The server is stopped under the running vLLM and a new, empty one takes its ports:
-    the connector re-registers, stores again, and the next hit gives the cold output."""
+    the connector re-registers, stores again, and the next hit gives the cold output.
+    ``workers``: vLLM's worker processes (TP ranks), each with its own link."""
     cold = vllm.complete(tokens, ignore_eos=True)
     server.wait_log(f"Stored {stored} tokens")
+    since = len(vllm.log())
     server.stop()
     restarted = start_server(
         "--l1-size-gb", "1", "--port", str(server.port), "--http-port", str(server.http_port)
     )
     try:
-        wait_for(vllm, "caching resumed")
-        restarted.wait_log("Registered KV cache for GPU ID")
+        wait_resumed(vllm, since, links=1 + workers)
         again = vllm.complete(tokens, ignore_eos=True)  # the new server was empty
         restarted.wait_log(f"Stored {stored} tokens")
         warm = vllm.complete(tokens, ignore_eos=True)

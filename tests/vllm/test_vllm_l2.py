@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..conftest import ServerProcess, start_redis, start_server
 from .conftest import VllmProcess, kv_config, start_vllm
-from .scenarios import prompt, same_output, wait_for
+from .scenarios import prompt, same_output, wait_resumed
 
 
 def wait_l2(server: ServerProcess, objects: int) -> None:
@@ -32,6 +32,7 @@ def test_restarted_server_serves_from_the_fs_tier(
     cold = vllm.complete(tokens)
     server.wait_log("Stored 1024 tokens")
     wait_l2(server, 4)
+    since = len(vllm.log())
     server.stop()
     restarted = start_server(
         "--l1-size-gb",
@@ -44,8 +45,7 @@ def test_restarted_server_serves_from_the_fs_tier(
         str(http_port),
     )
     try:
-        wait_for(vllm, "caching resumed")
-        restarted.wait_log("Registered KV cache for GPU ID")
+        wait_resumed(vllm, since, links=2)
         warm = vllm.complete(tokens)
         restarted.wait_log("Retrieved 1024 tokens")
         assert "Stored" not in restarted.log()

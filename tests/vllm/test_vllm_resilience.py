@@ -11,7 +11,7 @@ import pytest
 
 from ..conftest import start_server
 from .conftest import VllmProcess, build_model, kv_config, start_vllm
-from .scenarios import prompt, same_output, wait_for
+from .scenarios import prompt, same_output, wait_for, wait_resumed
 
 
 def test_vllm_fails_clearly_when_no_server(tiny_model: Path) -> None:
@@ -47,6 +47,7 @@ def test_server_restart_under_a_running_engine(
     cold = vllm.complete(tokens)
     server.wait_log("Stored 768 tokens")
 
+    since = len(vllm.log())
     server.stop(signal.SIGKILL)  # no goodbye: the engine must notice on its own
     for seed in (11, 12, 13):
         vllm.complete(prompt(seed, 700))  # served without the cache
@@ -57,8 +58,7 @@ def test_server_restart_under_a_running_engine(
         "--l1-size-gb", "1", "--port", str(port), "--http-port", str(http_port)
     )
     try:
-        wait_for(vllm, "caching resumed")
-        restarted.wait_log("Registered KV cache for GPU ID")
+        wait_resumed(vllm, since, links=2)
         fresh = prompt(14, 800)
         first = vllm.complete(fresh)
         restarted.wait_log("Stored 768 tokens")

@@ -58,4 +58,4 @@ def test_a_partial_hit_matches_a_cold_run(stack: tuple[ServerProcess, VllmProces
 
 
 def test_a_restarted_server_caches_again(stack: tuple[ServerProcess, VllmProcess]) -> None:
-    restarted_server_caches_again(*stack, prompt(83, 640), stored=640)
+    restarted_server_caches_again(*stack, prompt(83, 640), stored=640, workers=2)
