@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from ..conftest import start_server
@@ -91,6 +96,42 @@ def test_two_engines_share_one_server(tiny_model: Path, vllm_factory: list[VllmP
         for v in vllm_factory:  # vLLMs first: see test_vllm_l2 (a dead worker's segment)
             v.stop()
         server.stop()
+
+
+def test_a_worker_killed_after_its_server_stopped_leaves_no_kv_segment(
+    tiny_model: Path, vllm_factory: list[VllmProcess]
+) -> None:
+    """vLLM's default shutdown SIGKILLs its workers (in a race with their own clean-up,
+    which starts when the engine core exits); with the server already gone, nobody but the
+    connector's guard process can then remove a worker's KV segment."""
+    # A directory of our own under /dev/shm: a server that another test starts meanwhile
+    # would sweep our dead worker's segment at start-up, and pass this test for it.
+    shm = Path(tempfile.mkdtemp(prefix="lmcache-test-", dir="/dev/shm"))
+    env = {"LMCACHE_SHM_DIR": str(shm)}
+    try:
+        server = start_server("--l1-size-gb", "1", env=env)
+        try:
+            vllm = start_vllm(tiny_model, kv_config(server.port, mode="engine_driven"), env=env)
+            vllm_factory.append(vllm)
+            vllm.complete(prompt(30, 600))
+            server.wait_log("Stored 512 tokens")
+            (segment,) = [name for name in os.listdir(shm) if name.startswith("lmcache_kv_")]
+        finally:
+            server.stop()
+        worker = int(segment.split("_")[2])  # lmcache_kv_<pid>_<idx>
+        ours = psutil.Process(vllm.proc.pid).children(recursive=True)
+        assert worker in [p.pid for p in ours]  # a process of the vLLM this test started
+        os.kill(worker, signal.SIGKILL)  # what vLLM's shutdown does when it wins that race
+        said = f"removed KV segment /{segment}: its engine exited without removing it"
+        deadline = time.monotonic() + 10
+        while said not in vllm.log():  # the guard unlinks, then says so
+            assert time.monotonic() < deadline, f"{said!r} not logged; {os.listdir(shm)}"
+            time.sleep(0.1)
+        assert not [name for name in os.listdir(shm) if name.startswith("lmcache_kv_")]
+    finally:
+        for v in vllm_factory:
+            v.stop()
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,27 @@ def _sweep(path: str) -> Sweep:
         os.close(fd)
 
 
+def unlink_when_released(path: str, identity: tuple[int, int]) -> bool:
+    """Block until nobody holds the lock of the file at ``path``, then unlink it if the name
+    still leads to that file and it is ``identity`` (``st_dev, st_ino``): the one a guard
+    was started for. Whether it was removed. For `lmcache.engine.segment_guard`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone already (or never ours to touch)
+        return False
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != identity or st.st_uid != os.getuid():
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while the creator (or its heir) holds it
+        if not _same_file(fd, path):
+            return False  # unlinked meanwhile: the creator's own shutdown, or a sweep
+        os.unlink(path)  # under the exclusive lock, as in a sweep
+        return True
+    finally:
+        os.close(fd)
+
+
 def segment_is_live(name: str) -> bool:
     """Whether segment ``name`` exists and its creator (a process alive now, in any PID
     namespace sharing this directory) still holds it."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmcache.engine.segment_guard import guard_segments
 from lmcache.engine.shm_kv import create_kv_segment
 from lmcache.protocol.messages import KVLayout, LayerPlacement
 from lmcache.storage.shm import ShmSegment
@@ -96,6 +97,8 @@ def migrate_to_shm(view: KVMemoryView) -> list[ShmSegment]:
             "Migrated CPU KV cache tensor (nbytes=%d) to SHM %s", storage.nbytes(), segment.name
         )
     view.storages = new_storages
+    # vLLM's default shutdown SIGKILLs this worker: the guard then removes the segments.
+    guard_segments([(segment.name, segment.fd) for segment in segments])
     return segments
 
 
