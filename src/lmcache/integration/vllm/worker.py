@@ -36,6 +36,7 @@ import numpy as np
 from lmcache.defaults import COPY_THREADS, KV_EVENT_POLL_S
 from lmcache.errors import LMCacheError, ServerUnavailableError
 from lmcache.integration.vllm.config import TransferMode
+from lmcache.integration.vllm.cpus import move_to_spare_cpus
 from lmcache.integration.vllm.identity import CacheIdentity
 from lmcache.integration.vllm.kv_events import RemovalWatch, WorkerEvents
 from lmcache.integration.vllm.layered_load import LayeredLoads
@@ -89,7 +90,11 @@ class WorkerSide:
         )  # fmt: skip
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
-        self._stores = StoreQueue(self._store_one) if async_store and can_store else None
+        self._stores = (
+            StoreQueue(self._store_one, place=partial(move_to_spare_cpus, "KV stores"))
+            if async_store and can_store
+            else None
+        )
         self.layerwise_load = layerwise_load
         self._layered: LayeredLoads[LoadSpec] | None = None  # set by register_kv_caches
         self._layered_began: list[tuple[LoadSpec, float]] = []  # this step's layered loads
