@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/vllm_e2e.py [--quick] [--workloads ttft chat capacity
         two-instances restart decode] [--configs recompute vllm-prefix lmcache
-        lmcache-noprefix lmcache-noprefix-sync upstream] [--skip-upstream] [--passes 2]
+        lmcache-noprefix lmcache-noprefix-sync lmcache-noprefix-layered upstream]
+        [--skip-upstream] [--passes 2]
         [--prompts 10] [--lengths 512 1900 8000] [--json ...] [--plot ...]
 
 Builds (once) the 8-layer random-weight model of the vLLM tests in .vllm-test/ and, for
@@ -17,6 +18,8 @@ machine distort each other), every one with the same vLLM flags apart from these
     lmcache-noprefix  the same with vLLM's prefix cache off (the CPU quick-start setting)
     lmcache-noprefix-sync  the same, loads copied before the forward pass instead of
                       layer by layer beside it (lmcache.mp.layerwise_load false; ttft only)
+    lmcache-noprefix-layered  the same, every load layer by layer (layerwise_load true;
+                      auto does so only from 4,096 tokens a step)
     upstream          LMCache 0.5.6 from PyPI (its own venv), the same connector name,
                       vLLM's prefix cache on
 
@@ -101,7 +104,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=int, help="distinct prompts per length (10)")
     p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (512 1900 8000)")
     p.add_argument(
-        "--configs", nargs="+", choices=procs.CONFIGS, help="(all; --quick: no recompute)"
+        "--configs",
+        nargs="+",
+        choices=procs.CONFIGS,
+        help="(all but lmcache-noprefix-layered; --quick: no recompute either)",
     )
     p.add_argument("--skip-upstream", action="store_true", help="leave out 'upstream'")
     p.add_argument("--users", type=int, help="chat users (4); 0 skips the chat workload")
@@ -128,7 +134,9 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else normal)
     if args.configs is None:
-        args.configs = [c for c in procs.CONFIGS if not (args.quick and c == "recompute")]
+        # The forced-layered configuration only when asked for (auto covers the default).
+        skip = {"lmcache-noprefix-layered"} | ({"recompute"} if args.quick else set())
+        args.configs = [c for c in procs.CONFIGS if c not in skip]
     if args.skip_upstream and "upstream" in args.configs:
         args.configs.remove("upstream")
     if "chat" not in args.workloads:

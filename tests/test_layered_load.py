@@ -38,11 +38,13 @@ BPC = CHUNK // BLOCK
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(4)]  # the engine fixture's 4
 
 
-def make_worker(server: ServerProcess, kv: ShmKVCache, *, layered: bool = True) -> WorkerSide:
+def make_worker(
+    server: ServerProcess, kv: ShmKVCache, *, layered: bool = True, min_tokens: int = 0
+) -> WorkerSide:
     config = ConnectorConfig(host="tcp://localhost", port=server.port, heartbeat_interval=3600)
     worker = WorkerSide(
         ServerLink(config), IDENTITY, ParallelStrategy(), "lmcache_driven",
-        can_load=True, can_store=True, layerwise_load=layered,
+        can_load=True, can_store=True, layerwise_load=layered, layered_min_tokens=min_tokens,
     )  # fmt: skip
     worker.register_memory(kv.layout, [kv.segment.array], layer_names=LAYERS)
     return worker
@@ -114,6 +116,32 @@ def test_loads_are_layered_once_a_forward_waited_for_every_layer(
     worker.save(Metadata(loads=[spec]))
     assert worker.load_errors() == set()
     np.testing.assert_array_equal(engine.blocks[:, :, spec.block_ids[2:]], expected[:, :, 2:])
+
+
+@pytest.mark.parametrize("short", [True, False])
+def test_a_step_that_loads_fewer_than_the_minimum_copies_before_the_forward(
+    server: ServerProcess, engine: ShmKVCache, short: bool
+) -> None:
+    fill_random(engine, 13)
+    probe = make_worker(server, engine)
+    spec = stored_range(probe, engine)
+    probe.shutdown()
+    copied = spec.end - spec.start - spec.skip_tokens
+    w = make_worker(server, engine, min_tokens=copied + 1 if short else copied)
+    try:
+        n = len(spec.block_ids)
+        expected = engine.blocks[:, :, :n].copy()
+        assert forward(w, Metadata()) == set()  # learns the waits: layered from now on
+        engine.blocks[:, :, spec.block_ids] = 0
+        w.start_load(Metadata(loads=[spec]))
+        assert bool(w._layered_began) is not short  # short: copied already, no thread
+        for name in LAYERS:
+            w.wait_for_layer(name)
+        w.save(Metadata(loads=[spec]))
+        assert w.load_errors() == set()
+        np.testing.assert_array_equal(engine.blocks[:, :, spec.block_ids[2:]], expected[:, :, 2:])
+    finally:
+        w.shutdown()
 
 
 def test_a_forward_that_skips_a_layer_makes_its_loads_recompute(
@@ -213,6 +241,34 @@ def test_a_failed_finish_fails_the_load() -> None:
     layered.wait("a")
     assert layered.end_step() == ["job"]
     assert errors and errors[0][0] == "job" and "commit refused" in str(errors[0][1])
+    layered.close()
+
+
+def test_place_runs_on_the_copy_thread_before_its_first_copy() -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Copier(StagedLoad):
+        def __init__(self) -> None:
+            pass
+
+        def copy_layers(self, layers: range) -> None:
+            seen.append(("copy", threading.current_thread().name))
+
+        def finish(self, ok: bool) -> None:
+            pass
+
+    layered: LayeredLoads[str] = LayeredLoads(
+        ["a"],
+        lambda j, e: None,
+        place=lambda: seen.append(("place", threading.current_thread().name)),
+    )
+    layered.wait("a")
+    layered.end_step()
+    for _ in range(2):
+        layered.begin([("job", Copier())])
+        layered.wait("a")
+        assert layered.end_step() == []
+    assert seen == [("place", "lmcache-layered-load")] + [("copy", "lmcache-layered-load")] * 2
     layered.close()
 
 

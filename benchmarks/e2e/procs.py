@@ -26,17 +26,22 @@ from lmcache.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = (
-    "recompute", "vllm-prefix", "lmcache", "lmcache-noprefix", "lmcache-noprefix-sync", "upstream"
+    "recompute", "vllm-prefix", "lmcache", "lmcache-noprefix", "lmcache-noprefix-sync",
+    "lmcache-noprefix-layered", "upstream",
 )  # fmt: skip
 # vLLM's own prefix cache is on for every configuration but these.
-PREFIX_OFF = ("recompute", "lmcache-noprefix", "lmcache-noprefix-sync")
+PREFIX_OFF = ("recompute", "lmcache-noprefix", "lmcache-noprefix-sync", "lmcache-noprefix-layered")
 # Which KV server (and interpreter) a configuration uses; the others run no connector.
 SERVER = {
     "lmcache": "ours", "lmcache-noprefix": "ours", "lmcache-noprefix-sync": "ours",
+    "lmcache-noprefix-layered": "ours",
     "upstream": "upstream",
 }  # fmt: skip
 # Connector settings a configuration adds: -sync copies loads before the forward pass.
-EXTRA = {"lmcache-noprefix-sync": {"lmcache.mp.layerwise_load": False}}
+EXTRA = {
+    "lmcache-noprefix-sync": {"lmcache.mp.layerwise_load": False},
+    "lmcache-noprefix-layered": {"lmcache.mp.layerwise_load": True},
+}
 # At most 2 GiB of vLLM KV (8 KiB per token for the model below, i.e. 262k tokens); the
 # benchmark sizes the pool of every configuration alike with --num-gpu-blocks-override
 # (128-token blocks on CPU), so that all N long prompts of a TTFT phase stay resident in

@@ -42,8 +42,12 @@ class LayeredLoads(Generic[Job]):
     """
 
     def __init__(
-        self, layer_names: Sequence[str], on_error: Callable[[Job, Exception], None]
+        self,
+        layer_names: Sequence[str],
+        on_error: Callable[[Job, Exception], None],
+        place: Callable[[], None] | None = None,
     ) -> None:
+        self._place = place  # run first on the copy thread (the worker: spare CPUs)
         self._index = {name: i for i, name in enumerate(layer_names)}
         self._layers = len(layer_names)
         self._on_error = on_error
@@ -129,6 +133,11 @@ class LayeredLoads(Generic[Job]):
     # ----- the copy thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self._place is not None:
+            try:
+                self._place()
+            except Exception:
+                logger.exception("placing the layered-load thread failed")
         while True:
             with self._cond:
                 while not self._closed and not (self._busy and self._copied == 0):

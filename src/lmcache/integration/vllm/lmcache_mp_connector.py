@@ -31,7 +31,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from lmcache.integration.vllm.config import ConnectorConfig
+from lmcache.integration.vllm.config import LAYERED_MIN_TOKENS, ConnectorConfig
+from lmcache.integration.vllm.cpus import spare_cpus
 from lmcache.integration.vllm.identity import cache_identity
 from lmcache.integration.vllm.kv_events import to_vllm
 from lmcache.integration.vllm.kv_groups import (
@@ -110,6 +111,7 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             )  # fmt: skip
         else:
             parallel = _parallel(vllm_config)
+            layered = _layered_min_tokens(config.layerwise_load)
 
             def worker(group: KVGroup | None) -> WorkerSide:
                 window = group is not None and group.sliding_window is not None
@@ -121,7 +123,8 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                     can_load=can_load, can_store=can_store,
                     async_store=config.async_store and not window,  # see worker_groups.py
                     copy_threads=config.copy_threads,
-                    layerwise_load=count <= 1 and _layerwise(config.layerwise_load),
+                    layerwise_load=count <= 1 and layered is not None,
+                    layered_min_tokens=layered or 0,
                     events=events and main, event_poll_s=config.kv_event_poll_interval,
                     instance_id=None if group is None or main else _group_instance(group),
                 )  # fmt: skip
@@ -286,21 +289,26 @@ class LMCacheMPConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         return self._scheduler.reset_cache() if self._scheduler is not None else False
 
 
-def _layerwise(setting: str) -> bool:
-    """``lmcache.mp.layerwise_load``: auto = layered when a CPU is free beside the torch
-    threads of vLLM's forward pass (the copy thread would otherwise take one of theirs)."""
+def _layered_min_tokens(setting: str) -> int | None:
+    """``lmcache.mp.layerwise_load``: the fewest tokens a step loads for them to be copied
+    layer by layer (None: never). auto = `LAYERED_MIN_TOKENS`, when a CPU is free for the
+    copy thread (one that vLLM keeps free of its forward pass, or more CPUs than torch's
+    compute threads); otherwise the copy thread would take one from the forward pass."""
     if setting != "auto":
-        return setting == "true"
+        return 0 if setting == "true" else None
     import torch
 
     cpus, threads = len(os.sched_getaffinity(0)), int(torch.get_num_threads())
-    layered = cpus > threads
+    spare = len(spare_cpus())
+    layered = cpus > threads or spare > 0
     logger.info(
-        "KV loads are copied %s (lmcache.mp.layerwise_load = auto: %d CPUs, %d compute threads)",
-        "layer by layer beside the forward pass" if layered else "before the forward pass",
-        cpus, threads,
+        "KV loads are copied %s (lmcache.mp.layerwise_load = auto: %d CPUs, %d compute "
+        "threads, %d spare CPUs)",
+        f"layer by layer beside the forward pass from {LAYERED_MIN_TOKENS} tokens a step"
+        if layered else "before the forward pass",
+        cpus, threads, spare,
     )  # fmt: skip
-    return layered
+    return LAYERED_MIN_TOKENS if layered else None
 
 
 def _link(config: ConnectorConfig, rank: int) -> ServerLink:

@@ -2,8 +2,9 @@
 
 Loads are staged in `start_load_kv` (the server's RPC, before the forward that needs them)
 and copied layer by layer while the forward pass runs (`layered_load.py`), or all at once
-in `start_load_kv` until vLLM has shown it waits for each layer, and always where the
-server copies itself (engine_driven) or ``lmcache.mp.layerwise_load = false``. Stores
+in `start_load_kv` until vLLM has shown it waits for each layer, for a step that loads
+fewer than ``layered_min_tokens``, and always where the server copies itself
+(engine_driven) or ``lmcache.mp.layerwise_load = false``. Stores
 are queued in `wait_for_save`, after the forward, and run on a thread (`StoreQueue`) while
 the engine goes on; how a block is kept from being reused under a running store is told in
 `store_queue.py`. ``lmcache.mp.async_store = false`` runs them inside `wait_for_save`.
@@ -68,6 +69,7 @@ class WorkerSide:
         async_store: bool = True,
         copy_threads: int = COPY_THREADS,
         layerwise_load: bool = True,
+        layered_min_tokens: int = 0,
         events: bool = False,
         event_poll_s: float = KV_EVENT_POLL_S,
         instance_id: int | None = None,
@@ -96,6 +98,7 @@ class WorkerSide:
             else None
         )
         self.layerwise_load = layerwise_load
+        self.layered_min_tokens = layered_min_tokens  # fewer in a step: copied before it
         self._layered: LayeredLoads[LoadSpec] | None = None  # set by register_kv_caches
         self._layered_began: list[tuple[LoadSpec, float]] = []  # this step's layered loads
         self.stats = Tally()
@@ -149,7 +152,11 @@ class WorkerSide:
         ``layer_names`` (vLLM's, in layout order), loads may be pipelined by layer."""
         self._reg.register_memory(layout, arrays, segments, self.copy_threads)
         if self.layerwise_load and self.can_load and len(layer_names) == layout.num_layers:
-            self._layered = LayeredLoads(layer_names, self._layer_load_failed)
+            self._layered = LayeredLoads(
+                layer_names,
+                self._layer_load_failed,
+                place=partial(move_to_spare_cpus, "layered KV loads"),
+            )
 
     # ----- loads and stores -----------------------------------------------------------------
 
@@ -170,7 +177,7 @@ class WorkerSide:
                 self._load_failed(spec)
             elif not staged or staged[-1][0] is not spec:  # the server copied it already
                 self._load_done(spec, began[id(spec)])
-        if layered is not None:
+        if layered is not None and _tokens(staged) >= self.layered_min_tokens:
             layered.begin(staged)
             self._layered_began = [(spec, began[id(spec)]) for spec, _ in staged]
             return
@@ -337,3 +344,8 @@ class WorkerSide:
             self._stores.close()  # before the link and the path they use
         self.link.close()
         self._reg.close()
+
+
+def _tokens(staged: Sequence[tuple[LoadSpec, StagedLoad]]) -> int:
+    """Tokens a step's staged loads copy."""
+    return sum(spec.end - spec.start - spec.skip_tokens for spec, _ in staged)
