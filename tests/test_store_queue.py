@@ -86,17 +86,3 @@ def test_bookkeeping_is_bounded_by_what_is_in_flight() -> None:
     assert q.wait(10)
     assert not q._pending  # requests whose stores ended leave nothing behind
     q.close()
-
-
-def test_place_runs_once_on_the_store_thread_before_its_first_store() -> None:
-    events: list[tuple[str, str]] = []
-    q = StoreQueue(
-        lambda s: events.append(("store", threading.current_thread().name)),
-        place=lambda: events.append(("place", threading.current_thread().name)),
-    )
-    q.submit([spec("a"), spec("a", 1)])
-    assert q.wait(10)
-    q.submit([spec("b")])
-    assert q.wait(10)
-    assert events == [("place", "lmcache-store")] + [("store", "lmcache-store")] * 3
-    q.close()

@@ -1,18 +1,19 @@
-"""The CPUs that vLLM's forward pass leaves free, for the connector's background copies.
+"""The CPUs that vLLM's forward pass leaves free, for the connector's layered-load copies.
 
 vLLM's CPU backend binds each worker process to the CPUs of its forward pass (one OpenMP
 thread per CPU) and keeps the others free for everything else: the engine core, the API
 server and, in vLLM's own words, KV connectors. A thread that the worker starts inherits
-the worker's binding, so without help our store thread would copy on a CPU that the
-forward pass it is meant to stay out of is using::
+the worker's binding, so without help the layered-load thread would copy on the CPU of the
+forward pass it is meant to run beside::
 
     engine core (not bound: all of vLLM's CPUs)      {0, 1, 2, 3}
       ├── worker rank 0 (bound)                      {0}
       └── worker rank 1 (bound)                      {1}
-    spare = engine core's - every worker's           {2, 3}   <- our store thread
+    spare = engine core's - every worker's           {2, 3}   <- the layered-load thread
 
 Empty when the workers are not bound (``VLLM_CPU_OMP_THREADS_BIND=nobind``, vLLM on a
-GPU) or nothing is left: the thread then stays where it was.
+GPU) or nothing is left: the thread then stays where it was. (The store thread stays
+beside the forward pass: see `store_queue.py`.)
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ next step is scheduled, before its forward, and `wait` runs in `handle_preemptio
 that forward; a failed load never feeds a store (`WorkerSide` drops the request's stores).
 
 One thread, in order: stores of one request arrive in token order, and on a 2-core host a
-second copy thread would only compete with the forward pass for the same cores. Before its
-first job the thread calls ``place`` (the worker moves it to the CPUs vLLM's forward pass
-leaves free: `lmcache.integration.vllm.cpus`); by then every rank is bound.
+second copy thread would only compete with the forward pass for the same cores. It stays on
+the worker's CPUs, beside the forward pass: moved to the CPU that vLLM keeps free (as the
+layered-load thread is) it measured no better, and there it would hold the GIL on a CPU that
+also runs vLLM's engine core and API server, which the forward pass then waits for (README,
+"When copies run").
 """
 
 from __future__ import annotations
@@ -35,11 +37,8 @@ class StoreQueue:
     """A FIFO of stores run by one daemon thread; ``run`` must not raise (it is the worker's
     store-and-log routine), but an exception is logged and never stops the thread."""
 
-    def __init__(
-        self, run: Callable[[StoreSpec], None], place: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, run: Callable[[StoreSpec], None]) -> None:
         self._run = run
-        self._place = place
         self._jobs: deque[StoreSpec] = deque()
         self._pending: Counter[str] = Counter()  # request id -> stores not done yet
         self._finishing: set[str] = set()  # finished requests whose blocks wait for us
@@ -100,9 +99,6 @@ class StoreQueue:
                 spec = self._jobs.popleft()
                 self._busy = 1
             try:
-                if self._place is not None:
-                    place, self._place = self._place, None
-                    place()
                 self._run(spec)
             except Exception:
                 logger.exception("store of request %s failed", spec.request_id)

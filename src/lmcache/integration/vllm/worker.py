@@ -92,11 +92,7 @@ class WorkerSide:
         )  # fmt: skip
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()  # requests whose load failed in this step
-        self._stores = (
-            StoreQueue(self._store_one, place=partial(move_to_spare_cpus, "KV stores"))
-            if async_store and can_store
-            else None
-        )
+        self._stores = StoreQueue(self._store_one) if async_store and can_store else None
         self.layerwise_load = layerwise_load
         self.layered_min_tokens = layered_min_tokens  # fewer in a step: copied before it
         self._layered: LayeredLoads[LoadSpec] | None = None  # set by register_kv_caches
