@@ -221,16 +221,23 @@ def test_the_forward_runs_while_later_layers_are_still_copying() -> None:
     layered.close()
 
 
+class NoLoad(StagedLoad):
+    """A staged load that copies nothing and finishes quietly (tests override a step)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def copy_layers(self, layers: range) -> None:
+        pass
+
+    def finish(self, ok: bool) -> None:
+        pass
+
+
 def test_a_failed_finish_fails_the_load() -> None:
     errors: list[tuple[str, Exception]] = []
 
-    class FailingFinish(StagedLoad):
-        def __init__(self) -> None:
-            pass
-
-        def copy_layers(self, layers: range) -> None:
-            pass
-
+    class FailingFinish(NoLoad):
         def finish(self, ok: bool) -> None:
             raise RuntimeError("commit refused")
 
@@ -247,15 +254,9 @@ def test_a_failed_finish_fails_the_load() -> None:
 def test_place_runs_on_the_copy_thread_before_its_first_copy() -> None:
     seen: list[tuple[str, str]] = []
 
-    class Copier(StagedLoad):
-        def __init__(self) -> None:
-            pass
-
+    class Copier(NoLoad):
         def copy_layers(self, layers: range) -> None:
             seen.append(("copy", threading.current_thread().name))
-
-        def finish(self, ok: bool) -> None:
-            pass
 
     layered: LayeredLoads[str] = LayeredLoads(
         ["a"],

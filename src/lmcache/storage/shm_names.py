@@ -102,8 +102,11 @@ def create_locked(path: str) -> int | None:
 Sweep = Literal["removed", "gone", "live", "foreign"]
 
 
-def _sweep(path: str) -> Sweep:
-    """Unlink ``path`` if it is a stale segment of ours: nobody holds its lock."""
+def _sweep(path: str, wait_for: tuple[int, int] | None = None) -> Sweep:
+    """Unlink ``path`` if it is a stale segment of ours: nobody holds its lock.
+
+    ``wait_for`` (``st_dev, st_ino``): only that file, and wait until nobody holds it
+    (instead of answering "live"): the segment guard's one call."""
     try:
         # O_NONBLOCK: a FIFO of that name must not make us wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -115,8 +118,10 @@ def _sweep(path: str) -> Sweep:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
             return "foreign"
+        if wait_for is not None and (st.st_dev, st.st_ino) != wait_for:
+            return "foreign"  # the name leads to another file now: not the one guarded
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait_for else fcntl.LOCK_NB))
         except BlockingIOError:
             return "live"
         if not _same_file(fd, path):
@@ -131,21 +136,7 @@ def unlink_when_released(path: str, identity: tuple[int, int]) -> bool:
     """Block until nobody holds the lock of the file at ``path``, then unlink it if the name
     still leads to that file and it is ``identity`` (``st_dev, st_ino``): the one a guard
     was started for. Whether it was removed. For `lmcache.engine.segment_guard`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:  # gone already (or never ours to touch)
-        return False
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != identity or st.st_uid != os.getuid():
-            return False
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while the creator (or its heir) holds it
-        if not _same_file(fd, path):
-            return False  # unlinked meanwhile: the creator's own shutdown, or a sweep
-        os.unlink(path)  # under the exclusive lock, as in a sweep
-        return True
-    finally:
-        os.close(fd)
+    return _sweep(path, wait_for=identity) == "removed"
 
 
 def segment_is_live(name: str) -> bool:

@@ -65,13 +65,13 @@ def move_to_spare_cpus(what: str) -> None:
 
 def _ranges(cpus: frozenset[int] | list[int]) -> str:
     """``0-3,8``: the form of taskset and /proc/<pid>/status."""
-    out: list[str] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive CPUs
     for cpu in sorted(cpus):
-        if out and out[-1].split("-")[-1] == str(cpu - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
         else:
-            out.append(str(cpu))
-    return ",".join(out)
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _affinity(pid: int) -> frozenset[int]:
