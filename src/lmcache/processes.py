@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,13 +32,51 @@ from pathlib import Path
 from typing import Any
 
 READY_LINE = "LMCache cache server is running..."
+_PORT_TAKEN = "Address already in use"
+_PORT_ATTEMPTS = 3
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
+_LOWEST_PORT = 10000
+_pick = random.SystemRandom()  # not the `random` module's state: xdist workers may share a seed
+
+
+def _ephemeral_floor() -> int:
+    """The first port of the kernel's range for source ports of outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(offsets: Sequence[int] = (0,)) -> int:
+    """A loopback TCP port P nobody listens on right now (nor on P + each of ``offsets``:
+    a Redis Cluster node's bus port is P + 10000), chosen below the ephemeral range.
+
+    Why not ``bind(0)``: the kernel picks that port from the range it also gives every
+    outgoing ``connect()`` its source port from, so between this probe and the process
+    that binds it, any connection on the host may take it (CI saw ``Address already in
+    use`` so). Below the range, only an explicit bind takes a port; and the pick is random,
+    so that parallel test workers rarely probe the same one (`ServerProcess.start` retries
+    when they do)."""
+    top = _ephemeral_floor() - max(offsets)
+    for _ in range(200):
+        port = _pick.randrange(_LOWEST_PORT, top) if top - _LOWEST_PORT >= 1000 else 0
+        if port == 0:  # an odd ephemeral range: leave the choice to the kernel
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+        if all(_bindable(port + offset) for offset in offsets):
+            return port
+    raise RuntimeError(f"no free loopback port (with offsets {list(offsets)})")
 
 
 @dataclass
@@ -56,25 +95,38 @@ class ServerProcess:
         timeout: float = 120.0,
     ) -> ServerProcess:  # fmt: skip
         """Start a server with ``flags`` (and ``env`` on top of ours); ``wait``: until ready
-        (RuntimeError with its log if it exits or is not ready within ``timeout``)."""
+        (RuntimeError with its log if it exits or is not ready within ``timeout``). A server
+        that lost its port to another process before binding it is started again on others."""
+        for attempt in range(_PORT_ATTEMPTS):
+            t0 = time.perf_counter()
+            server = cls._spawn(flags, env)
+            if not wait:
+                return server
+            try:
+                server.wait_ready(timeout)
+            except RuntimeError:
+                if attempt + 1 < _PORT_ATTEMPTS and _PORT_TAKEN in server.log():
+                    continue
+                raise
+            server.startup_s = time.perf_counter() - t0
+            return server
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _spawn(cls, flags: Sequence[str], env: Mapping[str, str] | None) -> ServerProcess:
         port, http_port = free_port(), free_port()
         fd, name = tempfile.mkstemp(prefix="lmcache-server-", suffix=".log")
         cmd = [
             sys.executable, "-m", "lmcache.cli", "server", "--port", str(port),
             "--http-host", "127.0.0.1", "--http-port", str(http_port), *flags,
         ]  # fmt: skip
-        t0 = time.perf_counter()
         try:
             proc = subprocess.Popen(
                 cmd, stdout=fd, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
         finally:
             os.close(fd)
-        server = cls(proc, port, http_port, Path(name))
-        if wait:
-            server.wait_ready(timeout)
-            server.startup_s = time.perf_counter() - t0
-        return server
+        return cls(proc, port, http_port, Path(name))
 
     @property
     def url(self) -> str:
