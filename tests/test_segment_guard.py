@@ -32,6 +32,12 @@ if sys.argv[1] == "shutdown":  # what the connector does when vLLM lets it
         s.close()
         s.unlink()
     print("closed", flush=True)
+if sys.argv[1] == "unlink":  # a grouped worker's shutdown: vLLM's tensors keep the mapping
+    sys.stdin.readline()  # once the guard waits on the segments
+    for s in segments:
+        s.unlink()
+        s.array[:] = 7
+    print("unlinked", int(sum(int(s.array.sum()) for s in segments)), flush=True)
 time.sleep(120)
 """
 
@@ -63,6 +69,7 @@ def engine(tmp_path: Path) -> Iterator[Start]:
     def start(mode: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-c", ENGINE, mode],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "LMCACHE_SHM_DIR": str(tmp_path)},
@@ -113,6 +120,25 @@ def test_a_clean_shutdown_ends_the_guard_without_it_touching_anything(
     # A segment that takes one of those names now is somebody else's: the guard is gone.
     wait_until(lambda: stat_fields(guard) is None)
     assert proc.poll() is None  # while the engine lives on
+
+
+def test_unlinking_ends_the_guard_while_the_engine_keeps_its_mapping(
+    engine: Start, tmp_path: Path
+) -> None:
+    """The lock lives as long as the mapping unless the engine drops it: a guard that
+    waited for it outlived a grouped worker's shutdown until its process exited."""
+    proc = engine("unlink")
+    guard, names = started(proc)
+    assert proc.stdin is not None and proc.stdout is not None
+    # Not before the guard has the first segment open: one that finds the name gone exits.
+    first = str(tmp_path / names[0])
+    wait_until(lambda: first in {os.path.realpath(f) for f in Path(f"/proc/{guard}/fd").iterdir()})
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().split() == ["unlinked", str(7 * 2 * (1 << 20))]
+    assert os.listdir(tmp_path) == []
+    wait_until(lambda: stat_fields(guard) is None)
+    assert proc.poll() is None
 
 
 def test_a_name_that_leads_to_another_file_is_left_alone(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from lmcache.progress import Progress
 from lmcache.storage.shm_names import (
     create_locked,
     free_shm_bytes,
+    release_lock,
     shm_dir,
     shm_path,
     unlink_if_same,
@@ -236,6 +237,8 @@ class ShmSegment:
         path = shm_path(self.name)
         if self._fd is not None:
             unlink_if_same(self._fd, path)
+            if self.owner:
+                release_lock(self._fd)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -99,6 +99,14 @@ def create_locked(path: str) -> int | None:
     raise OSError(f"could not create {path}: it kept being removed by another process")
 
 
+def release_lock(fd: int) -> None:
+    """Drop the creator's lock on a segment whose name is gone (it guards nothing then).
+    Closing ``fd`` would not drop it while the file is mapped: a mapping holds the open
+    file, and with it the lock, until unmapped; an engine's KV tensors stay mapped until
+    the process exits, and the segment guard waiting on that lock would wait as long."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 Sweep = Literal["removed", "gone", "live", "foreign"]
 
 
