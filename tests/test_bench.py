@@ -129,3 +129,40 @@ def test_a_miss_the_quick_size_explains_is_marked_and_only_that_one() -> None:
     assert "MISS s / store: a: 0.8 (want ratio >= 0.85) (expected at this size)" in text
     assert "MISS s / store: b: 0.5 (want ratio >= 0.85)\n" in text
     assert "expected" not in summary([full_size, big_gap], 4096)
+
+
+def test_the_decode_cpu_sampler_counts_the_processes_it_is_given() -> None:
+    """benchmarks/e2e/load.py's `CpuSampler` (decode's CPU per token): a real process group
+    that burns a known CPU time is counted in its window, and not outside it."""
+    import subprocess
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from e2e.load import CpuSampler
+    finally:
+        sys.path.pop(0)
+    burn = (
+        "import time\ntime.sleep(0.5)\n"
+        "t = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", burn],
+        start_new_session=True,
+    )
+    try:
+        with CpuSampler([proc.pid], period=0.02) as sampler:
+            t0 = time.perf_counter()
+            proc.wait(timeout=30)
+            t1 = time.perf_counter()
+            time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    whole = sampler.between(t0, t1)
+    assert 0.5 <= whole["own_cpu_s"] <= 1.0, whole
+    assert whole["steal_cores"] >= 0
+    idle = sampler.between(t1 + 0.05, t1 + 0.25)
+    assert idle["own_cpu_s"] < 0.05, idle

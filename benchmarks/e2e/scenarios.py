@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from . import procs
-from .load import CpuMeter
+from .load import CpuMeter, CpuSampler
 from .workload import FIRST_ID, Client
 
 
@@ -216,7 +216,8 @@ def run_decode(client: Client, sc: Scenarios, meter: CpuMeter) -> dict[str, obje
     """N concurrent streams of decode_output tokens after distinct cold prompts.
 
     tokens/s counts only the window where all N streams decode at once: from the last
-    stream's first token to the first stream's last token (prefills stay outside it).
+    stream's first token to the first stream's last token (prefills stay outside it); so
+    do the CPU our processes used per token in it and the VM's steal (`CpuSampler`).
     """
     _stream_times(client, sc.warmups[-1][:64], 16)  # warm-up
     times: list[list[float]] = [[] for _ in sc.decode]
@@ -230,10 +231,11 @@ def run_decode(client: Client, sc: Scenarios, meter: CpuMeter) -> dict[str, obje
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(sc.decode))]
     meter.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with CpuSampler(meter.pgids) as sampler:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     load = meter.stop()
     if errors:
         raise errors[0]
@@ -241,13 +243,18 @@ def run_decode(client: Client, sc: Scenarios, meter: CpuMeter) -> dict[str, obje
     hi = min(t[-1] for t in times)
     tokens = sum(1 for t in times for x in t if lo < x <= hi)
     rate = tokens / (hi - lo) if hi > lo else 0.0
+    cpu = sampler.between(lo, hi)
+    cpu_ms = 1000 * cpu["own_cpu_s"] / max(tokens, 1)
     print(
         f"    decode {len(sc.decode)} streams x {sc.decode_output} tokens: "
-        f"{rate:7.1f} tokens/s over {hi - lo:.1f} s (others used "
+        f"{rate:7.1f} tokens/s over {hi - lo:.1f} s, {cpu_ms:.2f} CPU ms per token "
+        f"({cpu['own_cores']:.2f} cores ours, {cpu['steal_cores']:.2f} stolen; others used "
         f"{load['foreign_cores']:.2f} cores)",
         flush=True,
     )
     return {
         "tokens_per_s": rate, "window_s": hi - lo, "window_tokens": tokens,
         "chunks": [len(t) for t in times], "load": load,
+        "cpu_ms_per_token": cpu_ms, "own_cores": cpu["own_cores"],
+        "steal_cores": cpu["steal_cores"],
     }  # fmt: skip
