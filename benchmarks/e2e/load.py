@@ -67,10 +67,11 @@ def _steal_s() -> float:
 
 
 def _members(pgids: set[int]) -> list[int]:
-    """The processes of ``pgids`` alive now, and this one."""
-    pids = [os.getpid()]
+    """The processes of ``pgids`` alive now (not this one: the client's work, and the
+    sampler's own, are the same whatever the configuration)."""
+    pids = []
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != pids[0]:
+        if entry.name.isdigit():
             try:
                 stat = Path(entry.path, "stat").read_text()
             except OSError:
@@ -78,18 +79,6 @@ def _members(pgids: set[int]) -> list[int]:
             if int(stat[stat.rindex(")") + 2 :].split()[2]) in pgids:
                 pids.append(int(entry.name))
     return pids
-
-
-def _cpu_of(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            rest = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:  # exited: its time is lost to both configurations alike
-            continue
-        fields = rest[rest.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
 
 
 class CpuSampler:
@@ -103,7 +92,7 @@ class CpuSampler:
     process starts or ends while streams decode)."""
 
     def __init__(self, pgids: Iterable[int], period: float = 0.05) -> None:
-        self.pids = _members(set(pgids))
+        self.cpu_s = dict.fromkeys(_members(set(pgids)), 0.0)  # each one's, last seen
         self.period = period
         self.samples: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
@@ -119,10 +108,21 @@ class CpuSampler:
 
     def _run(self) -> None:
         while True:
-            self.samples.append((time.perf_counter(), _cpu_of(self.pids), _steal_s()))
+            self.samples.append((time.perf_counter(), self._cpu(), _steal_s()))
             if self._stop.wait(self.period):
-                self.samples.append((time.perf_counter(), _cpu_of(self.pids), _steal_s()))
+                self.samples.append((time.perf_counter(), self._cpu(), _steal_s()))
                 return
+
+    def _cpu(self) -> float:
+        """Our processes' CPU seconds; one that exited counts with what it had used."""
+        for pid in self.cpu_s:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            self.cpu_s[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+        return sum(self.cpu_s.values())
 
     def between(self, t0: float, t1: float) -> dict[str, float]:
         """``own_cpu_s``, ``own_cores`` and ``steal_cores`` from ``t0`` to ``t1``."""
