@@ -4,13 +4,14 @@ connection had taken, and 44 tests of one module erred)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterator
 
 import pytest
 
 from lmcache import processes
-from lmcache.processes import ServerProcess, free_port
+from lmcache.processes import RedisProcess, ServerProcess, free_port
 
 
 def _floor() -> int:
@@ -86,3 +87,19 @@ def test_a_server_that_fails_for_another_reason_is_not_started_again(
     with pytest.raises(RuntimeError, match="server did not start"):
         ServerProcess.start("--l1-size-gb", "-1", timeout=30)
     assert len(spawned) == 1
+
+
+def test_a_redis_server_whose_port_was_taken_starts_again_on_another(
+    taken: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server")
+    picks = iter([taken])
+    monkeypatch.setattr(processes, "free_port", lambda: next(picks, None) or free_port())
+    redis = RedisProcess.start()
+    try:
+        assert redis.port != taken and redis.pong()
+    finally:
+        redis.stop()
+    with pytest.raises(RuntimeError, match="redis-server did not start"):
+        RedisProcess.start(port=taken)  # a port the caller named is not replaced

@@ -209,21 +209,31 @@ class RedisProcess:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisUnavailable("redis-server is not installed (apt-get install redis-server)")
-        port = port or free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, **REDIS_ENV, **(env or {})},
-        )  # fmt: skip
-        redis = cls(proc, port)
-        deadline = time.monotonic() + timeout
-        while not redis.pong():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                redis.stop()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        return redis
+        # A port we picked may be taken before redis-server binds it: then it exits at
+        # once, and another port is tried (a port the caller named is tried once).
+        attempts = 1 if port else _PORT_ATTEMPTS
+        for attempt in range(attempts):
+            chosen = port or free_port()
+            proc = subprocess.Popen(
+                [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", *args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, **REDIS_ENV, **(env or {})},
+            )  # fmt: skip
+            redis = cls(proc, chosen)
+            deadline = time.monotonic() + timeout
+            while not redis.pong():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                if proc.poll() is None:  # (not another redis-server that has the port)
+                    return redis
+            exited = proc.poll() is not None  # (not: still silent at the deadline)
+            redis.stop()
+            if not exited or attempt + 1 == attempts:
+                break
+        raise RuntimeError("redis-server did not start")
 
     @property
     def url(self) -> str:
