@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from lmcache import processes
-from lmcache.processes import RedisProcess, ServerProcess, free_port
+from lmcache.processes import RedisProcess, ServerProcess, free_port, port_is_free
 
 
 def _floor() -> int:
@@ -19,22 +19,13 @@ def _floor() -> int:
         return int(f.read().split()[0])
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def test_free_ports_lie_below_the_ephemeral_range_with_their_offsets_free() -> None:
     floor = _floor()
     ports = [free_port() for _ in range(50)]
-    assert all(1024 <= p < floor and _bindable(p) for p in ports)
+    assert all(1024 <= p < floor and port_is_free(p) for p in ports)
     assert len(set(ports)) > 40  # random picks: parallel test workers rarely meet
     pair = free_port(offsets=(0, 10000))
-    assert pair + 10000 < floor and _bindable(pair) and _bindable(pair + 10000)
+    assert pair + 10000 < floor and port_is_free(pair) and port_is_free(pair + 10000)
 
 
 @pytest.fixture

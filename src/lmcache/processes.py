@@ -48,7 +48,8 @@ def _ephemeral_floor() -> int:
         return 32768  # Linux's default
 
 
-def _bindable(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether a loopback TCP socket can bind ``port`` now."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -74,7 +75,7 @@ def free_port(offsets: Sequence[int] = (0,)) -> int:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = int(s.getsockname()[1])
-        if all(_bindable(port + offset) for offset in offsets):
+        if all(port_is_free(port + offset) for offset in offsets):
             return port
     raise RuntimeError(f"no free loopback port (with offsets {list(offsets)})")
 
