@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/vllm_e2e.py [--quick] [--workloads ttft chat capacity
         two-instances restart decode] [--configs recompute vllm-prefix lmcache
-        lmcache-noprefix lmcache-noprefix-sync lmcache-noprefix-layered upstream]
+        lmcache-noprefix lmcache-noprefix-sync lmcache-noprefix-layered upstream
+        vllm-null-connector]
         [--skip-upstream] [--passes 2]
         [--prompts 10] [--lengths 512 1900 8000] [--json ...] [--plot ...]
 
@@ -22,6 +23,9 @@ machine distort each other), every one with the same vLLM flags apart from these
                       auto does so only from 4,096 tokens a step)
     upstream          LMCache 0.5.6 from PyPI (its own venv), the same connector name,
                       vLLM's prefix cache on
+    vllm-null-connector  vLLM's prefix cache and a connector that does nothing
+                      (benchmarks/e2e/null_connector.py): what vLLM's own handling of
+                      any connector costs (ttft, chat, decode; only when named)
 
 vLLM's KV pool is the same for all: --num-gpu-blocks-override sized so that the N prompts
 of the longest TTFT phase stay resident (the JSON's log checks show the "KV cache size"
@@ -29,13 +33,14 @@ vLLM reports). Workloads, each run by the configurations it compares (--workload
 
 * ttft (all): latency of a max_tokens=1 completion per prompt length: one warm-up,
   N distinct prompts (cold), then the same N again (warm).
-* chat (all but lmcache-noprefix): U users x R rounds, interleaved round-robin, one
+* chat (all but the noprefix ones): U users x R rounds, interleaved round-robin, one
   request at a time; each round appends a user turn and streams a 32-token reply
   (TTFT = first streamed chunk); the history grows by fixed pseudo-random reply ids.
 * capacity (vllm-prefix, lmcache, upstream): a working set --capacity-factor (2.5) times
   vLLM's pool, every prompt sent twice round-robin; round 2 has been evicted from vLLM.
-* decode (vllm-prefix, lmcache): tokens/s of 4 concurrent streams of 256 tokens after
-  distinct ~1000-token cold prompts, with the connector storing them.
+* decode (vllm-prefix, lmcache, vllm-null-connector): tokens/s of 4 concurrent streams
+  of 256 tokens after distinct ~1000-token cold prompts, with the connector storing
+  them; and the cores each process used while all 4 streamed.
 * two-instances (lmcache): a second vLLM started beside the first on the same server;
   A serves N prompts cold, then B gets the same ones.
 * restart (vllm-prefix, lmcache): N prompts, vLLM restarted (the server stays), again.
@@ -85,9 +90,9 @@ WORKLOADS = ("ttft", "chat", "capacity", "decode", "two-instances", "restart")
 # workload needs it.
 APPLIES = {
     "ttft": procs.CONFIGS,
-    "chat": ("recompute", "vllm-prefix", "lmcache", "upstream"),
+    "chat": ("recompute", "vllm-prefix", "lmcache", "upstream", "vllm-null-connector"),
     "capacity": ("vllm-prefix", "lmcache", "upstream"),
-    "decode": ("vllm-prefix", "lmcache"),
+    "decode": ("vllm-prefix", "lmcache", "vllm-null-connector"),
     "two-instances": ("lmcache",),
     "restart": ("vllm-prefix", "lmcache"),
 }
@@ -107,7 +112,7 @@ def parse_args() -> argparse.Namespace:
         "--configs",
         nargs="+",
         choices=procs.CONFIGS,
-        help="(all but lmcache-noprefix-layered; --quick: no recompute either)",
+        help="(all but lmcache-noprefix-layered and vllm-null-connector; --quick: no recompute)",
     )
     p.add_argument("--skip-upstream", action="store_true", help="leave out 'upstream'")
     p.add_argument("--users", type=int, help="chat users (4); 0 skips the chat workload")
@@ -134,8 +139,10 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else normal)
     if args.configs is None:
-        # The forced-layered configuration only when asked for (auto covers the default).
-        skip = {"lmcache-noprefix-layered"} | ({"recompute"} if args.quick else set())
+        # Only when asked for: forced-layered loads (auto covers the default), and vLLM with
+        # a connector that does nothing (what any connector costs in vLLM itself).
+        skip = {"lmcache-noprefix-layered", "vllm-null-connector"}
+        skip |= {"recompute"} if args.quick else set()
         args.configs = [c for c in procs.CONFIGS if c not in skip]
     if args.skip_upstream and "upstream" in args.configs:
         args.configs.remove("upstream")

@@ -132,7 +132,7 @@ def test_a_miss_the_quick_size_explains_is_marked_and_only_that_one() -> None:
 
 
 def test_the_decode_cpu_sampler_counts_the_processes_it_is_given() -> None:
-    """benchmarks/e2e/load.py's `CpuSampler` (decode's CPU per token): a real process group
+    """benchmarks/e2e/load.py's `CpuSampler` (the cores by process of decode): a real process group
     that burns a known CPU time is counted in its window, and not outside it."""
     import subprocess
     import sys
@@ -164,5 +164,7 @@ def test_the_decode_cpu_sampler_counts_the_processes_it_is_given() -> None:
     whole = sampler.between(t0, t1)
     assert 0.5 <= whole["own_cpu_s"] <= 1.0, whole
     assert whole["steal_cores"] >= 0
+    ((label, cores),) = whole["cores_by_process"].items()  # the one process, by its name
+    assert label.startswith("python") and cores == pytest.approx(whole["own_cores"])
     idle = sampler.between(t1 + 0.05, t1 + 0.25)
     assert idle["own_cpu_s"] < 0.05, idle

@@ -16,6 +16,9 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -82,19 +85,22 @@ def _members(pgids: set[int]) -> list[int]:
 
 
 class CpuSampler:
-    """The CPU our processes used, and the CPU the VM lost to steal, in a window known only
-    afterwards (decode: from the last stream's first token to the first stream's last).
+    """The CPU our processes used, each and in all, and the CPU the VM lost to steal, in a
+    window known only afterwards (decode: from the last stream's first token to the first
+    stream's last).
 
-    A thread samples ``perf_counter()``, our CPU seconds and steal every ``period`` s;
-    `between` interpolates. Our CPU per token measures the connector's cost in work, which
-    wall-clock tokens/s on a shared VM cannot: there, one pass of the same configuration
-    ran at 174 and the next at 310 tok/s. The processes are listed once, at the start (no
-    process starts or ends while streams decode)."""
+    A thread samples ``perf_counter()``, each process's CPU seconds and steal every
+    ``period`` s; `between` interpolates. Which process takes how much shows where a
+    configuration's time goes: vLLM's worker, engine core and API server, our server. The
+    processes are listed once, at the start (none starts while streams decode; one that
+    exits keeps the CPU it used)."""
 
     def __init__(self, pgids: Iterable[int], period: float = 0.05) -> None:
-        self.cpu_s = dict.fromkeys(_members(set(pgids)), 0.0)  # each one's, last seen
+        self.pids = _members(set(pgids))
+        self.labels = [_label(pid) for pid in self.pids]
         self.period = period
-        self.samples: list[tuple[float, float, float]] = []
+        self._last = np.zeros(len(self.pids))  # each one's CPU seconds, last seen
+        self.samples: list[tuple[float, np.ndarray, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -113,30 +119,48 @@ class CpuSampler:
                 self.samples.append((time.perf_counter(), self._cpu(), _steal_s()))
                 return
 
-    def _cpu(self) -> float:
-        """Our processes' CPU seconds; one that exited counts with what it had used."""
-        for pid in self.cpu_s:
+    def _cpu(self) -> np.ndarray:
+        for i, pid in enumerate(self.pids):
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
             except OSError:
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()
-            self.cpu_s[pid] = (int(fields[11]) + int(fields[12])) / _TICK
-        return sum(self.cpu_s.values())
+            self._last[i] = (int(fields[11]) + int(fields[12])) / _TICK
+        return self._last.copy()
 
-    def between(self, t0: float, t1: float) -> dict[str, float]:
-        """``own_cpu_s``, ``own_cores`` and ``steal_cores`` from ``t0`` to ``t1``."""
+    def between(self, t0: float, t1: float) -> dict[str, Any]:
+        """``own_cpu_s``, ``own_cores``, ``steal_cores`` and ``cores_by_process`` (label:
+        cores, busiest first) from ``t0`` to ``t1``."""
         (c0, s0), (c1, s1) = self._at(t0), self._at(t1)
         wall = max(t1 - t0, 1e-9)
+        used = c1 - c0
+        by: dict[str, float] = {}
+        for label, cpu in zip(self.labels, used, strict=True):
+            by[label] = by.get(label, 0.0) + float(cpu) / wall
         return {
-            "own_cpu_s": c1 - c0,
-            "own_cores": (c1 - c0) / wall,
+            "own_cpu_s": float(used.sum()),
+            "own_cores": float(used.sum()) / wall,
             "steal_cores": (s1 - s0) / wall,
+            "cores_by_process": dict(sorted(by.items(), key=lambda kv: -kv[1])),
         }
 
-    def _at(self, t: float) -> tuple[float, float]:
+    def _at(self, t: float) -> tuple[np.ndarray, float]:
         times = [s[0] for s in self.samples]
         i = min(max(bisect.bisect_left(times, t), 1), len(times) - 1)
         (ta, ca, sa), (tb, cb, sb) = self.samples[i - 1], self.samples[i]
         f = min(max((t - ta) / (tb - ta), 0.0), 1.0) if tb > ta else 0.0
         return ca + f * (cb - ca), sa + f * (sb - sa)
+
+
+def _label(pid: int) -> str:
+    """What a process is: its name (vLLM names its engine core and workers), or our
+    server's command."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"pid {pid}"
+    if b"lmcache.cli" in cmdline and b"server" in cmdline:
+        return "lmcache server"
+    return comm

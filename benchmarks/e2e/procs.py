@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +27,14 @@ from lmcache.processes import free_port
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = (
     "recompute", "vllm-prefix", "lmcache", "lmcache-noprefix", "lmcache-noprefix-sync",
-    "lmcache-noprefix-layered", "upstream",
+    "lmcache-noprefix-layered", "upstream", "vllm-null-connector",
 )  # fmt: skip
+# vLLM with a connector that does nothing (`e2e.null_connector`): its own cost of one.
+NULL_CONNECTOR = {
+    "kv_connector": "NullConnector",
+    "kv_connector_module_path": "e2e.null_connector",
+    "kv_role": "kv_both",
+}
 # vLLM's own prefix cache is on for every configuration but these.
 PREFIX_OFF = ("recompute", "lmcache-noprefix", "lmcache-noprefix-sync", "lmcache-noprefix-layered")
 # Which KV server (and interpreter) a configuration uses; the others run no connector.
@@ -111,14 +117,14 @@ class Stack:
     log_dir: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def spawn(self, name: str, cmd: Sequence[str]) -> Proc:
+    def spawn(self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             out.write((" ".join(cmd) + "\n\n").encode())
             out.flush()
             popen = subprocess.Popen(
                 list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **ENV}, start_new_session=True, cwd=ROOT,
+                env={**os.environ, **ENV, **(env or {})}, start_new_session=True, cwd=ROOT,
             )  # fmt: skip
         proc = Proc(name, popen, log)
         self.procs.append(proc)
@@ -210,11 +216,12 @@ class Running:
     stack: Stack
     vllm_args: list[str]  # without --port
     logs: list[Path]  # of every process started so far, stopped ones included
+    vllm_env: dict[str, str] = field(default_factory=dict)  # on top of ENV
 
     def spawn_vllm(self, tag: str) -> tuple[Proc, int, float]:
         """One more vLLM with the same flags (and server) on a new port, once it is up."""
         port = free_port()
-        vllm = self.stack.spawn(tag, [*self.vllm_args, "--port", str(port)])
+        vllm = self.stack.spawn(tag, [*self.vllm_args, "--port", str(port)], self.vllm_env)
         self.logs.append(vllm.log)
         return vllm, port, wait_http(f"http://127.0.0.1:{port}/health", vllm)
 
@@ -294,11 +301,17 @@ def _start(
             },
         }
         args += ["--kv-transfer-config", json.dumps(kv)]
+    env: dict[str, str] = {}
+    if name == "vllm-null-connector":
+        args += ["--kv-transfer-config", json.dumps(NULL_CONNECTOR)]
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")])
+        )
     port = free_port()
-    vllm = stack.spawn(f"{tag}-vllm", [*args, "--port", str(port)])
+    vllm = stack.spawn(f"{tag}-vllm", [*args, "--port", str(port)], env)
     logs.append(vllm.log)
     startup_s = wait_http(f"http://127.0.0.1:{port}/health", vllm)
-    return Running(port, startup_s, server_s, http, stack, args, logs)
+    return Running(port, startup_s, server_s, http, stack, args, logs, env)
 
 
 def server_status(http: str | None) -> object:
