@@ -8,6 +8,7 @@ an engine that another owner registered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,19 +120,30 @@ ATTACKER = """
 """
 
 
+Victim = tuple[LMCacheClient, ShmKVCache, np.ndarray]
+
+
 @pytest.fixture
-def victim(server: ServerProcess) -> Iterator[tuple[LMCacheClient, ShmKVCache, np.ndarray]]:
+def victim(server: ServerProcess) -> Iterator[Victim]:
+    with engine_with_two_chunks(server) as v:
+        yield v
+
+
+@contextlib.contextmanager
+def engine_with_two_chunks(server: ServerProcess) -> Iterator[Victim]:
     """An engine of the server's uid with two chunks stored."""
     kv = ShmKVCache(num_layers=4, num_blocks=64, block_size=16, block_bytes=2048, planes=2)
-    client = server.client()
-    register(client, kv, VICTIM)
-    fill_random(kv, 11)
-    tokens = unique_tokens(2 * CHUNK)
-    stored = client.store("v", VICTIM, tokens, start=0, end=2 * CHUNK, block_ids=range(32))
-    assert stored.stored_tokens == 2 * CHUNK
-    yield client, kv, tokens
-    client.unregister(VICTIM)
-    kv.close()
+    try:
+        client = server.client()
+        register(client, kv, VICTIM)
+        fill_random(kv, 11)
+        tokens = unique_tokens(2 * CHUNK)
+        stored = client.store("v", VICTIM, tokens, start=0, end=2 * CHUNK, block_ids=range(32))
+        assert stored.stored_tokens == 2 * CHUNK
+        yield client, kv, tokens
+        client.unregister(VICTIM)
+    finally:
+        kv.close()
 
 
 def _victim_still_served(client: LMCacheClient, kv: ShmKVCache, tokens: np.ndarray) -> None:
@@ -145,9 +157,7 @@ def _victim_still_served(client: LMCacheClient, kv: ShmKVCache, tokens: np.ndarr
 
 
 @needs_other_uid
-def test_another_uid_can_only_ping(
-    server: ServerProcess, victim: tuple[LMCacheClient, ShmKVCache, np.ndarray]
-) -> None:
+def test_another_uid_can_only_ping(server: ServerProcess, victim: Victim) -> None:
     client, kv, tokens = victim
     pong = client.ping()
     assert pong.l1_pool and pong.l1_pool_seal and pong.trusted  # we are a local peer
@@ -189,9 +199,7 @@ def test_another_uid_cannot_connect_to_the_local_endpoint(server: ServerProcess)
     assert out == {"connect": "PermissionError"}
 
 
-def test_status_and_log_show_no_seal(
-    server: ServerProcess, victim: tuple[LMCacheClient, ShmKVCache, np.ndarray]
-) -> None:
+def test_status_and_log_show_no_seal(server: ServerProcess, victim: Victim) -> None:
     client, kv, _ = victim
     pong = client.ping()
     with server.http() as http:
@@ -393,8 +401,20 @@ def private_shm(tmp_path: Path) -> dict[str, str]:
 
 
 def test_an_engine_killed_with_sigkill_is_forgotten(
-    server: ServerProcess, victim: tuple[LMCacheClient, ShmKVCache, np.ndarray]
+    private_shm: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # In a directory of its own (the victim's segment too): a server that another test
+    # starts meanwhile sweeps the dead segment at its start-up, and CI saw it do so first.
+    monkeypatch.setenv("LMCACHE_SHM_DIR", private_shm["LMCACHE_SHM_DIR"])
+    server = start_server("--lock-ttl-s", "30")
+    try:
+        with engine_with_two_chunks(server) as victim:
+            _a_killed_engine_is_forgotten(server, victim)
+    finally:
+        server.stop()
+
+
+def _a_killed_engine_is_forgotten(server: ServerProcess, victim: Victim) -> None:
     client, kv, tokens = victim
     proc = dying_engine(server.port, 777, tokens)
     try:
