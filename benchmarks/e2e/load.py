@@ -23,29 +23,44 @@ import numpy as np
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_ticks() -> list[int]:
+    """/proc/stat's first line: all CPUs' user nice system idle iowait irq softirq steal ..."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def _busy_s() -> float:
-    # cpu  user nice system idle iowait irq softirq steal ...
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields[:3]) + sum(fields[5:8])
-    return busy / _TICK
+    ticks = _cpu_ticks()
+    return (sum(ticks[:3]) + sum(ticks[5:8])) / _TICK
+
+
+def _steal_s() -> float:
+    """CPU time the hypervisor gave to other guests (all CPUs): /proc/stat's steal."""
+    return _cpu_ticks()[7] / _TICK
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
+
+
+def _process(pid: int) -> tuple[int, float] | None:
+    """(process group, CPU seconds used: utime + stime) of ``pid``; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces: fields start after its closing ")".
+    rest = stat[stat.rindex(")") + 2 :].split()
+    return int(rest[2]), (int(rest[11]) + int(rest[12])) / _TICK
 
 
 def _own_s(pgids: set[int]) -> float:
-    total = 0
     me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        # The command name may contain spaces: fields start after its closing ")".
-        rest = stat[stat.rindex(")") + 2 :].split()
-        pid, pgid = int(entry.name), int(rest[2])
-        if pid == me or pgid in pgids:
-            total += int(rest[11]) + int(rest[12])  # utime, stime
-    return total / _TICK
+    total = 0.0
+    for pid in _pids():
+        process = _process(pid)
+        if process is not None and (pid == me or process[0] in pgids):
+            total += process[1]
+    return total
 
 
 class CpuMeter:
@@ -64,24 +79,10 @@ class CpuMeter:
         return {"wall_s": wall, "foreign_cores": max(foreign, 0.0) / max(wall, 1e-9)}
 
 
-def _steal_s() -> float:
-    """CPU time the hypervisor gave to other guests (all CPUs): /proc/stat's steal."""
-    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / _TICK
-
-
 def _members(pgids: set[int]) -> list[int]:
     """The processes of ``pgids`` alive now (not this one: the client's work, and the
     sampler's own, are the same whatever the configuration)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[2]) in pgids:
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid in _pids() if (p := _process(pid)) is not None and p[0] in pgids]
 
 
 class CpuSampler:
@@ -121,12 +122,9 @@ class CpuSampler:
 
     def _cpu(self) -> np.ndarray:
         for i, pid in enumerate(self.pids):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            self._last[i] = (int(fields[11]) + int(fields[12])) / _TICK
+            process = _process(pid)
+            if process is not None:  # (one that exited keeps what it had used)
+                self._last[i] = process[1]
         return self._last.copy()
 
     def between(self, t0: float, t1: float) -> dict[str, Any]:

@@ -86,14 +86,21 @@ _COUNTERS = {
 }
 
 
-def prefix_counters(client: Client) -> dict[str, float]:
-    """vLLM's own token counters (/metrics): its prefix cache hits and the connector's."""
-    out = dict.fromkeys(_COUNTERS.values(), 0.0)
+def _metric_sums(client: Client, names: Sequence[str]) -> dict[str, float]:
+    """Each of ``names`` from vLLM's /metrics, summed over its label sets (a counter's
+    ``_total`` suffix is dropped before matching)."""
+    out = dict.fromkeys(names, 0.0)
     for line in client.http.get("/metrics").text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
-        if name in _COUNTERS and not line.startswith("#"):
-            out[_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+        if name in out and not line.startswith("#"):
+            out[name] += float(line.rsplit(" ", 1)[1])
     return out
+
+
+def prefix_counters(client: Client) -> dict[str, float]:
+    """vLLM's own token counters (/metrics): its prefix cache hits and the connector's."""
+    sums = _metric_sums(client, list(_COUNTERS))
+    return {short: sums[name] for name, short in _COUNTERS.items()}
 
 
 _DECODE_TIMES = ("vllm:request_decode_time_seconds_sum", "vllm:request_decode_time_seconds_count")
@@ -102,12 +109,7 @@ _DECODE_TIMES = ("vllm:request_decode_time_seconds_sum", "vllm:request_decode_ti
 def decode_times(client: Client) -> dict[str, float]:
     """vLLM's own record of its finished requests' decode time (/metrics): from the first
     generated token to the last, as its engine core timed them."""
-    out = dict.fromkeys(_DECODE_TIMES, 0.0)
-    for line in client.http.get("/metrics").text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
-    return out
+    return _metric_sums(client, _DECODE_TIMES)
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:

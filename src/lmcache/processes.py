@@ -212,8 +212,7 @@ class RedisProcess:
             raise RedisUnavailable("redis-server is not installed (apt-get install redis-server)")
         # A port we picked may be taken before redis-server binds it: then it exits at
         # once, and another port is tried (a port the caller named is tried once).
-        attempts = 1 if port else _PORT_ATTEMPTS
-        for attempt in range(attempts):
+        for _ in range(1 if port else _PORT_ATTEMPTS):
             chosen = port or free_port()
             proc = subprocess.Popen(
                 [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "",
@@ -222,19 +221,23 @@ class RedisProcess:
                 env={**os.environ, **REDIS_ENV, **(env or {})},
             )  # fmt: skip
             redis = cls(proc, chosen)
-            deadline = time.monotonic() + timeout
-            while not redis.pong():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            else:
-                if proc.poll() is None:  # (not another redis-server that has the port)
-                    return redis
+            if redis._answers_within(timeout):
+                return redis
             exited = proc.poll() is not None  # (not: still silent at the deadline)
             redis.stop()
-            if not exited or attempt + 1 == attempts:
+            if not exited:
                 break
         raise RuntimeError("redis-server did not start")
+
+    def _answers_within(self, timeout: float) -> bool:
+        """Until this redis-server answers PING (False: it exited, or ``timeout`` passed). A
+        PONG counts only while it lives: another redis-server may have the port."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if self.pong():
+                return self.proc.poll() is None
+            time.sleep(0.05)
+        return False
 
     @property
     def url(self) -> str:
