@@ -42,6 +42,7 @@ from .shapes import ModelShape
 from .transfers import Scenario, SyntheticEngine, model_fields
 
 REDIS_TARGET = Target("value", ">=", 1.0)  # GB/s on loopback
+SECTION = "L2 tiers through the server (GB/s)"
 
 
 def _wait_stored(
@@ -84,12 +85,15 @@ def _wait_hit(engine: SyntheticEngine, tokens: bytes, rid: str, timeout: float =
 def measure_tier(
     *,
     name: str, adapter: dict[str, Any], raw: RawFiles | RawRedis, shape: ModelShape,
-    tokens: int, reps: int, puts: Callable[[], int] | None = None, prefetch: bool = True,
+    tokens: int, reps: int, l1_size_gb: float, puts: Callable[[], int] | None = None,
+    prefetch: bool = True,
 ) -> tuple[list[Row], dict[str, Any]]:  # fmt: skip
     """``puts``: a cheap count that grows by one per chunk stored (see the module doc);
     ``prefetch=False``: the store row only."""
     sc = Scenario(block_tokens=16, chunk_tokens=256, mode="engine_driven", engines=1)
-    server = ServerProcess.start("--l2-adapter", json.dumps(adapter), "--l1-size-gb", "4")
+    server = ServerProcess.start(
+        "--l2-adapter", json.dumps(adapter), "--l1-size-gb", str(l1_size_gb)
+    )
     engine: SyntheticEngine | None = None
     t: dict[str, list[float]] = {"store": [], "prefetch": [], "raw_write": [], "raw_read": []}
     try:
@@ -129,13 +133,12 @@ def measure_tier(
     raw_name = "redis-py SET" if isinstance(raw, RawRedis) else "open+write files"
     raw_read = "redis-py GET" if isinstance(raw, RawRedis) else "open+readinto files"
     target = REDIS_TARGET if name == "redis" else None
-    sec = "L2 tiers through the server (GB/s)"
     rows = [
-        Row(sec, f"{name}: store (L1 + write-behind)", g["store"], "GB/s", raw_name,
+        Row(SECTION, f"{name}: store (L1 + write-behind)", g["store"], "GB/s", raw_name,
             g["raw_write"], target),
     ]  # fmt: skip
     if prefetch:
-        rows.append(Row(sec, f"{name}: prefetch into L1 on lookup", g["prefetch"], "GB/s",
+        rows.append(Row(SECTION, f"{name}: prefetch into L1 on lookup", g["prefetch"], "GB/s",
                         raw_read, g["raw_read"], target))  # fmt: skip
     return rows, {"seconds": t, "server_status": tier_status}
 
@@ -153,7 +156,7 @@ def _check_bytes(engine: SyntheticEngine, prompt: bytes) -> None:
 def measure_l2(
     *,
     shape: ModelShape, tokens: int, reps: int, l2_dir: Path | None, redis_url: str | None,
-    with_redis: bool, with_fs: bool = True,
+    with_redis: bool, with_fs: bool = True, l1_size_gb: float = 4.0,
 ) -> tuple[list[Row], dict[str, Any]]:  # fmt: skip
     rows: list[Row] = []
     raw_out: dict[str, Any] = {}
@@ -166,6 +169,7 @@ def measure_l2(
             r, raw_out["fs"] = measure_tier(
                 name=f"fs ({base.parent})", adapter=adapter,
                 raw=RawFiles(base, objects, chunk_bytes), shape=shape, tokens=tokens, reps=reps,
+                l1_size_gb=l1_size_gb,
             )  # fmt: skip
             rows += r
         finally:
@@ -180,6 +184,7 @@ def measure_l2(
         r, raw_out["redis"] = measure_tier(
             name="redis", adapter=adapter, raw=RawRedis(url, objects, chunk_bytes),
             shape=shape, tokens=tokens, reps=reps, puts=lambda: _exec_calls(client),
+            l1_size_gb=l1_size_gb,
         )  # fmt: skip
         rows += r
         if redis is not None:  # ours to reconfigure: full from now on
@@ -190,7 +195,7 @@ def measure_l2(
             r, raw_out["redis_full"] = measure_tier(
                 name="redis, full (maxmemory, LRU evicting)", adapter=adapter,
                 raw=RawRedis(url, objects, chunk_bytes), shape=shape, tokens=tokens, reps=reps,
-                puts=lambda: _exec_calls(client), prefetch=False,
+                puts=lambda: _exec_calls(client), prefetch=False, l1_size_gb=l1_size_gb,
             )  # fmt: skip
             rows += r
     finally:

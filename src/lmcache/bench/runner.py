@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     shape: ModelShape = args.model_shape
     plan: list[tuple[str, Phase]] = []
     servers: dict[int, ServerProcess] = {}
+    exit_codes: dict[int, int] = {}
 
     def server(chunk: int) -> ServerProcess:
         if chunk not in servers:
@@ -65,10 +66,20 @@ def run(args: argparse.Namespace) -> int:
             seconds=args.concurrency_seconds, concurrency=tuple(args.concurrency),
         )  # fmt: skip
 
+    def stop_servers() -> None:
+        for chunk in list(servers):
+            exit_codes[chunk] = servers.pop(chunk).stop()
+
     def l2() -> tuple[list[Row], Any]:
+        # The earlier phases' servers hold their L1 pools (4 GiB each by default), and a
+        # growing Redis puts every byte on fresh memory: on the 2-vCPU VM of the results a
+        # first write past ~10 GB in use ran at 0.3 instead of 1.3 GB/s, and the Redis store
+        # row fell from 1.0-1.4 to 0.4 GB/s with them alive. Nothing later needs them.
+        stop_servers()
         return measure_l2(
             shape=shape, tokens=args.tokens, reps=args.reps, l2_dir=args.l2_dir,
             redis_url=args.redis_url, with_redis=not args.no_redis, with_fs=not args.no_fs,
+            l1_size_gb=args.l1_size_gb,
         )  # fmt: skip
 
     if "transfers" in args.phases:
@@ -88,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     cpu = CpuAccount()
     rows: list[Row] = []
     raw: dict[str, Any] = {}
-    exit_codes: dict[int, int] = {}
     bar = tqdm(plan, disable=args.no_progress, unit="phase", file=sys.stderr, leave=False)
     try:
         for label, phase in bar:
@@ -98,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
             raw[label] = detail
     finally:
         bar.close()
-        for chunk, s in servers.items():
-            exit_codes[chunk] = s.stop()
+        stop_servers()
     return _report(args, shape, rows, usage=cpu.done(), raw=raw, exit_codes=exit_codes)
 
 
