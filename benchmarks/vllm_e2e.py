@@ -36,6 +36,7 @@ vLLM reports). Workloads, each run by the configurations it compares (--workload
 * chat (all but the noprefix ones): U users x R rounds, interleaved round-robin, one
   request at a time; each round appends a user turn and streams a 32-token reply
   (TTFT = first streamed chunk); the history grows by fixed pseudo-random reply ids.
+  Then G-1 more groups of U new users the same way (--chat-groups).
 * capacity (vllm-prefix, lmcache, upstream): a working set --capacity-factor (2.5) times
   vLLM's pool, every prompt sent twice round-robin; round 2 has been evicted from vLLM.
 * decode (vllm-prefix, lmcache, vllm-null-connector): tokens/s of 4 concurrent streams
@@ -79,6 +80,7 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "lengths": ([512, 1900, 8000], [512, 1900]),
     "users": (4, 2),
     "rounds": (6, 3),
+    "chat_groups": (3, 1),
     # Two passes (forward, then backward): on a shared 2-core VM two passes of the same
     # config differed by up to 2x (cold, 1900 tokens); pooling both evens out the drift.
     "passes": (2, 1),
@@ -117,6 +119,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-upstream", action="store_true", help="leave out 'upstream'")
     p.add_argument("--users", type=int, help="chat users (4); 0 skips the chat workload")
     p.add_argument("--rounds", type=int, help="chat rounds per user (6)")
+    p.add_argument(
+        "--chat-groups", type=int, help="groups of U users, one after the other (3; --quick 1)"
+    )
     p.add_argument("--chat-prefix", type=int, default=1000, help="context tokens per user")
     p.add_argument("--chat-turn", type=int, default=150, help="user-turn tokens per round")
     p.add_argument("--chat-output", type=int, default=32, help="reply tokens per round")
@@ -327,7 +332,7 @@ def main() -> None:
     )  # fmt: skip
     work = make_workload(
         seed=args.seed, vocab=vocab, lengths=args.lengths, n=args.prompts, users=args.users,
-        rounds=args.rounds, prefix=args.chat_prefix, turn=args.chat_turn,
+        groups=args.chat_groups, rounds=args.rounds, prefix=args.chat_prefix, turn=args.chat_turn,
         output=args.chat_output,
     )  # fmt: skip
     used = {"ours": venvs.ours, "upstream": venvs.upstream}
@@ -344,7 +349,10 @@ def main() -> None:
         "l1_size_gb": procs.L1_SIZE_GB,
     }
     print(f"Configs {args.configs}, workloads {args.workloads}; lengths {args.lengths},")
-    print(f"{args.prompts} prompts each, chat {args.users} users x {args.rounds} rounds;")
+    print(
+        f"{args.prompts} prompts each, chat {args.chat_groups} x {args.users} users x "
+        f"{args.rounds} rounds;"
+    )
     print(
         f"vLLM KV pool {args.blocks} blocks ({args.blocks * procs.BLOCK_TOKENS} tokens), "
         f"capacity {args.capacity_prompts} x {args.capacity_length} tokens; logs in "

@@ -33,8 +33,9 @@ class Workload:
     warmup: dict[int, list[int]]  # one per length, distinct from the measured prompts
     ttft: dict[int, list[list[int]]]  # N distinct prompts per length
     chat_warmup: list[int]
-    chat: list[ChatUser]
+    chat: list[ChatUser]  # groups of `chat_users` users, one group after the other
     chat_output: int
+    chat_users: int
 
 
 def make_workload(
@@ -44,6 +45,7 @@ def make_workload(
     lengths: list[int],
     n: int,
     users: int,
+    groups: int,
     rounds: int,
     prefix: int,
     turn: int,
@@ -60,9 +62,9 @@ def make_workload(
         ChatUser(
             ids(prefix), [ids(turn) for _ in range(rounds)], [ids(output) for _ in range(rounds)]
         )
-        for _ in range(users)
+        for _ in range(users * groups)
     ]
-    return Workload(warmup, ttft, ids(prefix + turn), chat, output)
+    return Workload(warmup, ttft, ids(prefix + turn), chat, output, users)
 
 
 class Client:
@@ -124,7 +126,9 @@ def run_ttft(client: Client, work: Workload, meter: CpuMeter) -> dict[str, objec
 
 
 def run_chat(client: Client, work: Workload, meter: CpuMeter) -> dict[str, object]:
-    """Multi-round chat, users interleaved round-robin, one request at a time.
+    """Multi-round chat, users interleaved round-robin, one request at a time; then the
+    next group of users (new prompts), so that a comparison of a few percent rests on
+    more than one group's 24 requests (one group's median moved by +-4% between passes).
 
     Each request streams max_tokens=chat_output tokens with ignore_eos; TTFT is the time
     to the first streamed chunk. The history then grows by fixed pseudo-random "reply"
@@ -135,10 +139,13 @@ def run_chat(client: Client, work: Workload, meter: CpuMeter) -> dict[str, objec
     history = [list(u.prefix) for u in work.chat]
     requests: list[dict[str, float]] = []
     rounds = len(work.chat[0].turns) if work.chat else 0
+    groups = [range(g, min(g + work.chat_users, len(work.chat)))
+              for g in range(0, len(work.chat), max(1, work.chat_users))]  # fmt: skip
     meter.start()
     start = time.perf_counter()
-    for rnd in range(rounds):
-        for user, chat in enumerate(work.chat):
+    for rnd, users in ((r, g) for g in groups for r in range(rounds)):
+        for user in users:
+            chat = work.chat[user]
             history[user] += chat.turns[rnd]
             ttft, total, chunks = client.stream(history[user], work.chat_output)
             requests.append(
@@ -152,7 +159,7 @@ def run_chat(client: Client, work: Workload, meter: CpuMeter) -> dict[str, objec
     load = meter.stop()
     ttfts = [r["ttft_s"] for r in requests]
     print(
-        f"    chat {len(work.chat)} users x {rounds} rounds: median TTFT "
+        f"    chat {len(groups)} x {work.chat_users} users x {rounds} rounds: median TTFT "
         f"{1e3 * float(np.median(ttfts)) if ttfts else 0:.1f} ms, wall {wall:.1f} s"
         f" (other processes used {load['foreign_cores']:.2f} cores)",
         flush=True,
