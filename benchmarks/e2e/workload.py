@@ -139,22 +139,25 @@ def run_chat(client: Client, work: Workload, meter: CpuMeter) -> dict[str, objec
     history = [list(u.prefix) for u in work.chat]
     requests: list[dict[str, float]] = []
     rounds = len(work.chat[0].turns) if work.chat else 0
-    groups = [range(g, min(g + work.chat_users, len(work.chat)))
-              for g in range(0, len(work.chat), max(1, work.chat_users))]  # fmt: skip
+    size = max(1, work.chat_users)
+    groups = [
+        range(first, min(first + size, len(work.chat))) for first in range(0, len(work.chat), size)
+    ]
     meter.start()
     start = time.perf_counter()
-    for rnd, users in ((r, g) for g in groups for r in range(rounds)):
-        for user in users:
-            chat = work.chat[user]
-            history[user] += chat.turns[rnd]
-            ttft, total, chunks = client.stream(history[user], work.chat_output)
-            requests.append(
-                {
-                    "user": user, "round": rnd, "prompt_tokens": len(history[user]),
-                    "ttft_s": ttft, "total_s": total, "chunks": chunks,
-                }
-            )  # fmt: skip
-            history[user] += chat.replies[rnd]
+    for users in groups:
+        for rnd in range(rounds):
+            for user in users:
+                chat = work.chat[user]
+                history[user] += chat.turns[rnd]
+                ttft, total, chunks = client.stream(history[user], work.chat_output)
+                requests.append(
+                    {
+                        "user": user, "round": rnd, "prompt_tokens": len(history[user]),
+                        "ttft_s": ttft, "total_s": total, "chunks": chunks,
+                    }
+                )  # fmt: skip
+                history[user] += chat.replies[rnd]
     wall = time.perf_counter() - start
     load = meter.stop()
     ttfts = [r["ttft_s"] for r in requests]

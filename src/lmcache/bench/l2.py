@@ -156,7 +156,7 @@ def _check_bytes(engine: SyntheticEngine, prompt: bytes) -> None:
 def measure_l2(
     *,
     shape: ModelShape, tokens: int, reps: int, l2_dir: Path | None, redis_url: str | None,
-    with_redis: bool, with_fs: bool = True, l1_size_gb: float = 4.0,
+    with_redis: bool, l1_size_gb: float, with_fs: bool = True,
 ) -> tuple[list[Row], dict[str, Any]]:  # fmt: skip
     rows: list[Row] = []
     raw_out: dict[str, Any] = {}
